@@ -1,0 +1,101 @@
+"""Evaluate exported SavedModels through their serving signature.
+
+    python -m training.evaluate [--models models] [--data-dir D] [--limit N]
+
+For every model under the repository (latest version unless ``--version``), it
+loads the SavedModel the way a server would (``tf.saved_model.load`` and the
+``serving_default`` signature), tokenises with the version's own
+``assets.extra/`` vocabulary, and measures accuracy on the full test split
+next to the accuracy recorded in the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training import data as datasets
+from training.export import ASSETS_EXTRA, CARD_FILE, SIGNATURE, existing_versions
+from training.models import SPECS
+from training.text import TextPreprocessor
+
+EXAMPLES = [
+    "One of the best films I have seen in years. Wonderful acting, I loved it.",
+    "A boring, predictable mess. The worst movie of the year, don't waste your time.",
+]
+
+
+def load_version(path: Path):
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+    card = json.loads((path / ASSETS_EXTRA / CARD_FILE).read_text(encoding="utf-8"))
+    prep = TextPreprocessor.load(path / ASSETS_EXTRA) if (path / ASSETS_EXTRA / "vocab.txt").exists() else None
+    return sig, card, prep
+
+
+def predict(sig, input_name: str, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    import tensorflow as tf
+
+    parts = [sig(**{input_name: tf.constant(x[i : i + batch])})["probabilities"].numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def evaluate(path: Path, data_dir=None, limit: int | None = None) -> dict:
+    name = path.parent.name
+    spec = SPECS[name]
+    sig, card, prep = load_version(path)
+    ds = datasets.load_mnist(data_dir) if spec.kind == "image" else datasets.load_imdb(data_dir)
+    x, y = ds.test.x[:limit] if limit else ds.test.x, ds.test.y[:limit] if limit else ds.test.y
+    t0 = time.perf_counter()
+    inputs = prep.encode_batch(x) if prep else np.asarray(x, dtype=np.float32)
+    t1 = time.perf_counter()
+    probs = predict(sig, spec.input_name, inputs)
+    t2 = time.perf_counter()
+    result = {
+        "model": name,
+        "version": int(path.name),
+        "test_examples": len(y),
+        "test_accuracy": round(float(np.mean(probs.argmax(1) == y)), 4),
+        "card_test_accuracy": card.get("test_accuracy"),
+        "preprocess_us_per_example": round((t1 - t0) / max(len(y), 1) * 1e6, 1),
+        "predict_examples_per_second": round(len(y) / (t2 - t1)),
+    }
+    if prep:
+        ex = predict(sig, spec.input_name, prep.encode_batch(EXAMPLES))
+        result["examples"] = {t: {lab: round(float(p), 3) for lab, p in zip(spec.labels, row)} for t, row in zip(EXAMPLES, ex)}
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="models", help="model repository root")
+    p.add_argument("--model", action="append", choices=sorted(SPECS), help="only these models (repeatable)")
+    p.add_argument("--version", type=int, help="this version instead of the latest")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, help="only the first N test examples")
+    a = p.parse_args(argv)
+    root = Path(a.models)
+    status = 0
+    for name in a.model or sorted(SPECS):
+        versions = existing_versions(root / name)
+        if not versions:
+            print(f"error: no versions of {name} under {root / name}", file=sys.stderr)
+            status = 1
+            continue
+        path = root / name / str(a.version or versions[-1])
+        try:
+            print(json.dumps(evaluate(path, a.data_dir, a.limit)), flush=True)
+        except (datasets.DataNotFoundError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

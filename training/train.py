@@ -1,0 +1,185 @@
+"""Train one of the models, keep its best epoch, evaluate on the test split, export.
+
+The validation split is held out **from the training data** (a seeded
+``--val-fraction`` of it); the test split is used exactly once, after training,
+to report the final accuracy. The epoch with the best validation accuracy
+(ties: lower validation loss) is the one kept and exported. For text models the
+vocabulary is built from the training part only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training import data as datasets
+from training.text import STOPWORDS, TextPreprocessor, Vocabulary
+
+
+@dataclass
+class Prepared:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    sources: dict[str, str]
+    preprocessor: TextPreprocessor | None = None
+    info: dict = field(default_factory=dict)
+
+
+def prepare(
+    name: str,
+    data_dir=None,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+    limit: int | None = None,
+    stopwords: frozenset[str] = STOPWORDS,
+) -> Prepared:
+    """Load the data of ``name`` and turn it into model inputs."""
+    from training.models import SPECS
+
+    spec = SPECS[name]
+    ds = datasets.load_mnist(data_dir) if spec.kind == "image" else datasets.load_imdb(data_dir)
+    x_all, y_all = ds.train.x, ds.train.y
+    x_test, y_test = ds.test.x, ds.test.y
+    if limit:
+        x_all, y_all, x_test, y_test = x_all[:limit], y_all[:limit], x_test[:limit], y_test[:limit]
+    tr, va = datasets.split_validation(len(y_all), val_fraction, seed)
+    if spec.kind == "image":
+        f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731 - raw 0-255, scaled in the model
+        x_all, x_test = f32(x_all), f32(x_test)
+        return Prepared(x_all[tr], y_all[tr], x_all[va], y_all[va], x_test, y_test, ds.sources)
+    vocab = Vocabulary.build((x_all[i] for i in tr), stopwords=stopwords)
+    prep = TextPreprocessor(vocab, stopwords=stopwords)
+    enc = prep.encode_batch
+    x_enc = enc(x_all)
+    x_test_enc = enc(x_test)
+    oov = float(np.mean(x_test_enc == 2) / max(np.mean(x_test_enc > 0), 1e-9))
+    return Prepared(
+        x_enc[tr], y_all[tr], x_enc[va], y_all[va], x_test_enc, y_test, ds.sources, prep,
+        {"test_oov_ratio_in_window": round(oov, 4)},
+    )
+
+
+def fit(name: str, prep: Prepared, epochs: int, batch_size: int, verbose: int = 1):
+    """Train; return (model with the best epoch's weights, history dict, timings)."""
+    import keras
+
+    from training.models import build
+
+    model = build(name)
+
+    class KeepBest(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = (-1.0, float("inf"))
+            self.best_epoch = -1
+            self.weights = None
+            self.epoch_seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_seconds.append(time.perf_counter() - self._t)
+            key = (logs["val_accuracy"], logs["val_loss"])
+            if key[0] > self.best[0] or (key[0] == self.best[0] and key[1] < self.best[1]):
+                self.best, self.best_epoch = key, epoch
+                self.weights = self.model.get_weights()
+
+        def on_train_end(self, logs=None):
+            if self.weights is not None:
+                self.model.set_weights(self.weights)
+
+    keep = KeepBest()
+    history = model.fit(
+        prep.x_train,
+        prep.y_train,
+        validation_data=(prep.x_val, prep.y_val),
+        epochs=epochs,
+        batch_size=batch_size,
+        # Halve the learning rate when validation loss stalls; KeepBest restores
+        # the best epoch's weights at the end whatever happens after it.
+        callbacks=[keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=2, min_lr=1e-5), keep],
+        verbose=verbose,
+    )
+    return model, history.history, keep
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(
+    name: str,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    data_dir=None,
+    out="models",
+    seed: int = 1337,
+    val_fraction: float = 0.1,
+    limit: int | None = None,
+    version: int | None = None,
+    verbose: int = 1,
+) -> dict:
+    """Train, evaluate on the test split and export; return the model card."""
+    import keras
+    import tensorflow as tf
+
+    from training.export import export_model
+    from training.models import SPECS
+
+    spec = SPECS[name]
+    epochs = epochs or spec.default_epochs
+    batch_size = batch_size or spec.default_batch_size
+    keras.utils.set_random_seed(seed)
+    started = time.perf_counter()
+    prep = prepare(name, data_dir, val_fraction, seed, limit)
+    model, history, keep = fit(name, prep, epochs, batch_size, verbose)
+    train_seconds = time.perf_counter() - started
+    test_loss, test_acc = model.evaluate(prep.x_test, prep.y_test, batch_size=512, verbose=0)
+    card = {
+        "test_accuracy": round(float(test_acc), 4),
+        "test_loss": round(float(test_loss), 4),
+        "test_examples": int(len(prep.y_test)),
+        "validation_accuracy": round(float(keep.best[0]), 4),
+        "validation_loss": round(float(keep.best[1]), 4),
+        "validation_examples": int(len(prep.y_val)),
+        "train_examples": int(len(prep.y_train)),
+        "best_epoch": keep.best_epoch + 1,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": spec.learning_rate,
+        "seed": seed,
+        "training_seconds": round(train_seconds, 1),
+        "seconds_per_epoch": [round(s, 1) for s in keep.epoch_seconds],
+        "history": {k: [round(float(v), 4) for v in vs] for k, vs in history.items()},
+        "data_files_sha256": prep.sources,
+        "vocab_sha256": prep.preprocessor.vocab.sha256() if prep.preprocessor else None,
+        "parameters": int(model.count_params()),
+        "labels": list(spec.labels),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": f"python -m training {name} --epochs {epochs} --batch-size {batch_size} --seed {seed}"
+        + (f" --limit {limit}" if limit else ""),
+        **prep.info,
+    }
+    path = export_model(model, name, out, card, prep.x_test[:32], prep.preprocessor, version)
+    card = json.loads((path / "assets.extra" / "model_card.json").read_text())
+    card["path"] = str(path)
+    return card
