@@ -38,7 +38,7 @@ class ModelSpec:
 SPECS: dict[str, ModelSpec] = {
     "digits": ModelSpec("digits", "image", "pixels", "float32", (28, 28), tuple(str(i) for i in range(10)), 20, 128, 1e-3),
     "sentiment_lstm": ModelSpec("sentiment_lstm", "text", "token_ids", "int32", (MAXLEN,), ("negative", "positive"), 6, 64, 1e-3),
-    "sentiment_bilstm": ModelSpec("sentiment_bilstm", "text", "token_ids", "int32", (MAXLEN,), ("negative", "positive"), 6, 64, 1e-3),
+    "sentiment_bilstm": ModelSpec("sentiment_bilstm", "text", "token_ids", "int32", (MAXLEN,), ("negative", "positive"), 8, 64, 1e-3),
 }
 
 
