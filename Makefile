@@ -3,10 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= train,serve,dev
+EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
+.PHONY: setup run test evaluate protos bench-gateway train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
 
 setup: $(VENV)/.installed
 
@@ -16,10 +16,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
-# The service's main job. Until the gateway exists: load the shipped SavedModels
-# through their serving signatures and evaluate them on the full test splits.
+# The service: REST on :8000 and gRPC on :50051, serving the SavedModels under
+# models/ in-process (embedded backend). Ctrl-C stops it.
 run: setup
+	$(PY) -m serving
+
+# Evaluate the shipped SavedModels through their serving signatures on the full test splits.
+evaluate: setup
 	$(PY) -m training.evaluate
+
+# Regenerate serving/gen/ from protos/ (a test fails when it is stale).
+protos: setup
+	$(PY) -m serving.protogen
+
+# Gateway vs raw batched model call vs naive baseline (needs wrk: apt-get install wrk).
+bench-gateway: setup
+	$(PY) bench/gateway.py
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,102 @@
+"""Backends: where the probabilities come from, behind one small interface.
+
+``predict(model, version, batch) -> probabilities`` is blocking and is called
+from a worker thread by the batcher, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import numpy as np
+
+from serving.repository import ModelVersion, read_version, versions_on_disk
+from serving.settings import Settings
+
+log = logging.getLogger("serving.backend")
+
+
+class Backend(Protocol):
+    def load(self) -> None:
+        """Load and warm every configured model (blocking; run in a thread)."""
+
+    def versions(self) -> dict[str, dict[int, ModelVersion]]:
+        """Every configured model's versions, loaded or not, with their state."""
+
+    def predict(self, model: str, version: int, batch: np.ndarray) -> np.ndarray:
+        """float32 probabilities [len(batch), classes] (blocking)."""
+
+    def status(self) -> tuple[bool, str]:
+        """(ready, reason): ready once every configured model is loaded and warmed."""
+
+
+class EmbeddedBackend:
+    """SavedModels loaded in this process with TensorFlow (latest version of each model)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._versions: dict[str, dict[int, ModelVersion]] = {}
+        self._signatures: dict[tuple[str, int], object] = {}
+        self._reason = "models not loaded yet"
+        self._tf = None
+        for name in settings.models:
+            on_disk = versions_on_disk(settings.model_base_path, name)
+            if not on_disk:
+                self._versions[name] = {}
+                continue
+            v = read_version(settings.model_base_path, name, on_disk[-1])
+            self._versions[name] = {v.version: v}
+
+    def versions(self) -> dict[str, dict[int, ModelVersion]]:
+        return self._versions
+
+    def load(self) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        for name, versions in self._versions.items():
+            if not versions:
+                self._reason = f"no version of model {name!r} under {self.settings.model_base_path / name}"
+                log.error(self._reason)
+                continue
+            for v in versions.values():
+                try:
+                    t0 = time.perf_counter()
+                    self._signatures[(name, v.version)] = tf.saved_model.load(str(v.path)).signatures["serving_default"]
+                    v.state = "WARMING"
+                    if self.settings.warmup:
+                        self._warm(v)
+                    v.state = "AVAILABLE"
+                    log.info("loaded %s/%s in %.1fs", name, v.version, time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001 - a broken model must not kill the others
+                    v.state, v.error = "FAILED", f"{type(e).__name__}: {e}"
+                    log.exception("loading %s/%s failed", name, v.version)
+
+    def _warm(self, v: ModelVersion) -> None:
+        """Run the model once at every batch size the batcher may send first."""
+        spec = v.signature["inputs"][v.input_name]
+        sizes = sorted({1, 8, 32, self.settings.max_batch_size})
+        for n in sizes:
+            self.predict(v.name, v.version, np.zeros((n, *spec["shape"][1:]), dtype=spec["dtype"]))
+
+    def predict(self, model: str, version: int, batch: np.ndarray) -> np.ndarray:
+        sig = self._signatures[(model, version)]
+        v = self._versions[model][version]
+        return sig(**{v.input_name: self._tf.constant(batch)})["probabilities"].numpy()
+
+    def status(self) -> tuple[bool, str]:
+        for name, versions in self._versions.items():
+            if not versions:
+                return False, f"model {name!r}: no version found under {self.settings.model_base_path / name}"
+            for v in versions.values():
+                if v.state != "AVAILABLE":
+                    return False, f"model {name!r} version {v.version} is {v.state}" + (f": {v.error}" if v.error else "")
+        return True, "all models loaded and warmed"
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.backend == "embedded":
+        return EmbeddedBackend(settings)
+    raise ValueError(f"unknown backend {settings.backend!r}")

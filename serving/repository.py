@@ -1,0 +1,61 @@
+"""The model repository on disk: ``<base>/<name>/<version>/`` as TF Serving reads it.
+
+Everything the gateway needs besides the model itself comes from a version's
+``assets.extra/``: the model card, and for text models the vocabulary and
+preprocessing settings, so each version is tokenised the way it was trained.
+No TensorFlow needed here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.text import TextPreprocessor
+
+ASSETS_EXTRA = "assets.extra"
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    card: dict
+    preprocessor: TextPreprocessor | None
+    state: str = "LOADING"  # LOADING -> WARMING -> AVAILABLE | FAILED
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def signature(self) -> dict:
+        return self.card["signature"]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.card["signature"]["labels"]
+
+    @property
+    def input_name(self) -> str:
+        return next(iter(self.card["signature"]["inputs"]))
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.preprocessor is not None else "image"
+
+
+def versions_on_disk(base: Path, name: str) -> list[int]:
+    d = base / name
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and re.fullmatch(r"[0-9]+", p.name))
+
+
+def read_version(base: Path, name: str, version: int) -> ModelVersion:
+    path = base / name / str(version)
+    extra = path / ASSETS_EXTRA
+    card = json.loads((extra / "model_card.json").read_text(encoding="utf-8"))
+    prep = TextPreprocessor.load(extra) if (extra / "preprocessing.json").exists() else None
+    return ModelVersion(name, version, path, card, prep)

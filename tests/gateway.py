@@ -1,0 +1,87 @@
+"""Start real gateways for tests: a subprocess (``python -m serving``) or in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 120, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout}s")
+
+
+class Running:
+    def __init__(self, rest_port: int, grpc_port: int):
+        self.rest = f"http://127.0.0.1:{rest_port}"
+        self.grpc = f"127.0.0.1:{grpc_port}"
+
+
+@contextmanager
+def gateway_process(**env_settings):
+    """``python -m serving`` in a subprocess, on free loopback ports; waits for /readyz."""
+    rest, grpc_port = free_port(), free_port()
+    env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest), "CLASSIFIER_GRPC_PORT": str(grpc_port)}
+    env.update({f"CLASSIFIER_{k.upper()}": str(v) for k, v in env_settings.items()})
+    log = open(ROOT / ".pytest_cache" / f"gateway-{rest}.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    running = Running(rest, grpc_port)
+    try:
+        def ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {proc.returncode}")
+            return httpx.get(running.rest + "/readyz", timeout=2).status_code == 200
+
+        wait_until(ready)
+        yield running
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def gateway_in_thread(settings, backend=None):
+    """The same Gateway class, run in a thread of this process (to reach its backend)."""
+    from serving.__main__ import Gateway
+
+    settings = settings.model_copy(update={"host": "127.0.0.1", "rest_port": free_port(), "grpc_port": free_port()})
+    gw = Gateway(settings, backend)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(gw.run(),), daemon=True)
+    thread.start()
+    running = Running(settings.rest_port, settings.grpc_port)
+    running.core = gw.core
+    try:
+        wait_until(lambda: httpx.get(running.rest + "/healthz", timeout=2).status_code == 200, timeout=60)
+        yield running
+    finally:
+        loop.call_soon_threadsafe(gw.stop)
+        thread.join(timeout=30)

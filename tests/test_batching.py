@@ -1,0 +1,105 @@
+"""The dynamic batcher on its own, with a real (NumPy) model function."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.batching import Batcher
+from serving.errors import Internal, Overloaded
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make(fn, calls, **kw):
+    def model(x):
+        calls.append(len(x))
+        return fn(x)
+
+    opts = {"max_batch_size": 8, "max_batch_wait_s": 0.05, "max_queue_items": 100}
+    opts.update(kw)
+    return Batcher("m", model, executor=ThreadPoolExecutor(1), **opts)
+
+
+def test_concurrent_requests_share_a_call_and_get_their_own_rows_back():
+    calls = []
+
+    async def main():
+        b = make(lambda x: x * 2, calls)
+        b.start()
+        inputs = [np.full((n, 3), i, np.float32) for i, n in enumerate([1, 2, 3, 1])]
+        outs = await asyncio.gather(*(b.submit(x) for x in inputs))
+        await b.stop()
+        return inputs, outs
+
+    inputs, outs = run(main())
+    for x, y in zip(inputs, outs):
+        np.testing.assert_array_equal(y, x * 2)
+    assert calls == [7]
+
+
+def test_large_requests_are_cut_to_max_batch_size_and_reassembled():
+    calls = []
+
+    async def main():
+        b = make(lambda x: x + 1, calls, max_batch_wait_s=0)
+        b.start()
+        x = np.arange(20, dtype=np.float32).reshape(20, 1)
+        y = await b.submit(x)
+        await b.stop()
+        return x, y
+
+    x, y = run(main())
+    np.testing.assert_array_equal(y, x + 1)
+    assert sorted(calls) == [4, 8, 8] and sum(calls) == 20
+
+
+def test_full_queue_refuses_at_once():
+    calls, gate = [], threading.Event()
+
+    def slow(x):
+        gate.wait(10)
+        return x
+
+    async def main():
+        b = make(slow, calls, max_queue_items=4, max_batch_size=4, max_batch_wait_s=0)
+        b.start()
+        first = asyncio.create_task(b.submit(np.zeros((4, 1))))
+        while not calls:
+            await asyncio.sleep(0.001)
+        second = asyncio.create_task(b.submit(np.zeros((4, 1))))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="max_queue_items=4"):
+            await b.submit(np.zeros((1, 1)))
+        gate.set()
+        out = await asyncio.gather(first, second)
+        await b.stop()
+        return out
+
+    a, b = run(main())
+    assert a.shape == b.shape == (4, 1)
+
+
+def test_a_failing_model_call_fails_every_request_in_the_batch_and_the_batcher_goes_on():
+    calls = []
+
+    def sometimes(x):
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return x
+
+    async def main():
+        b = make(sometimes, calls)
+        b.start()
+        results = await asyncio.gather(b.submit(np.ones((1, 1))), b.submit(np.ones((2, 1))), return_exceptions=True)
+        after = await b.submit(np.ones((1, 1)))
+        await b.stop()
+        return results, after
+
+    results, after = run(main())
+    assert all(isinstance(r, Internal) and "RuntimeError" in r.message for r in results)
+    assert after.shape == (1, 1)

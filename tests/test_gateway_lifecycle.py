@@ -1,0 +1,113 @@
+"""Readiness, overload and model-less start, on a real gateway run in this process.
+
+The backend here is the real embedded backend; the tests only hold it back at
+chosen moments (before loading, inside a model call) to see what clients see.
+"""
+
+import asyncio
+import threading
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.backend import EmbeddedBackend
+from serving.gen.classifier.v1 import classifier_pb2 as pb
+from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from serving.settings import Settings
+from tests.gateway import ROOT, gateway_in_thread, wait_until
+
+
+class HeldBackend(EmbeddedBackend):
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.may_load = threading.Event()
+        self.may_predict = threading.Event()
+        self.may_predict.set()
+        self.calls = 0
+
+    def load(self):
+        self.may_load.wait(60)
+        super().load()
+
+    def predict(self, model, version, batch):
+        self.calls += 1
+        self.may_predict.wait(60)
+        return super().predict(model, version, batch)
+
+
+def test_ready_only_after_load_and_warmup():
+    settings = Settings(models=["sentiment_lstm"])
+    backend = HeldBackend(settings)
+    with gateway_in_thread(settings, backend) as gw:
+        r = httpx.get(gw.rest + "/readyz")
+        assert r.status_code == 503
+        assert r.json()["error"] == {"code": "UNAVAILABLE", "message": "model 'sentiment_lstm' version %d is LOADING"
+                                     % max(backend.versions()["sentiment_lstm"])}
+        assert httpx.get(gw.rest + "/healthz").status_code == 200
+        r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["good"]})
+        assert r.status_code == 503 and "is not ready (LOADING)" in r.json()["error"]["message"]
+        with grpc.insecure_channel(gw.grpc) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.ClassifierStub(ch).ClassifySentiment(pb.SentimentRequest(texts=["good"]))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(ch)
+            wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+
+            backend.may_load.set()
+            wait_until(lambda: httpx.get(gw.rest + "/readyz").status_code == 200, 60)
+            # Ready means warmed: the warm-up calls ran before readiness flipped.
+            assert backend.calls >= 3
+            assert all(v.state == "AVAILABLE" for v in backend.versions()["sentiment_lstm"].values())
+            wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING, 10)
+        assert httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["good"]}).status_code == 200
+
+
+def test_missing_model_keeps_the_service_unready_and_says_which(tmp_path):
+    (tmp_path / "sentiment_lstm").symlink_to(ROOT / "models" / "sentiment_lstm")
+    settings = Settings(models=["sentiment_lstm", "sentiment_bilstm"], model_base_path=tmp_path)
+    with gateway_in_thread(settings) as gw:
+        def unready_reason():
+            r = httpx.get(gw.rest + "/readyz")
+            return r.status_code == 503 and "sentiment_bilstm" in r.json()["error"]["message"] and r
+        assert "no version found" in wait_until(unready_reason, 30).json()["error"]["message"]
+        # The model that is there still answers; the missing one says so.
+        wait_until(lambda: httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["good"]}).status_code == 200, 60)
+        r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["good"], "model": "sentiment_bilstm"})
+        assert r.status_code == 503 and "no version to serve" in r.json()["error"]["message"]
+
+
+def test_full_queue_is_refused_at_once_and_nothing_in_flight_is_lost():
+    settings = Settings(models=["sentiment_lstm"], max_queue_items=8, max_batch_size=8, max_items_per_request=8,
+                        max_batch_wait_us=0)
+    backend = HeldBackend(settings)
+    backend.may_load.set()
+    with gateway_in_thread(settings, backend) as gw:
+        wait_until(lambda: httpx.get(gw.rest + "/readyz").status_code == 200, 60)
+        backend.may_predict.clear()
+        calls_before = backend.calls
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=60, base_url=gw.rest) as c:
+                post = lambda n: c.post("/v1/sentiment:predict", json={"texts": ["good movie"] * n})  # noqa: E731
+                first = asyncio.create_task(post(8))  # taken by the worker, held inside the model call
+                while backend.calls == calls_before:
+                    await asyncio.sleep(0.01)
+                second = asyncio.create_task(post(8))  # fills the queue
+                while gw.core._batchers[("sentiment_lstm", max(backend.versions()["sentiment_lstm"]))]._queued_rows < 8:
+                    await asyncio.sleep(0.01)
+                refused = await post(1)
+                async with grpc.aio.insecure_channel(gw.grpc) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await pb_grpc.ClassifierStub(ch).ClassifySentiment(pb.SentimentRequest(texts=["x"]))
+                backend.may_predict.set()
+                return refused, e.value, await first, await second
+
+        refused, grpc_err, first, second = asyncio.run(scenario())
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+        assert "max_queue_items=8" in refused.json()["error"]["message"]
+        assert grpc_err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert first.status_code == 200 and len(first.json()["predictions"]) == 8
+        assert second.status_code == 200 and len(second.json()["predictions"]) == 8
