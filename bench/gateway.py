@@ -9,7 +9,9 @@ Measures, side by side:
       (load from `wrk`, a C load generator, so the client takes little CPU);
   (c) gRPC: ClassifySentiment with batches of 256 texts (4 concurrent calls);
   (d) naive: FastAPI + one keras `model.predict` per request (bench/naive_app.py),
-      single-text requests at concurrency 16.
+      single-text requests at concurrency 16;
+  (e) the gateway's own cost: the same gateway over a backend that answers
+      instantly (bench/instant_backend_gateway.py), single texts at concurrency 64.
 Prints texts/s and p50/p99 latency for each, and the ratio to (a). Needs `wrk`
 (Debian: apt-get install wrk). Every server runs on loopback on this machine,
 so client and server share its cores, as they would on one node.
@@ -90,7 +92,7 @@ def wrk(url: str, bodies_file: str, concurrency: int, seconds: float) -> dict:
         f.write(WRK_LUA)
     threads = min(2, concurrency)
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s", "--latency", "--timeout", "10s",
+        ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
          "-s", f.name, url, "--", bodies_file],
         capture_output=True, text=True, check=True,
     ).stdout
@@ -155,6 +157,24 @@ def naive(model: str, bodies_file: str, seconds: float, concurrency: int = 16) -
         proc.wait(30)
 
 
+def instant(bodies_file: str, seconds: float) -> dict:
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "instant_backend_gateway.py")],
+        env={**os.environ, "BENCH_REST_PORT": str(port)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1/sentiment:predict"
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200, 60)
+        result = wrk(url, bodies_file, 64, seconds)
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="sentiment_lstm")
@@ -179,6 +199,7 @@ def main(argv=None) -> int:
             results[f"b_rest_single_text_c{c}"] = wrk(url, bodies.name, c, a.seconds)
         results["c_grpc_batches_256"] = grpc_batches(gw.grpc, a.model, texts, a.seconds)
     results["d_naive_fastapi_predict_per_request_c16"] = naive(a.model, bodies.name, a.seconds)
+    results["e_gateway_over_instant_backend_c64"] = instant(bodies.name, a.seconds)
 
     ceiling = results["a_raw_batched_model_call"]["texts_per_s"]
     naive_tps = results["d_naive_fastapi_predict_per_request_c16"]["texts_per_s"]

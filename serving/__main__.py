@@ -48,7 +48,13 @@ class Gateway:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(Gateway(Settings()).run())
+    settings = Settings()
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(Gateway(settings).run())
+    else:
+        asyncio.run(Gateway(settings).run())
 
 
 if __name__ == "__main__":

@@ -56,6 +56,10 @@ class EmbeddedBackend:
         import tensorflow as tf
 
         self._tf = tf
+        if self.settings.tf_intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(self.settings.tf_intra_op_threads)
+        if self.settings.tf_inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(self.settings.tf_inter_op_threads)
         for name, versions in self._versions.items():
             if not versions:
                 self._reason = f"no version of model {name!r} under {self.settings.model_base_path / name}"

@@ -93,7 +93,11 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503, 504)}
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, before parsing them."""
+    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, before parsing them.
+
+    Not FastAPI's own ``max_body_size``: on some paths that answers a plain-text
+    "Content Too Large", and every error here must have the one JSON shape.
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes

@@ -28,12 +28,16 @@ class Settings(BaseSettings):
     models: list[str] = ["digits", "sentiment_lstm", "sentiment_bilstm"]
     default_sentiment_model: str = "sentiment_lstm"
     warmup: bool = True
+    # TensorFlow thread pools of the embedded backend (0 = TensorFlow's default: one per core).
+    tf_intra_op_threads: int = Field(0, ge=0)
+    tf_inter_op_threads: int = Field(0, ge=0)
 
     # Servers
     host: str = "0.0.0.0"
     rest_port: int = 8000
     grpc_port: int = 50051
     grpc_max_message_bytes: int = 16 * 1024 * 1024
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     # Request limits
     max_items_per_request: int = Field(1024, ge=1)

@@ -1,0 +1,39 @@
+"""The real gateway over a backend that answers instantly (benchmark only).
+
+Measures what the gateway itself costs per request (HTTP, validation,
+tokenisation, batching, metrics, JSON) with the model's compute taken away.
+Run by bench/gateway.py as case (e); port from BENCH_REST_PORT.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import uvloop  # noqa: E402
+
+from serving.__main__ import Gateway  # noqa: E402
+from serving.backend import EmbeddedBackend  # noqa: E402
+from serving.settings import Settings  # noqa: E402
+
+
+class InstantBackend(EmbeddedBackend):
+    """The embedded backend's model metadata and tokenizers, no TensorFlow: p = 0.5."""
+
+    def load(self) -> None:
+        for versions in self._versions.values():
+            for v in versions.values():
+                v.state = "AVAILABLE"
+
+    def predict(self, model, version, batch):
+        n_classes = len(self._versions[model][version].labels)
+        return np.full((len(batch), n_classes), 1.0 / n_classes, np.float32)
+
+
+if __name__ == "__main__":
+    s = Settings(host="127.0.0.1", rest_port=int(os.environ["BENCH_REST_PORT"]), grpc_port=0)
+    uvloop.run(Gateway(s, InstantBackend(s)).run())
