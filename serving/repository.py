@@ -9,13 +9,11 @@ No TensorFlow needed here.
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from training.layout import ASSETS_EXTRA, CARD_FILE, existing_versions
 from training.text import TextPreprocessor
-
-ASSETS_EXTRA = "assets.extra"
 
 
 @dataclass
@@ -27,7 +25,6 @@ class ModelVersion:
     preprocessor: TextPreprocessor | None
     state: str = "LOADING"  # LOADING -> WARMING -> AVAILABLE | FAILED
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def signature(self) -> dict:
@@ -47,15 +44,12 @@ class ModelVersion:
 
 
 def versions_on_disk(base: Path, name: str) -> list[int]:
-    d = base / name
-    if not d.is_dir():
-        return []
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and re.fullmatch(r"[0-9]+", p.name))
+    return existing_versions(base / name)
 
 
 def read_version(base: Path, name: str, version: int) -> ModelVersion:
     path = base / name / str(version)
     extra = path / ASSETS_EXTRA
-    card = json.loads((extra / "model_card.json").read_text(encoding="utf-8"))
+    card = json.loads((extra / CARD_FILE).read_text(encoding="utf-8"))
     prep = TextPreprocessor.load(extra) if (extra / "preprocessing.json").exists() else None
     return ModelVersion(name, version, path, card, prep)

@@ -89,7 +89,7 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503, 504)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)}
 
 
 class BodyLimit:

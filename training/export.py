@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -31,30 +30,16 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from training.layout import ASSETS_EXTRA, CARD_FILE, WARMUP_FILE, existing_versions, next_version  # noqa: F401
 from training.models import SPECS
 from training.text import TextPreprocessor
 
 SIGNATURE = "serving_default"
 OUTPUT_NAME = "probabilities"
-ASSETS_EXTRA = "assets.extra"
-WARMUP_FILE = "tf_serving_warmup_requests"
-CARD_FILE = "model_card.json"
 
 
 class VersionExistsError(FileExistsError):
     """The model version to export already exists."""
-
-
-def existing_versions(model_base: str | os.PathLike) -> list[int]:
-    base = Path(model_base)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"[0-9]+", p.name))
-
-
-def next_version(model_base: str | os.PathLike) -> int:
-    versions = existing_versions(model_base)
-    return versions[-1] + 1 if versions else 1
 
 
 def write_warmup(path: Path, model_name: str, input_name: str, batches: list[np.ndarray]) -> None:
