@@ -53,8 +53,14 @@ class EmbeddedBackend:
         return self._versions
 
     def load(self) -> None:
-        import tensorflow as tf
-
+        try:
+            import tensorflow as tf
+        except ImportError as e:
+            error = f"the embedded backend needs TensorFlow (install the 'embedded' extra): {type(e).__name__}: {e}"
+            for versions in self._versions.values():
+                for v in versions.values():
+                    v.state, v.error = "FAILED", error
+            raise RuntimeError(error) from e
         self._tf = tf
         if self.settings.tf_intra_op_threads:
             tf.config.threading.set_intra_op_parallelism_threads(self.settings.tf_intra_op_threads)
@@ -103,4 +109,8 @@ class EmbeddedBackend:
 def make_backend(settings: Settings) -> Backend:
     if settings.backend == "embedded":
         return EmbeddedBackend(settings)
+    if settings.backend == "tfserving":
+        from serving.backend_tfserving import TFServingBackend
+
+        return TFServingBackend(settings)
     raise ValueError(f"unknown backend {settings.backend!r}")

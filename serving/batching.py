@@ -5,7 +5,9 @@ task. The worker takes the oldest entries up to ``max_batch_size`` rows, waits
 at most ``max_batch_wait`` after the *oldest* entry arrived for more rows to
 join (entries that already waited while the backend was busy go at once),
 calls the blocking backend in a worker thread (never on the event loop), and
-splits the result back to each request in order. A request larger than
+splits the result back to each request in order. Up to ``max_concurrent``
+batches are in flight at once (1 suits an in-process model that already uses
+every core; a remote TF Serving keeps its own batch threads busy with more). A request larger than
 ``max_batch_size`` is cut into several entries. When the queue holds
 ``max_queue_items`` rows, new work is refused at once (:class:`Overloaded`)
 instead of letting latency grow without bound.
@@ -22,7 +24,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from serving.errors import Internal, Overloaded
+from serving.errors import Internal, Overloaded, ServiceError, Unavailable
 
 log = logging.getLogger("serving.batching")
 
@@ -38,6 +40,7 @@ class Batcher:
         executor: Executor,
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        max_concurrent: int = 1,
     ):
         self.name = name
         self.fn = fn
@@ -52,14 +55,17 @@ class Batcher:
         self._in_flight_rows = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._calls: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in [self._task, *self._calls]:
+            if task:
+                task.cancel()
+        await asyncio.gather(*[t for t in [self._task, *self._calls] if t], return_exceptions=True)
 
     @property
     def depth(self) -> int:
@@ -87,12 +93,12 @@ class Batcher:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await self._slots.acquire()
             # Wait for more rows, but never past max_wait after the oldest entry arrived.
             deadline = self._queue[0][2] + self.max_wait
             while self._queued_rows < self.max_batch_size:
@@ -111,23 +117,39 @@ class Batcher:
                 futures.append(fut)
                 rows += len(x)
             self._queued_rows -= rows
-            self._in_flight_rows = rows
-            try:
-                x = batch[0] if len(batch) == 1 else np.concatenate(batch)
-                t0 = time.perf_counter()
-                y = await loop.run_in_executor(self.executor, self.fn, x)
-                self.on_batch(rows, time.perf_counter() - t0)
-                offset = 0
-                for part, fut in zip(batch, futures):
-                    if not fut.done():
-                        fut.set_result(y[offset : offset + len(part)])
-                    offset += len(part)
-            except Exception as e:  # noqa: BLE001 - the error goes to every waiting request
+            self._in_flight_rows += rows
+            task = asyncio.get_running_loop().create_task(self._call(batch, futures, rows))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[np.ndarray], futures: list[asyncio.Future], rows: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            x = batch[0] if len(batch) == 1 else np.concatenate(batch)
+            t0 = time.perf_counter()
+            y = await loop.run_in_executor(self.executor, self.fn, x)
+            self.on_batch(rows, time.perf_counter() - t0)
+            offset = 0
+            for part, fut in zip(batch, futures):
+                if not fut.done():
+                    fut.set_result(y[offset : offset + len(part)])
+                offset += len(part)
+        except Exception as e:  # noqa: BLE001 - the error goes to every waiting request
+            if isinstance(e, ServiceError):  # expected (backend down, too slow): no traceback
+                log.warning("backend call for %s failed: %s", self.name, e)
+                err = e
+            else:
                 log.exception("backend call for %s failed", self.name)
-                err = e if hasattr(e, "http_status") else Internal(f"model call failed for {self.name}: {type(e).__name__}")
-                for fut in futures:
-                    if not fut.done():
-                        fut.set_exception(err)
-            finally:
-                self._in_flight_rows = 0
-                self.on_depth(self.depth)
+                err = Internal(f"model call failed for {self.name}: {type(e).__name__}")
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(err)
+        except asyncio.CancelledError:
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(Unavailable(f"{self.name}: the gateway is shutting down"))
+            raise
+        finally:
+            self._in_flight_rows -= rows
+            self._slots.release()
+            self.on_depth(self.depth)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from serving.images import check_pixels, decode_image, from_raw_bytes
 from serving.metrics import Metrics
 from serving.repository import ModelVersion
 from serving.settings import Settings
+
+log = logging.getLogger("serving.core")
 
 
 @dataclass
@@ -57,8 +60,9 @@ class Classifier:
         self.metrics = metrics or Metrics()
         self._batchers: dict[tuple[str, int], Batcher] = {}
         # One thread per model version: each backend call runs off the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=max(2, len(settings.models)), thread_name_prefix="backend")
+        self._executor = ThreadPoolExecutor(max_workers=max(2, len(settings.models) * settings.concurrent_batches()), thread_name_prefix="backend")
         self._load_task: asyncio.Task | None = None
+        self._load_error: str | None = None
 
     # -- life cycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -66,22 +70,38 @@ class Classifier:
         self._load_task = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
-        await asyncio.to_thread(self.backend.load)
-        s, m = self.settings, self.metrics
+        try:
+            await asyncio.to_thread(self.backend.load)
+        except Exception as e:  # noqa: BLE001 - the process stays up and /readyz says why
+            log.exception("loading the models failed")
+            self._load_error = f"loading the models failed: {e}"
+
+    def _batcher(self, v: ModelVersion) -> Batcher:
+        """The batcher of one model version, made on first use (new versions can appear)."""
+        key = (v.name, v.version)
+        b = self._batchers.get(key)
+        if b is None:
+            s, m, name = self.settings, self.metrics, v.name
+            b = Batcher(
+                f"{name}/{v.version}",
+                lambda x, ver=v.version: self.backend.predict(name, ver, x),
+                s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self._executor,
+                on_batch=lambda rows, sec: (m.batch_size.labels(name).observe(rows), m.backend_seconds.labels(name).observe(sec)),
+                on_depth=lambda d: m.queue_depth.labels(name).set(d),
+                max_concurrent=s.concurrent_batches(),
+            )
+            b.start()
+            self._batchers[key] = b
+        return b
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text, with the model versions as the backend knows them right now."""
+        info = self.metrics.model_info
+        info.clear()
         for name, versions in self.backend.versions().items():
             for v in versions.values():
-                m.model_info.labels(name, str(v.version), v.state).set(1 if v.state == "AVAILABLE" else 0)
-                if v.state != "AVAILABLE":
-                    continue
-                b = Batcher(
-                    f"{name}/{v.version}",
-                    lambda x, n=name, ver=v.version: self.backend.predict(n, ver, x),
-                    s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self._executor,
-                    on_batch=lambda rows, sec, n=name: (m.batch_size.labels(n).observe(rows), m.backend_seconds.labels(n).observe(sec)),
-                    on_depth=lambda d, n=name: m.queue_depth.labels(n).set(d),
-                )
-                b.start()
-                self._batchers[(name, v.version)] = b
+                info.labels(name, str(v.version), v.state).set(1 if v.state == "AVAILABLE" else 0)
+        return self.metrics.render()
 
     async def stop(self) -> None:
         if self._load_task:
@@ -89,11 +109,15 @@ class Classifier:
         for b in self._batchers.values():
             await b.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self.backend, "close"):
+            self.backend.close()
 
     def ready(self) -> tuple[bool, str]:
         if self._load_task is None or not self._load_task.done():
             ready, reason = self.backend.status()
-            return False, reason if not ready else "starting batchers"
+            return False, reason if not ready else "loading"
+        if self._load_error:
+            return False, self._load_error
         return self.backend.status()
 
     def models(self) -> dict[str, dict[int, ModelVersion]]:
@@ -123,17 +147,17 @@ class Classifier:
         if not versions:
             raise Unavailable(f"model {name!r} has no version to serve")
         if version is None or version == 0:
-            v = versions[max(versions)]
+            available = [n for n, v in versions.items() if v.state == "AVAILABLE"]
+            v = versions[max(available or versions)]
         elif version not in versions:
             raise NotFound(f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}")
         else:
             v = versions[version]
         if v.kind != kind:
             raise InvalidInput(f"model {name!r} classifies {'texts' if v.kind == 'text' else 'images'}, not {kind}s")
-        batcher = self._batchers.get((name, v.version))
-        if v.state != "AVAILABLE" or batcher is None:
+        if v.state != "AVAILABLE" or not self._load_task or not self._load_task.done():
             raise Unavailable(f"model {name!r} version {v.version} is not ready ({v.state})")
-        return v, batcher
+        return v, self._batcher(v)
 
     def _check_count(self, n: int, what: str) -> None:
         if n == 0:

@@ -48,6 +48,12 @@ class Overloaded(ServiceError):
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(ServiceError):
+    http_status = 504
+    code = "DEADLINE_EXCEEDED"
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Internal(ServiceError):
     http_status = 500
     code = "INTERNAL"

@@ -251,6 +251,6 @@ def create_app(core: Classifier) -> FastAPI:
     @app.get("/metrics", tags=["ops"])
     async def metrics():
         """Prometheus text format."""
-        return Response(core.metrics.render(), media_type=core.metrics.content_type)
+        return Response(core.render_metrics(), media_type=core.metrics.content_type)
 
     return app

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     )
 
     # Models
-    backend: Literal["embedded"] = "embedded"
+    backend: Literal["embedded", "tfserving"] = "embedded"
     model_base_path: Path = ROOT / "models"
     models: list[str] = ["digits", "sentiment_lstm", "sentiment_bilstm"]
     default_sentiment_model: str = "sentiment_lstm"
@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     # TensorFlow thread pools of the embedded backend (0 = TensorFlow's default: one per core).
     tf_intra_op_threads: int = Field(0, ge=0)
     tf_inter_op_threads: int = Field(0, ge=0)
+
+    # TF Serving backend (backend="tfserving"): its gRPC address, per-call deadline,
+    # retries (only on UNAVAILABLE, exponential backoff) and model-status polling.
+    tfserving_address: str = "localhost:8500"
+    tfserving_timeout_s: float = Field(5.0, gt=0)
+    tfserving_retries: int = Field(2, ge=0)
+    tfserving_backoff_s: float = Field(0.05, ge=0)
+    tfserving_poll_s: float = Field(2.0, gt=0)
+    tfserving_signature: str = "serving_default"
 
     # Servers
     host: str = "0.0.0.0"
@@ -49,3 +58,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(256, ge=1)
     max_batch_wait_us: int = Field(2000, ge=0)
     max_queue_items: int = Field(8192, ge=1)
+    # Batches in flight at once per model version; 0 = by backend (embedded 1: the
+    # in-process model already uses every core; tfserving 4: keep TF Serving's
+    # batch threads busy while the gateway encodes the next batch).
+    max_concurrent_batches: int = Field(0, ge=0)
+
+    def concurrent_batches(self) -> int:
+        if self.max_concurrent_batches:
+            return self.max_concurrent_batches
+        return 1 if self.backend == "embedded" else 4

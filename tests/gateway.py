@@ -42,22 +42,32 @@ class Running:
         self.grpc = f"127.0.0.1:{grpc_port}"
 
 
+# ``python -m serving`` in a process where ``import tensorflow`` (or keras) fails,
+# as it would in the lean install: proves the gateway does not need TensorFlow.
+WITHOUT_TENSORFLOW = [
+    sys.executable, "-c",
+    "import sys; sys.modules.update(tensorflow=None, keras=None, tensorflow_serving=None); "
+    "from serving.__main__ import main; main()",
+]
+
+
 @contextmanager
-def gateway_process(**env_settings):
-    """``python -m serving`` in a subprocess, on free loopback ports; waits for /readyz."""
+def gateway_process(command: list[str] | None = None, wait_ready: bool = True, **env_settings):
+    """``python -m serving`` (or ``command``) in a subprocess on free loopback ports; waits for /readyz."""
     rest, grpc_port = free_port(), free_port()
     env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest), "CLASSIFIER_GRPC_PORT": str(grpc_port)}
     env.update({f"CLASSIFIER_{k.upper()}": str(v) for k, v in env_settings.items()})
     log = open(ROOT / ".pytest_cache" / f"gateway-{rest}.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command or [sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     running = Running(rest, grpc_port)
+    running.process = proc
     try:
-        def ready():
+        def up(path):
             if proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {proc.returncode}")
-            return httpx.get(running.rest + "/readyz", timeout=2).status_code == 200
+            return httpx.get(running.rest + path, timeout=2).status_code == 200
 
-        wait_until(ready)
+        wait_until(lambda: up("/readyz" if wait_ready else "/healthz"))
         yield running
     finally:
         proc.terminate()

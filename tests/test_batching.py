@@ -103,3 +103,33 @@ def test_a_failing_model_call_fails_every_request_in_the_batch_and_the_batcher_g
     results, after = run(main())
     assert all(isinstance(r, Internal) and "RuntimeError" in r.message for r in results)
     assert after.shape == (1, 1)
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_max_concurrent_batches_are_in_flight_together(concurrent):
+    """Two batches meet at a barrier inside the model call: only possible if both are in flight."""
+    barrier = threading.Barrier(2, timeout=2)
+    calls = []
+
+    def model(x):
+        calls.append(len(x))
+        barrier.wait()
+        return x
+
+    async def main():
+        b = Batcher("m", model, max_batch_size=4, max_batch_wait_s=0, max_queue_items=100,
+                    executor=ThreadPoolExecutor(2), max_concurrent=concurrent)
+        b.start()
+        results = await asyncio.gather(*(b.submit(np.full((4, 1), i, np.float32)) for i in range(2)),
+                                       return_exceptions=True)
+        depth_after = b.depth
+        await b.stop()
+        return results, depth_after
+
+    results, depth_after = run(main())
+    assert calls == [4, 4] and depth_after == 0
+    if concurrent == 2:
+        for i, y in enumerate(results):
+            np.testing.assert_array_equal(y, np.full((4, 1), i, np.float32))
+    else:  # one at a time: the first call waits at the barrier alone and breaks it
+        assert all(isinstance(r, Internal) for r in results)

@@ -1,4 +1,9 @@
-"""The gateway as clients see it: `python -m serving` on loopback, REST and gRPC."""
+"""The gateway as clients see it: `python -m serving` on loopback, REST and gRPC.
+
+Every test runs twice: with the embedded backend, and with the TF Serving
+backend in a process that cannot import TensorFlow, forwarding to the TF
+Serving stand-in (tests/tfserving_standin.py). Same calls, same answers.
+"""
 
 import asyncio
 import base64
@@ -14,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.repository import read_version, versions_on_disk
-from tests.gateway import ROOT, gateway_process
+from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process
+from tests.tfserving_standin import StandIn
 
 MODELS = ROOT / "models"
 TEXTS = [
@@ -26,10 +32,21 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gw():
-    with gateway_process() as running:
-        yield running
+@pytest.fixture(scope="module", params=["embedded", "tfserving"])
+def gw(request):
+    if request.param == "embedded":
+        with gateway_process() as running:
+            running.standin = None
+            yield running
+        return
+    standin = StandIn(MODELS, ["digits", "sentiment_lstm", "sentiment_bilstm"])
+    standin.start()
+    try:
+        with gateway_process(WITHOUT_TENSORFLOW, backend="tfserving", tfserving_address=standin.address) as running:
+            running.standin = standin
+            yield running
+    finally:
+        standin.stop()
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +87,10 @@ def test_sentiment_rest_grpc_and_direct_call_agree(gw, stub, model):
         enc = mv.preprocessor.encode(text)
         assert (p["tokens"], p["unknown_tokens"]) == (gp.tokens, gp.unknown_tokens) == (enc.tokens, enc.unknown_tokens)
     assert body["predictions"][0]["label"] == "positive" and body["predictions"][1]["label"] == "negative"
+    if gw.standin:  # the ids went to TF Serving pinned to the version whose vocabulary made them
+        sent = [(m, v, x["token_ids"]) for m, v, x in gw.standin.calls if m == model]
+        assert sent and all(v == version for _, v, _ in sent)
+        np.testing.assert_array_equal(sent[-1][2], mv.preprocessor.encode_batch(TEXTS))
 
 
 def test_grpc_stream_answers_each_chunk_in_order(stub):

@@ -1,0 +1,170 @@
+"""TF Serving backend: the gateway forwards to TensorFlow Serving over gRPC.
+
+No TensorFlow here: the lean, wire-compatible messages of ``protos/`` do.
+
+- One channel, reused, with fast reconnects (so the gateway recovers by itself
+  when TF Serving comes back).
+- Model versions come from TF Serving (``ModelService.GetModelStatus``, polled
+  every ``tfserving_poll_s`` in a background thread). For each AVAILABLE
+  version the vocabulary and card are read from the model repository
+  (``<model_base_path>/<name>/<version>/assets.extra/``), and every request is
+  pinned to the version whose vocabulary tokenised it (ModelSpec.version), so
+  a new version can never be fed ids made with an older vocabulary.
+- ``Predict`` with a deadline of ``tfserving_timeout_s``; retried with
+  exponential backoff only on UNAVAILABLE; then 503 (UNAVAILABLE) or 504
+  (DEADLINE_EXCEEDED) to the client.
+- Ready only when TF Serving reports every configured model AVAILABLE (its
+  REST status endpoint answers 200 while models still load, so it is not used).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from serving.errors import DeadlineExceeded, ServiceError, Unavailable
+from serving.gen.tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+from serving.repository import ModelVersion, read_version
+from serving.settings import Settings
+from serving.tensors import from_tensor_proto, to_tensor_proto
+
+log = logging.getLogger("serving.tfserving")
+State = get_model_status_pb2.ModelVersionStatus.State
+OUTPUT = "probabilities"
+
+
+class TFServingBackend:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        limit = settings.grpc_max_message_bytes
+        self._channel = grpc.insecure_channel(
+            settings.tfserving_address,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._versions: dict[str, dict[int, ModelVersion]] = {name: {} for name in settings.models}
+        # Every version ever read from the repository (its assets.extra/ never changes).
+        self._known: dict[tuple[str, int], ModelVersion] = {}
+        self._problems: dict[str, str] = {name: "not polled yet" for name in settings.models}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- model status ---------------------------------------------------------
+    def load(self) -> None:
+        """First status poll, then keep polling in the background."""
+        self.poll()
+        self._thread = threading.Thread(target=self._poll_forever, name="tfserving-status", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._channel.close()
+
+    def _poll_forever(self) -> None:
+        while not self._stop.wait(self.settings.tfserving_poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        for name in self.settings.models:
+            try:
+                resp = self._models.GetModelStatus(
+                    get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=name)),
+                    timeout=self.settings.tfserving_timeout_s,
+                )
+            except grpc.RpcError as e:
+                self._problems[name] = f"TF Serving at {self.settings.tfserving_address}: {e.code().name}: {e.details()}"
+                for v in self._versions[name].values():
+                    v.state = "UNAVAILABLE"
+                continue
+            seen: dict[int, ModelVersion] = {}
+            for st in resp.model_version_status:
+                v = self._known.get((name, st.version))
+                if v is None:
+                    try:
+                        v = read_version(self.settings.model_base_path, name, st.version)
+                    except (OSError, ValueError, KeyError) as e:
+                        log.error("%s/%s is served by TF Serving but its assets.extra/ is unreadable: %s", name, st.version, e)
+                        continue
+                    self._known[(name, st.version)] = v
+                v.state = State.Name(st.state)
+                v.error = st.status.error_message or None
+                seen[st.version] = v
+            self._versions[name] = seen
+            if any(v.state == "AVAILABLE" for v in seen.values()):
+                self._problems.pop(name, None)
+            else:
+                self._problems[name] = f"no AVAILABLE version in TF Serving (states: {sorted((k, v.state) for k, v in seen.items())})"
+
+    def versions(self) -> dict[str, dict[int, ModelVersion]]:
+        return self._versions
+
+    def status(self) -> tuple[bool, str]:
+        if self._problems:
+            name = sorted(self._problems)[0]
+            return False, f"model {name!r}: {self._problems[name]}"
+        return True, "every model AVAILABLE in TF Serving"
+
+    def metadata(self, model: str, version: int) -> get_model_metadata_pb2.SignatureDefMap:
+        """The version's signatures as TF Serving reports them (GetModelMetadata)."""
+        spec = model_pb2.ModelSpec(name=model)
+        spec.version.value = version
+        resp = self._predict.GetModelMetadata(
+            get_model_metadata_pb2.GetModelMetadataRequest(model_spec=spec, metadata_field=["signature_def"]),
+            timeout=self.settings.tfserving_timeout_s,
+        )
+        out = get_model_metadata_pb2.SignatureDefMap()
+        resp.metadata["signature_def"].Unpack(out)
+        return out
+
+    # -- inference ------------------------------------------------------------
+    def predict(self, model: str, version: int, batch: np.ndarray) -> np.ndarray:
+        v = self._known[(model, version)]
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.version.value = version
+        request.model_spec.signature_name = self.settings.tfserving_signature
+        request.inputs[v.input_name].CopyFrom(to_tensor_proto(batch))
+        request.output_filter.append(OUTPUT)
+        s = self.settings
+        for attempt in range(s.tfserving_retries + 1):
+            try:
+                response = self._predict.Predict(request, timeout=s.tfserving_timeout_s)
+                return from_tensor_proto(response.outputs[OUTPUT]).astype(np.float32, copy=False)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < s.tfserving_retries:
+                    time.sleep(s.tfserving_backoff_s * 2**attempt)
+                    continue
+                raise _to_service_error(e, model, version, s) from None
+        raise AssertionError("unreachable")
+
+
+def _to_service_error(e: grpc.RpcError, model: str, version: int, s: Settings) -> ServiceError:
+    code, details = e.code(), e.details()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"TF Serving did not answer {model}/{version} within tfserving_timeout_s={s.tfserving_timeout_s}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"TF Serving at {s.tfserving_address} is unavailable ({s.tfserving_retries} retries): {details}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        # The version was tokenised for but unloaded before the call: its ids must
+        # not go to another version, so the request fails instead (retrying is safe).
+        return Unavailable(f"TF Serving no longer serves {model} version {version}; retry: {details}")
+    return Unavailable(f"TF Serving failed {model}/{version}: {code.name}: {details}")

@@ -1,0 +1,153 @@
+"""A TF Serving stand-in for tests: the official servicer classes + real TensorFlow.
+
+Built on ``tensorflow_serving.apis`` (PredictionServiceServicer,
+ModelServiceServicer) and the real exported SavedModels, it answers Predict,
+GetModelMetadata and GetModelStatus the way TensorFlow Serving does: latest
+version by default, a pinned version or a version label, NOT_FOUND for unknown
+models and versions, ``output_filter``. Faults for tests: ``delay_s`` (a slow
+server) and ``stop()`` / ``start()`` on the same port (a server that goes away
+and comes back).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from training.layout import existing_versions
+
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+_CACHE: dict[Path, object] = {}
+
+
+def load(path: Path):
+    """``tf.saved_model.load``, once per path per test session (loading is the slow part)."""
+    path = path.resolve()
+    if path not in _CACHE:
+        _CACHE[path] = tf.saved_model.load(str(path))
+    return _CACHE[path]
+
+
+class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, base_path: Path, models: list[str], labels: dict[str, dict[str, int]] | None = None):
+        self.loaded = {name: {v: load(base_path / name / str(v)) for v in existing_versions(base_path / name)} for name in models}
+        self.labels = labels or {}
+        self.delay_s = 0.0
+        # What GetModelStatus reports, per model or (model, version): AVAILABLE unless a test says otherwise.
+        self.state: dict = {}
+        # Every Predict: (model, version, {input name: ndarray}).
+        self.calls: list[tuple[str, int, dict]] = []
+        self.port = 0
+        self.server: grpc.Server | None = None
+
+    # -- life cycle -------------------------------------------------------------
+    def start(self, port: int = 0) -> int:
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self, self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port or self.port}")
+        self.server.start()
+        return self.port
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop(grace=None).wait()
+            self.server = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # -- servable lookup, as TF Serving's ServerCore does ---------------------------
+    def _servable(self, spec, context):
+        versions = self.loaded.get(spec.name)
+        if not versions:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
+        choice = spec.WhichOneof("version_choice")
+        if choice == "version":
+            v = spec.version.value
+            if v not in versions:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({spec.name}, {v})")
+        elif choice == "version_label":
+            v = self.labels.get(spec.name, {}).get(spec.version_label)
+            if v is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {spec.version_label}")
+        else:
+            v = max(versions)
+        return v, versions[v]
+
+    # -- PredictionService ------------------------------------------------------------
+    def Predict(self, request, context):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        version, model = self._servable(request.model_spec, context)
+        name = request.model_spec.signature_name or "serving_default"
+        if name not in model.signatures:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Serving signature name: \"{name}\" not found in signature def")
+        sig = model.signatures[name]
+        expected = set(sig.structured_input_signature[1])
+        if set(request.inputs) != expected:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input keys {sorted(request.inputs)} != {sorted(expected)}")
+        inputs = {k: tf.make_ndarray(t) for k, t in request.inputs.items()}
+        self.calls.append((request.model_spec.name, version, inputs))
+        outputs = sig(**{k: tf.constant(v) for k, v in inputs.items()})
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = version
+        response.model_spec.signature_name = name
+        for key, value in outputs.items():
+            if not request.output_filter or key in request.output_filter:
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
+        return response
+
+    def GetModelMetadata(self, request, context):
+        version, model = self._servable(request.model_spec, context)
+        sigmap = get_model_metadata_pb2.SignatureDefMap()
+        for name, sig in model.signatures.items():
+            sd = sigmap.signature_def[name]
+            sd.method_name = "tensorflow/serving/predict"
+            for key, spec in sig.structured_input_signature[1].items():
+                info = sd.inputs[key]
+                info.name, info.dtype = f"{name}_{key}:0", spec.dtype.as_datatype_enum
+                info.tensor_shape.CopyFrom(spec.shape.as_proto())
+            for key, spec in sig.structured_outputs.items():
+                info = sd.outputs[key]
+                info.name, info.dtype = f"StatefulPartitionedCall:{key}", spec.dtype.as_datatype_enum
+                info.tensor_shape.CopyFrom(spec.shape.as_proto())
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = version
+        response.metadata["signature_def"].Pack(sigmap)
+        return response
+
+    # -- ModelService -----------------------------------------------------------------
+    def GetModelStatus(self, request, context):
+        spec = request.model_spec
+        versions = self.loaded.get(spec.name)
+        if not versions:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}")
+        if spec.WhichOneof("version_choice") == "version":
+            if spec.version.value not in versions:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"Could not find version {spec.version.value} of model {spec.name}")
+            wanted = [spec.version.value]
+        else:
+            wanted = sorted(versions)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for v in wanted:
+            response.model_version_status.add(version=v, state=self.state.get((spec.name, v), self.state.get(spec.name, AVAILABLE)))
+        return response
+
+
+assert meta_graph_pb2  # the stand-in fills tensorflow.SignatureDef through SignatureDefMap
