@@ -37,7 +37,7 @@ from serving.gen.tensorflow_serving.apis import (
 )
 from serving.repository import ModelVersion, read_version
 from serving.settings import Settings
-from serving.tensors import from_tensor_proto, to_tensor_proto
+from serving.tensors import dtype_name, from_tensor_proto, to_tensor_proto
 
 log = logging.getLogger("serving.tfserving")
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -63,6 +63,7 @@ class TFServingBackend:
         self._versions: dict[str, dict[int, ModelVersion]] = {name: {} for name in settings.models}
         # Every version ever read from the repository (its assets.extra/ never changes).
         self._known: dict[tuple[str, int], ModelVersion] = {}
+        self._reported: set[tuple] = set()  # errors already logged (polling repeats them)
         self._problems: dict[str, str] = {name: "not polled yet" for name in settings.models}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,6 +104,14 @@ class TFServingBackend:
                     except (OSError, ValueError, KeyError) as e:
                         log.error("%s/%s is served by TF Serving but its assets.extra/ is unreadable: %s", name, st.version, e)
                         continue
+                    if st.state == State.AVAILABLE and (mismatch := self._signature_mismatch(v)) is not None:
+                        # Not remembered: checked again at the next poll (e.g. after a fixed deployment).
+                        v.state, v.error = "FAILED", mismatch
+                        if (name, st.version, mismatch) not in self._reported:
+                            self._reported.add((name, st.version, mismatch))
+                            log.error("%s/%s: %s", name, st.version, mismatch)
+                        seen[st.version] = v
+                        continue
                     self._known[(name, st.version)] = v
                 v.state = State.Name(st.state)
                 v.error = st.status.error_message or None
@@ -111,7 +120,8 @@ class TFServingBackend:
             if any(v.state == "AVAILABLE" for v in seen.values()):
                 self._problems.pop(name, None)
             else:
-                self._problems[name] = f"no AVAILABLE version in TF Serving (states: {sorted((k, v.state) for k, v in seen.items())})"
+                states = ", ".join(f"{k}: {v.state}" + (f" ({v.error})" if v.error else "") for k, v in sorted(seen.items()))
+                self._problems[name] = f"no AVAILABLE version in TF Serving; versions {{{states}}}"
 
     def versions(self) -> dict[str, dict[int, ModelVersion]]:
         return self._versions
@@ -133,6 +143,29 @@ class TFServingBackend:
         out = get_model_metadata_pb2.SignatureDefMap()
         resp.metadata["signature_def"].Unpack(out)
         return out
+
+    def _signature_mismatch(self, v: ModelVersion) -> str | None:
+        """None when TF Serving's signature is the one the repository's model card describes.
+
+        Guards against a gateway reading another repository (or another export of the
+        same version number) than TF Serving serves: the ids would go to the wrong model.
+        """
+        try:
+            sig = self.metadata(v.name, v.version).signature_def[self.settings.tfserving_signature]
+        except grpc.RpcError as e:
+            return f"GetModelMetadata failed: {e.code().name}: {e.details()}"
+        except KeyError:
+            return f"TF Serving has no signature {self.settings.tfserving_signature!r}"
+
+        def described(infos):
+            return {k: (dtype_name(t.dtype), [d.size for d in t.tensor_shape.dim])
+                    for k, t in infos.items()}
+
+        served = {"inputs": described(sig.inputs), "outputs": described(sig.outputs)}
+        card = {part: {k: (t["dtype"], list(t["shape"])) for k, t in v.signature[part].items()} for part in ("inputs", "outputs")}
+        if served != card:
+            return f"TF Serving's signature {served} differs from the model card's {card} in {v.path}"
+        return None
 
     # -- inference ------------------------------------------------------------
     def predict(self, model: str, version: int, batch: np.ndarray) -> np.ndarray:

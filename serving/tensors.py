@@ -37,6 +37,13 @@ _VAL_FIELD = {
 }
 
 
+def dtype_name(dtype: int) -> str:
+    """NumPy's name of a DataType (DT_FLOAT -> "float32"), as model cards write it."""
+    if dtype in _TO_DTYPE:
+        return _TO_DTYPE[dtype].newbyteorder("=").name
+    return types_pb2.DataType.Name(dtype).removeprefix("DT_").lower() if dtype in types_pb2.DataType.values() else str(dtype)
+
+
 def to_tensor_proto(arr: np.ndarray) -> tensor_pb2.TensorProto:
     arr = np.asarray(arr)
     key = arr.dtype.newbyteorder("=")

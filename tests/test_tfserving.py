@@ -220,3 +220,24 @@ def test_the_serve_extra_does_not_install_tensorflow():
     assert not {k for k in serve if k.startswith(("tensorflow", "keras", "tf-"))}, sorted(serve)
     # The check can fail: the embedded extra does pull TensorFlow in.
     assert "tensorflow" in _requires("embedded")
+
+
+def test_a_repository_that_disagrees_with_tf_serving_is_refused(tmp_path):
+    """The gateway reads another export than TF Serving serves: its signature check refuses to route to it."""
+    extra = tmp_path / "sentiment_lstm" / "1" / "assets.extra"
+    shutil.copytree(MODELS / "sentiment_lstm" / "1" / "assets.extra", extra)
+    card = json.loads((extra / "model_card.json").read_text())
+    card["signature"]["outputs"]["probabilities"]["shape"] = [-1, 3]  # e.g. a three-class export
+    (extra / "model_card.json").write_text(json.dumps(card))
+    standin = StandIn(MODELS, ["sentiment_lstm"])
+    standin.start()
+    try:
+        with gateway_process(WITHOUT_TENSORFLOW, wait_ready=False, backend="tfserving", tfserving_address=standin.address,
+                             model_base_path=tmp_path, models='["sentiment_lstm"]', tfserving_poll_s=0.2) as gw:
+            wait_until(lambda: "differs from the model card" in readyz(gw).text, timeout=20)
+            assert readyz(gw).status_code == 503
+            r = predict(gw)
+            assert r.status_code == 503 and "FAILED" in r.json()["error"]["message"], r.text
+            assert not standin.calls
+    finally:
+        standin.stop()
