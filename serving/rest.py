@@ -160,6 +160,7 @@ def create_app(core: Classifier) -> FastAPI:
         version="1",
         description="Gateway in front of the sentiment_lstm, sentiment_bilstm and digits models. "
         "Errors: `{\"error\": {\"code\", \"message\"}}`; the message names the broken limit.",
+        telemetry=None if core.settings.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.add_middleware(BodyLimit, max_bytes=core.settings.max_body_bytes)
 
