@@ -61,9 +61,10 @@ class TFServingBackend:
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._versions: dict[str, dict[int, ModelVersion]] = {name: {} for name in settings.models}
-        # Every version ever read from the repository (its assets.extra/ never changes).
+        # Versions read from the repository (assets.extra/ of a version never changes),
+        # and those whose signature TF Serving confirmed.
         self._known: dict[tuple[str, int], ModelVersion] = {}
-        self._reported: set[tuple] = set()  # errors already logged (polling repeats them)
+        self._checked: set[tuple[str, int]] = set()
         self._problems: dict[str, str] = {name: "not polled yet" for name in settings.models}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,33 +96,43 @@ class TFServingBackend:
                 for v in self._versions[name].values():
                     v.state = "UNAVAILABLE"
                 continue
-            seen: dict[int, ModelVersion] = {}
-            for st in resp.model_version_status:
-                v = self._known.get((name, st.version))
-                if v is None:
-                    try:
-                        v = read_version(self.settings.model_base_path, name, st.version)
-                    except (OSError, ValueError, KeyError) as e:
-                        log.error("%s/%s is served by TF Serving but its assets.extra/ is unreadable: %s", name, st.version, e)
-                        continue
-                    if st.state == State.AVAILABLE and (mismatch := self._signature_mismatch(v)) is not None:
-                        # Not remembered: checked again at the next poll (e.g. after a fixed deployment).
-                        v.state, v.error = "FAILED", mismatch
-                        if (name, st.version, mismatch) not in self._reported:
-                            self._reported.add((name, st.version, mismatch))
-                            log.error("%s/%s: %s", name, st.version, mismatch)
-                        seen[st.version] = v
-                        continue
-                    self._known[(name, st.version)] = v
-                v.state = State.Name(st.state)
-                v.error = st.status.error_message or None
-                seen[st.version] = v
+            previous = self._versions[name]
+            seen = {st.version: v for st in resp.model_version_status
+                    if (v := self._version(name, st, previous.get(st.version))) is not None}
             self._versions[name] = seen
             if any(v.state == "AVAILABLE" for v in seen.values()):
                 self._problems.pop(name, None)
             else:
                 states = ", ".join(f"{k}: {v.state}" + (f" ({v.error})" if v.error else "") for k, v in sorted(seen.items()))
                 self._problems[name] = f"no AVAILABLE version in TF Serving; versions {{{states}}}"
+
+    def _version(self, name: str, st, previous: ModelVersion | None) -> ModelVersion | None:
+        """One version TF Serving reports, as the repository describes it, in TF Serving's state.
+
+        Its signature is checked against the model card once it is AVAILABLE; a
+        version that fails is read and checked again at the next poll (the
+        deployment may be fixed), and is logged once per distinct error.
+        """
+        key = (name, st.version)
+        v = self._known.get(key)
+        if v is None:
+            try:
+                v = self._known[key] = read_version(self.settings.model_base_path, name, st.version)
+            except (OSError, ValueError, KeyError) as e:
+                log.error("%s/%s is served by TF Serving but its assets.extra/ is unreadable: %s", name, st.version, e)
+                return None
+        if st.state == State.AVAILABLE and key not in self._checked:
+            mismatch = self._signature_mismatch(v)
+            if mismatch is not None:
+                del self._known[key]
+                if previous is None or previous.error != mismatch:
+                    log.error("%s/%s: %s", name, st.version, mismatch)
+                v.state, v.error = "FAILED", mismatch
+                return v
+            self._checked.add(key)
+        v.state = State.Name(st.state)
+        v.error = st.status.error_message or None
+        return v
 
     def versions(self) -> dict[str, dict[int, ModelVersion]]:
         return self._versions

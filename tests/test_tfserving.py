@@ -230,10 +230,13 @@ def test_a_repository_that_disagrees_with_tf_serving_is_refused(tmp_path):
     card["signature"]["outputs"]["probabilities"]["shape"] = [-1, 3]  # e.g. a three-class export
     (extra / "model_card.json").write_text(json.dumps(card))
     standin = StandIn(MODELS, ["sentiment_lstm"])
+    standin.state["sentiment_lstm"] = LOADING  # first seen while loading, as TF Serving reports a new version
     standin.start()
     try:
         with gateway_process(WITHOUT_TENSORFLOW, wait_ready=False, backend="tfserving", tfserving_address=standin.address,
                              model_base_path=tmp_path, models='["sentiment_lstm"]', tfserving_poll_s=0.2) as gw:
+            wait_until(lambda: "LOADING" in readyz(gw).text, timeout=20)
+            standin.state.clear()
             wait_until(lambda: "differs from the model card" in readyz(gw).text, timeout=20)
             assert readyz(gw).status_code == 503
             r = predict(gw)
