@@ -45,7 +45,6 @@ def load_texts(n: int) -> list[str]:
 
 
 def raw_ceiling(model: str, texts: list[str], seconds: float) -> dict:
-    import numpy as np
     import tensorflow as tf
 
     from serving.repository import read_version, versions_on_disk
@@ -103,7 +102,8 @@ def wrk(url: str, bodies_file: str, concurrency: int, seconds: float) -> dict:
         return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"texts_per_s": rps, "p50_ms": lat(50), "p99_ms": lat(99), "concurrency": concurrency,
+    texts = int(re.search(r"(\d+) requests in", out).group(1))  # one text per request
+    return {"texts_per_s": rps, "texts": texts, "p50_ms": lat(50), "p99_ms": lat(99), "concurrency": concurrency,
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
@@ -133,7 +133,7 @@ def grpc_batches(target: str, model: str, texts: list[str], seconds: float, batc
     ts = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
     [t.start() for t in ts]
     [t.join() for t in ts]
-    return {"texts_per_s": counts[0] / (time.perf_counter() - t0), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+    return {"texts_per_s": counts[0] / (time.perf_counter() - t0), "texts": counts[0], "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
             "batch": batch, "concurrency": concurrency}
 
 
@@ -210,10 +210,14 @@ def main(argv=None) -> int:
             v["ratio_to_naive"] = v["texts_per_s"] / naive_tps
             print(f"{k:<42}{v['texts_per_s']:>10.0f}{v['p50_ms']:>9.2f}{v['p99_ms']:>9.2f}"
                   f"{v['ratio_to_raw']:>8.2f}{v['ratio_to_naive']:>8.1f}")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(results, indent=2))
-    print(f"written {a.json}")
+    save(a.json, results)
     return 0
+
+
+def save(path: str, results: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2))
+    print(f"written {path}")
 
 
 if __name__ == "__main__":

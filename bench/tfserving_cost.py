@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gateway import grpc_batches, load_texts, wrk  # noqa: E402
-from tests.gateway import WITHOUT_TENSORFLOW, free_port, gateway_process, wait_until  # noqa: E402
+from gateway import grpc_batches, load_texts, save, wrk  # noqa: E402
+from tests.gateway import WITHOUT_TENSORFLOW, free_port, gateway_process  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -105,7 +105,7 @@ def end_to_end(model: str, texts: list[str], seconds: float, bodies_file: str | 
                 c0, s0 = cpu_seconds(pid), cpu_seconds(standin.pid)
                 r = run()
                 c1, s1 = cpu_seconds(pid), cpu_seconds(standin.pid)
-                n = r["texts_per_s"] * seconds
+                n = r["texts"]
                 r["gateway_cpu_us_per_text"] = (c1 - c0) / n * 1e6
                 r["standin_cpu_us_per_text"] = (s1 - s0) / n * 1e6
                 results[name] = r
@@ -145,9 +145,7 @@ def main(argv=None) -> int:
         if isinstance(v, dict) and "texts_per_s" in v:
             print(f"  {k:<42}{v['texts_per_s']:>9.0f}{v['p50_ms']:>9.2f}{v['gateway_cpu_us_per_text']:>16.1f}"
                   f"{v['standin_cpu_us_per_text']:>22.1f}")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(results, indent=2))
-    print(f"written {a.json}")
+    save(a.json, results)
     return 0
 
 

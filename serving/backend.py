@@ -31,6 +31,9 @@ class Backend(Protocol):
     def status(self) -> tuple[bool, str]:
         """(ready, reason): ready once every configured model is loaded and warmed."""
 
+    def close(self) -> None:
+        """Release connections and threads (at shutdown)."""
+
 
 class EmbeddedBackend:
     """SavedModels loaded in this process with TensorFlow (latest version of each model)."""
@@ -95,6 +98,9 @@ class EmbeddedBackend:
         sig = self._signatures[(model, version)]
         v = self._versions[model][version]
         return sig(**{v.input_name: self._tf.constant(batch)})["probabilities"].numpy()
+
+    def close(self) -> None:
+        pass
 
     def status(self) -> tuple[bool, str]:
         for name, versions in self._versions.items():

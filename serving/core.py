@@ -59,7 +59,7 @@ class Classifier:
         self.backend = backend
         self.metrics = metrics or Metrics()
         self._batchers: dict[tuple[str, int], Batcher] = {}
-        # One thread per model version: each backend call runs off the event loop.
+        # Enough threads for every model's batches in flight: backend calls run off the event loop.
         self._executor = ThreadPoolExecutor(max_workers=max(2, len(settings.models) * settings.concurrent_batches()), thread_name_prefix="backend")
         self._load_task: asyncio.Task | None = None
         self._load_error: str | None = None
@@ -109,8 +109,7 @@ class Classifier:
         for b in self._batchers.values():
             await b.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        if hasattr(self.backend, "close"):
-            self.backend.close()
+        self.backend.close()
 
     def ready(self) -> tuple[bool, str]:
         if self._load_task is None or not self._load_task.done():

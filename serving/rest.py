@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

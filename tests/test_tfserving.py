@@ -7,8 +7,6 @@ runs every test with `embedded` and with `tfserving`.)
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +21,7 @@ from packaging.requirements import Requirement
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.repository import read_version
-from tests.gateway import ROOT, WITHOUT_TENSORFLOW, free_port, gateway_process, wait_until
+from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
 from tests.tfserving_standin import StandIn, get_model_status_pb2
 from training.text import RESERVED_TOKENS, TextPreprocessor, Vocabulary
 
@@ -117,7 +115,7 @@ def test_unknown_version_is_not_found(pinned):
 @pytest.fixture(scope="module")
 def faulty():
     standin = StandIn(MODELS, ALL)
-    standin.start(free_port())
+    standin.start()
     try:
         with gateway_process(WITHOUT_TENSORFLOW, backend="tfserving", tfserving_address=standin.address,
                              tfserving_poll_s=0.1, tfserving_timeout_s=0.5, tfserving_retries=1) as gw:
