@@ -1,6 +1,14 @@
 """Run the gateway: REST (uvicorn) and gRPC in one process and one event loop.
 
     python -m serving            # REST on :8000, gRPC on :50051 (see serving/settings.py)
+
+On SIGTERM (or SIGINT) it drains as an orchestrator expects: /readyz answers
+503 and gRPC health NOT_SERVING at once; new work is still taken for
+``drain_settle_s`` (while load balancers take the pod out), then refused
+with 503/UNAVAILABLE; requests in flight and queued finish within
+``drain_timeout_s`` (whatever is left then is answered 503, never dropped
+silently); then both servers stop and the process exits 0. A second signal
+exits at once.
 """
 
 from __future__ import annotations
@@ -8,47 +16,110 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 import uvicorn
 
+from serving.auth import ApiKeys
 from serving.backend import Backend, make_backend
+from serving.connections import guarded_protocol
 from serving.core import Classifier
-from serving.grpc_api import start_grpc
+from serving.grpc_api import GrpcServer
 from serving.rest import create_app
 from serving.settings import Settings
 
 log = logging.getLogger("serving")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, with SIGTERM/SIGINT handed to the gateway's drain."""
+
+    def __init__(self, config: uvicorn.Config, on_signal):
+        super().__init__(config)
+        self._on_signal = on_signal
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None):
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame):  # runs in the signal handler: hand over to the loop
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._on_signal)
+        else:
+            self.should_exit = True
+
+
 class Gateway:
-    """Both servers over one core. ``await run()`` serves until ``stop()`` (or SIGINT/SIGTERM)."""
+    """Both servers over one core. ``await run()`` serves until ``stop()`` or a signal (then drains)."""
 
     def __init__(self, settings: Settings, backend: Backend | None = None):
-        self.settings = settings
+        self.settings = s = settings
         self.core = Classifier(settings, backend or make_backend(settings))
+        keys = ApiKeys.from_settings(settings)
+        self.grpc = GrpcServer(self.core, keys)
+        tls = {}
+        if s.tls_cert_file and s.tls_key_file:
+            tls = {"ssl_certfile": str(s.tls_cert_file), "ssl_keyfile": str(s.tls_key_file)}
         config = uvicorn.Config(
-            create_app(self.core), host=settings.host, port=settings.rest_port, log_level="warning",
-            access_log=False, lifespan="off", timeout_graceful_shutdown=10,
+            create_app(self.core, keys), host=s.host, port=s.rest_port, log_config=None, log_level="warning",
+            access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+            timeout_keep_alive=s.http_keepalive_timeout_s, http=guarded_protocol(s), **tls,
         )
-        self.http = uvicorn.Server(config)
+        self.http = _Server(config, self.request_stop)
+        self._drain_task: asyncio.Task | None = None
+
+    def _grpc_credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if not (s.tls_cert_file and s.tls_key_file):
+            return None
+        return grpc.ssl_server_credentials([(s.tls_key_file.read_bytes(), s.tls_cert_file.read_bytes())])
 
     async def run(self) -> None:
         await self.core.start()
-        grpc_server, port, health_task = await start_grpc(self.core, f"{self.settings.host}:{self.settings.grpc_port}")
-        log.info("REST on %s:%s, gRPC on %s:%s", self.settings.host, self.settings.rest_port, self.settings.host, port)
+        s = self.settings
+        port = await self.grpc.start(f"{s.host}:{s.grpc_port}", self._grpc_credentials())
+        log.info("REST on %s:%s, gRPC on %s:%s%s", s.host, s.rest_port, s.host, port,
+                 " (TLS)" if s.tls_cert_file else "")
         try:
             await self.http.serve()
         finally:
-            health_task.cancel()
-            await grpc_server.stop(grace=5)
+            await self.grpc.stop(grace=1)
             await self.core.stop()
+            log.info("stopped")
+
+    def request_stop(self) -> None:
+        """First call: drain, then exit. A second call: exit now."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain())
+        else:
+            log.warning("second stop signal: exiting without waiting for the drain")
+            self.http.should_exit = self.http.force_exit = True
+
+    async def drain(self) -> None:
+        s = self.settings
+        log.info("draining: not ready now, refusing new work in %gs, finishing work within %gs after that",
+                 s.drain_settle_s, s.drain_timeout_s)
+        self.core.begin_drain()
+        await self.grpc.drain()
+        await asyncio.sleep(s.drain_settle_s)
+        self.core.stop_accepting()
+        if not await self.core.wait_idle(s.drain_timeout_s):
+            log.warning("drain_timeout_s=%g passed with %d request(s) in flight: answering them 503",
+                        s.drain_timeout_s, self.core.active)
+            await self.core.stop()
+            await self.core.wait_idle(2)
+        self.http.should_exit = True
 
     def stop(self) -> None:
+        """Exit without draining (tests)."""
         self.http.should_exit = True
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serving.logs import setup_logging
+
     settings = Settings()
+    setup_logging(settings)
     if settings.event_loop == "uvloop":
         import uvloop
 

@@ -1,16 +1,24 @@
 """Dynamic batching: concurrent requests for one model version become one backend call.
 
-Each :class:`Batcher` owns a queue of (rows, future) entries and one worker
-task. The worker takes the oldest entries up to ``max_batch_size`` rows, waits
-at most ``max_batch_wait`` after the *oldest* entry arrived for more rows to
-join (entries that already waited while the backend was busy go at once),
-calls the blocking backend in a worker thread (never on the event loop), and
-splits the result back to each request in order. Up to ``max_concurrent``
-batches are in flight at once (1 suits an in-process model that already uses
-every core; a remote TF Serving keeps its own batch threads busy with more). A request larger than
-``max_batch_size`` is cut into several entries. When the queue holds
-``max_queue_items`` rows, new work is refused at once (:class:`Overloaded`)
-instead of letting latency grow without bound.
+Each :class:`Batcher` owns a queue of entries (rows, future, arrival, deadline)
+and one worker task. The worker takes the oldest entries up to
+``max_batch_size`` rows, waits at most ``max_batch_wait`` after the *oldest*
+entry arrived for more rows to join (entries that already waited while the
+backend was busy go at once), calls the blocking backend in a worker thread
+(never on the event loop), and splits the result back to each request in
+order. Up to ``max_concurrent`` batches are in flight at once (1 suits an
+in-process model that already uses every core; a remote TF Serving keeps its
+own batch threads busy with more). A request larger than ``max_batch_size``
+is cut into several entries.
+
+Admission (:meth:`admit`) is decided before a request is preprocessed and
+costs nothing: it is refused (:class:`Overloaded`, with the time after which
+a retry should fit) when the queue would hold more than ``max_queue_items``
+rows, or when the rows ahead of it would take longer than ``max_queue_wait``
+to compute at the measured speed of recent batches. So latency stays bounded
+and the model keeps computing work someone still waits for: an entry whose
+deadline passed or whose caller went away (its future cancelled) is dropped
+from the queue, never computed.
 """
 
 from __future__ import annotations
@@ -41,18 +49,28 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         max_concurrent: int = 1,
+        max_queue_wait_s: float = float("inf"),
+        on_drop: Callable[[int, str], None] | None = None,
     ):
         self.name = name
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait = max_batch_wait_s
         self.max_queue_items = max_queue_items
+        self.max_queue_wait = max_queue_wait_s
+        self.max_concurrent = max_concurrent
         self.executor = executor
         self.on_batch = on_batch or (lambda rows, seconds: None)
         self.on_depth = on_depth or (lambda depth: None)
-        self._queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
-        self._queued_rows = 0
+        self.on_drop = on_drop or (lambda rows, reason: None)
+        self._queue: deque[_Entry] = deque()
+        self._queued_rows = 0  # queued, not yet taken into a batch (dropped entries excluded)
+        self._reserved_rows = 0  # admitted, still being preprocessed
         self._in_flight_rows = 0
+        # Cost model of one backend call, c(rows) = overhead + rows * per_row, measured on recent
+        # calls: the overhead on small batches, the per-row cost on large ones.
+        self._overhead_s: float | None = None
+        self._seconds_per_row: float | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -62,6 +80,13 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
+        """Stop; whatever is still queued or computing is answered UNAVAILABLE (never left hanging)."""
+        for e in self._queue:
+            if e.queued and not e.fut.done():
+                e.queued = False
+                e.fut.set_exception(Unavailable(f"{self.name}: the gateway is shutting down"))
+        self._queue.clear()
+        self._queued_rows = 0
         for task in [self._task, *self._calls]:
             if task:
                 task.cancel()
@@ -69,22 +94,78 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queued_rows + self._in_flight_rows
+        """Rows waiting, admitted or in flight."""
+        return self._queued_rows + self._reserved_rows + self._in_flight_rows
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
-        """Probabilities for ``rows``, computed together with whatever else is queued."""
-        n = len(rows)
-        if self._queued_rows + n > self.max_queue_items:
-            raise Overloaded(
-                f"queue for {self.name} is full ({self._queued_rows} rows waiting, limit max_queue_items="
-                f"{self.max_queue_items}); retry later"
+    @property
+    def busy(self) -> bool:
+        return self.depth > 0
+
+    def estimated_wait(self, extra_rows: int = 0) -> float:
+        """Seconds until rows admitted now would start being computed (0 until calls were measured)."""
+        return self._rows_seconds(self.depth + extra_rows)
+
+    def _rows_seconds(self, rows: int) -> float:
+        batches = -(-rows // self.max_batch_size)
+        return (batches * (self._overhead_s or 0.0) + rows * (self._seconds_per_row or 0.0)) / self.max_concurrent
+
+    def _measured(self, rows: int, seconds: float) -> None:
+        def ewma(old, new):
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        if rows <= max(1, self.max_batch_size // 32):
+            self._overhead_s = ewma(self._overhead_s, seconds)
+        elif rows >= self.max_batch_size // 4:
+            self._seconds_per_row = ewma(self._seconds_per_row, seconds / rows)
+
+    def refusal(self, n: int) -> Overloaded | None:
+        """Why ``n`` more rows cannot be admitted now, or None if they can."""
+        waiting = self._queued_rows + self._reserved_rows
+        if waiting + n > self.max_queue_items:
+            over = waiting + n - self.max_queue_items
+            return Overloaded(
+                f"queue for {self.name} is full ({waiting} rows waiting + {n} > max_queue_items="
+                f"{self.max_queue_items}); retry later",
+                retry_after_s=max(0.05, self._rows_seconds(over)),
             )
+        wait = self.estimated_wait()
+        if waiting and wait > self.max_queue_wait:
+            return Overloaded(
+                f"queue for {self.name} is full: ~{wait:.2f}s of work ahead > max_queue_wait_s="
+                f"{self.max_queue_wait:g}; retry later",
+                retry_after_s=max(0.05, wait - self.max_queue_wait),
+            )
+        return None
+
+    def admit(self, n: int) -> None:
+        """Reserve room for ``n`` rows, or raise :class:`Overloaded` at once."""
+        if (refused := self.refusal(n)) is not None:
+            raise refused
+        self._reserved_rows += n
+
+    def release(self, n: int) -> None:
+        """Give back a reservation that will not be submitted (the request failed first)."""
+        self._reserved_rows -= n
+
+    async def submit(self, rows: np.ndarray, deadline: float | None = None, admitted: bool = False) -> np.ndarray:
+        """Probabilities for ``rows``, computed together with whatever else is queued.
+
+        ``deadline`` (the event loop's clock): queued rows still waiting then are
+        dropped. ``admitted``: :meth:`admit` already reserved room for them.
+        Cancelling the caller drops its rows that are still queued.
+        """
+        n = len(rows)
+        if not admitted:
+            self.admit(n)
+        self._reserved_rows -= n
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []
         for start in range(0, n, self.max_batch_size):
             fut = loop.create_future()
-            self._queue.append((rows[start : start + self.max_batch_size], fut, now))
+            entry = _Entry(rows[start : start + self.max_batch_size], fut, now, deadline)
+            fut.add_done_callback(lambda f, e=entry: self._abandoned(e) if f.cancelled() else None)
+            self._queue.append(entry)
             futures.append(fut)
         self._queued_rows += n
         self.on_depth(self.depth)
@@ -92,15 +173,33 @@ class Batcher:
         parts = await asyncio.gather(*futures)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _abandoned(self, e: _Entry) -> None:
+        """The caller stopped waiting (deadline, disconnect, cancelled RPC): drop rows not yet taken."""
+        if e.queued:
+            e.queued = False
+            self._queued_rows -= len(e.x)
+            late = e.deadline is not None and asyncio.get_running_loop().time() >= e.deadline
+            self.on_drop(len(e.x), "deadline" if late else "cancelled")
+            self.on_depth(self.depth)
+
+    def _live_head(self) -> _Entry | None:
+        while self._queue and not self._queue[0].queued:
+            self._queue.popleft()
+        return self._queue[0] if self._queue else None
+
     async def _run(self) -> None:
         while True:
-            if not self._queue:
+            if self._live_head() is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             await self._slots.acquire()
+            head = self._live_head()
+            if head is None:
+                self._slots.release()
+                continue
             # Wait for more rows, but never past max_wait after the oldest entry arrived.
-            deadline = self._queue[0][2] + self.max_wait
+            deadline = head.t + self.max_wait
             while self._queued_rows < self.max_batch_size:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
@@ -110,46 +209,59 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            batch, futures, rows = [], [], 0
-            while self._queue and rows + len(self._queue[0][0]) <= self.max_batch_size:
-                x, fut, _ = self._queue.popleft()
-                batch.append(x)
-                futures.append(fut)
-                rows += len(x)
+            batch: list[_Entry] = []
+            rows = 0
+            while (e := self._live_head()) is not None and rows + len(e.x) <= self.max_batch_size:
+                self._queue.popleft()
+                e.queued = False
+                batch.append(e)
+                rows += len(e.x)
+            if not batch:
+                self._slots.release()
+                continue
             self._queued_rows -= rows
             self._in_flight_rows += rows
-            task = asyncio.get_running_loop().create_task(self._call(batch, futures, rows))
+            task = asyncio.get_running_loop().create_task(self._call(batch, rows))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
-    async def _call(self, batch: list[np.ndarray], futures: list[asyncio.Future], rows: int) -> None:
+    async def _call(self, batch: list[_Entry], rows: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            x = batch[0] if len(batch) == 1 else np.concatenate(batch)
+            x = batch[0].x if len(batch) == 1 else np.concatenate([e.x for e in batch])
             t0 = time.perf_counter()
             y = await loop.run_in_executor(self.executor, self.fn, x)
-            self.on_batch(rows, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._measured(rows, seconds)
+            self.on_batch(rows, seconds)
             offset = 0
-            for part, fut in zip(batch, futures):
-                if not fut.done():
-                    fut.set_result(y[offset : offset + len(part)])
-                offset += len(part)
-        except Exception as e:  # noqa: BLE001 - the error goes to every waiting request
-            if isinstance(e, ServiceError):  # expected (backend down, too slow): no traceback
-                log.warning("backend call for %s failed: %s", self.name, e)
-                err = e
+            for e in batch:
+                if not e.fut.done():
+                    e.fut.set_result(y[offset : offset + len(e.x)])
+                offset += len(e.x)
+        except Exception as ex:  # noqa: BLE001 - the error goes to every waiting request
+            if isinstance(ex, ServiceError):  # expected (backend down, too slow): no traceback
+                log.warning("backend call for %s failed: %s", self.name, ex)
+                err = ex
             else:
                 log.exception("backend call for %s failed", self.name)
-                err = Internal(f"model call failed for {self.name}: {type(e).__name__}")
-            for fut in futures:
-                if not fut.done():
-                    fut.set_exception(err)
+                err = Internal(f"model call failed for {self.name}: {type(ex).__name__}")
+            for e in batch:
+                if not e.fut.done():
+                    e.fut.set_exception(err)
         except asyncio.CancelledError:
-            for fut in futures:
-                if not fut.done():
-                    fut.set_exception(Unavailable(f"{self.name}: the gateway is shutting down"))
+            for e in batch:
+                if not e.fut.done():
+                    e.fut.set_exception(Unavailable(f"{self.name}: the gateway is shutting down"))
             raise
         finally:
             self._in_flight_rows -= rows
             self._slots.release()
             self.on_depth(self.depth)
+
+
+class _Entry:
+    __slots__ = ("x", "fut", "t", "deadline", "queued")
+
+    def __init__(self, x: np.ndarray, fut: asyncio.Future, t: float, deadline: float | None):
+        self.x, self.fut, self.t, self.deadline, self.queued = x, fut, t, deadline, True

@@ -1,8 +1,15 @@
-"""The protocol-independent core: validate -> preprocess -> batch -> backend -> postprocess.
+"""The protocol-independent core: admit -> validate -> preprocess -> batch -> backend -> postprocess.
 
 REST and gRPC adapters call :meth:`Classifier.sentiment` and
 :meth:`Classifier.digits` with plain Python values and turn the results (or a
 :class:`~serving.errors.ServiceError`) into their own wire format.
+
+Nothing heavy runs on the event loop: large requests are validated and
+tokenised, and every encoded image decoded, in a small thread pool (the
+model's calls have their own). A request is admitted by its model's batcher
+*before* that work, so overload is refused in microseconds; it then has a
+deadline after which its queued rows are dropped. While the gateway drains,
+readiness fails at once and, after ``drain_settle_s``, new work is refused.
 """
 
 from __future__ import annotations
@@ -10,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,13 +29,24 @@ import numpy as np
 
 from serving.backend import Backend
 from serving.batching import Batcher
-from serving.errors import InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
-from serving.images import check_pixels, decode_image, from_raw_bytes
+from serving.errors import InvalidInput, NotFound, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from serving.images import check_pixels, decode_image, from_raw_bytes, image_pixels
 from serving.metrics import Metrics
 from serving.repository import ModelVersion
 from serving.settings import Settings
 
 log = logging.getLogger("serving.core")
+access_log = logging.getLogger("serving.access")
+
+# The request id of the request being handled (REST header / gRPC metadata x-request-id).
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+ENDPOINTS = ["/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
+             "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment"]
+# Requests up to these sizes are preprocessed on the event loop (cheaper than a thread hop).
+INLINE_TEXTS = 16
+INLINE_CHARS = 32_000
+INLINE_IMAGES = 8
 
 
 @dataclass
@@ -53,16 +72,35 @@ class Result:
     predictions: list
 
 
+@dataclass
+class Call:
+    """What the access log says about one request; filled in as it is handled."""
+
+    protocol: str
+    endpoint: str
+    model: str | None = None
+    version: int | None = None
+    items: int = 0
+    outcome: str = "ok"
+
+
 class Classifier:
     def __init__(self, settings: Settings, backend: Backend, metrics: Metrics | None = None):
         self.settings = settings
         self.backend = backend
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.models, ENDPOINTS)
         self._batchers: dict[tuple[str, int], Batcher] = {}
         # Enough threads for every model's batches in flight: backend calls run off the event loop.
         self._executor = ThreadPoolExecutor(max_workers=max(2, len(settings.models) * settings.concurrent_batches()), thread_name_prefix="backend")
+        # Validation, tokenising and image decoding of large requests (kept apart from model calls).
+        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._load_task: asyncio.Task | None = None
         self._load_error: str | None = None
+        self.draining = False  # readiness fails (set on SIGTERM)
+        self.accepting = True  # new work is taken (cleared drain_settle_s later)
+        self.active = 0  # requests being handled now
+        self._idle = asyncio.Event()
+        self._stopped = False
 
     # -- life cycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -86,10 +124,13 @@ class Classifier:
                 f"{name}/{v.version}",
                 lambda x, ver=v.version: self.backend.predict(name, ver, x),
                 s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self._executor,
-                on_batch=lambda rows, sec: (m.batch_size.labels(name).observe(rows), m.backend_seconds.labels(name).observe(sec)),
-                on_depth=lambda d: m.queue_depth.labels(name).set(d),
+                on_batch=lambda rows, sec: (m.batch_rows.labels(name).observe(rows), m.backend_seconds.labels(name).observe(sec)),
+                on_depth=lambda d: m.queue_rows.labels(name).set(d),
+                on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),
                 max_concurrent=s.concurrent_batches(),
+                max_queue_wait_s=s.max_queue_wait_s,
             )
+            m.queue_limit.labels(name).set(s.max_queue_items)
             b.start()
             self._batchers[key] = b
         return b
@@ -101,17 +142,45 @@ class Classifier:
         for name, versions in self.backend.versions().items():
             for v in versions.values():
                 info.labels(name, str(v.version), v.state).set(1 if v.state == "AVAILABLE" else 0)
+        self.metrics.ready.set(1 if self.ready()[0] else 0)
         return self.metrics.render()
 
+    def begin_drain(self) -> None:
+        """SIGTERM: fail readiness now; work is still taken until :meth:`stop_accepting`."""
+        self.draining = True
+        self.metrics.draining.set(1)
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being handled; False if some still are after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.active:
+                    self._idle.clear()
+                    await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
     async def stop(self) -> None:
+        """Fail whatever is still queued or computing with 503 (drain timeout passed), release the backend."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._load_task:
+            self._load_task.cancel()
             await asyncio.gather(self._load_task, return_exceptions=True)
         for b in self._batchers.values():
             await b.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._prep.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
     def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: the gateway is shutting down"
         if self._load_task is None or not self._load_task.done():
             ready, reason = self.backend.status()
             return False, reason if not ready else "loading"
@@ -123,26 +192,70 @@ class Classifier:
         return self.backend.versions()
 
     @contextmanager
-    def track(self, endpoint: str, model: str | None) -> Iterator[None]:
-        """Count and time one request, whatever the protocol, by its outcome."""
+    def track(self, protocol: str, endpoint: str, model: str | None = None) -> Iterator[Call]:
+        """Count, time and log one request, whatever the protocol, by its outcome."""
         t0 = time.perf_counter()
-        outcome = "INTERNAL"
+        call = Call(protocol, endpoint, model)
+        self.active += 1
         try:
-            yield
-            outcome = "ok"
+            yield call
         except ServiceError as e:
-            outcome = e.code
+            call.outcome = e.code
+            raise
+        except asyncio.CancelledError:
+            call.outcome = "CANCELLED"
+            raise
+        except BaseException:
+            call.outcome = "INTERNAL"
             raise
         finally:
-            self.metrics.requests.labels(endpoint, model or "", outcome).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+            self.record(protocol, endpoint, call.model, call.outcome, time.perf_counter() - t0, call.version, call.items)
+
+    def record(self, protocol: str, endpoint: str, model: str | None, outcome: str, seconds: float,
+               version: int | None = None, items: int = 0) -> None:
+        """Metrics and the access log line of one finished request (also those refused before a handler)."""
+        self.metrics.observe(protocol, endpoint, model, outcome, seconds)
+        if self.settings.access_log:
+            access_log.info(
+                "%s %s %s", protocol, endpoint[:200], outcome,
+                extra={"protocol": protocol, "endpoint": self.metrics.endpoint(endpoint), "outcome": outcome,
+                       "model": self.metrics.model(model) or None, "version": version,
+                       "items": items, "latency_ms": round(seconds * 1000, 3)},
+            )
+
+    # -- admission --------------------------------------------------------------
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise Unavailable("the gateway is shutting down; retry on another instance")
+
+    def precheck(self, kind: str) -> None:
+        """Before a request body is read: refuse at once when draining, or when every model
+        of this kind has a full queue (no request could be admitted whatever it asks)."""
+        self.check_accepting()
+        batchers = [b for (name, _), b in self._batchers.items()
+                    if (v := self.backend.versions().get(name)) and any(x.kind == kind for x in v.values())]
+        refusals = [b.refusal(1) for b in batchers]
+        if refusals and all(refusals):
+            raise min(refusals, key=lambda e: e.retry_after_s)
+
+    def deadline(self, client_timeout: float | None = None) -> float:
+        """The event-loop time by which a request must be answered (request_timeout_s, or the
+        client's own deadline when that is sooner)."""
+        t = self.settings.request_timeout_s
+        if client_timeout is not None:
+            t = min(t, max(0.0, client_timeout))
+        return asyncio.get_running_loop().time() + t
 
     # -- model selection ------------------------------------------------------
     def resolve(self, name: str, version: int | None, kind: str) -> tuple[ModelVersion, Batcher]:
+        self.check_accepting()
         versions = self.backend.versions().get(name)
         if versions is None:
             known = sorted(n for n, vs in self.backend.versions().items() if any(v.kind == kind for v in vs.values()))
-            raise NotFound(f"unknown model {name!r}; {kind} models: {known}")
+            raise NotFound(f"unknown model {name[:100]!r}; {kind} models: {known}")
         if not versions:
             raise Unavailable(f"model {name!r} has no version to serve")
         if version is None or version == 0:
@@ -166,12 +279,25 @@ class Classifier:
                 f"too many {what}: {n} > max_items_per_request={self.settings.max_items_per_request}"
             )
 
+    async def _run(self, heavy: bool, fn: Callable, *args):
+        """``fn(*args)`` on the event loop when it is cheap, else in the preprocessing threads."""
+        if not heavy:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+
+    async def _predict(self, batcher: Batcher, x: np.ndarray, deadline: float | None, what: str) -> np.ndarray:
+        deadline = deadline if deadline is not None else self.deadline()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await batcher.submit(x, deadline, admitted=True)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"{what} not answered within its deadline (request_timeout_s={self.settings.request_timeout_s:g} "
+                f"or the client's); its queued work was dropped"
+            ) from None
+
     # -- sentiment ------------------------------------------------------------
-    async def sentiment(self, texts: list[str], model: str | None = None, version: int | None = None) -> Result:
-        name = model or self.settings.default_sentiment_model
-        v, batcher = self.resolve(name, version, "text")
-        self._check_count(len(texts), "texts")
-        t0 = time.perf_counter()
+    def _encode_texts(self, v: ModelVersion, texts: list) -> list:
         limit = self.settings.max_text_chars
         encoded = []
         for i, t in enumerate(texts):
@@ -182,14 +308,31 @@ class Classifier:
             if not t.strip():
                 raise InvalidInput(f"texts[{i}] is empty")
             encoded.append(v.preprocessor.encode(t))
-        ids = np.array([e.ids for e in encoded], dtype=np.int32)
+        return encoded
+
+    async def sentiment(self, texts: list[str], model: str | None = None, version: int | None = None,
+                        deadline: float | None = None, call: Call | None = None) -> Result:
+        name = model or self.settings.default_sentiment_model
+        v, batcher = self.resolve(name, version, "text")
+        if call:
+            call.version, call.items = v.version, len(texts)
+        self._check_count(len(texts), "texts")
+        batcher.admit(len(texts))
+        try:
+            t0 = time.perf_counter()
+            heavy = len(texts) > INLINE_TEXTS or sum(map(len, texts)) > INLINE_CHARS
+            encoded = await self._run(heavy, self._encode_texts, v, texts)
+            ids = np.array([e.ids for e in encoded], dtype=np.int32)
+        except BaseException:
+            batcher.release(len(texts))
+            raise
         m = self.metrics
         m.preprocess_seconds.labels(name).observe(time.perf_counter() - t0)
         ratio = m.unknown_ratio.labels(name)
         for e in encoded:
             if e.tokens:
                 ratio.observe(e.unknown_tokens / e.tokens)
-        probs = await batcher.submit(ids)
+        probs = await self._predict(batcher, ids, deadline, f"{len(texts)} texts for {v.name}/{v.version}")
         m.items.labels(name).inc(len(texts))
         labels = v.labels
         preds = []
@@ -203,44 +346,70 @@ class Classifier:
         self._check_count(len(images), "images")
         return np.stack([check_pixels(img, f"images[{i}]") for i, img in enumerate(images)])
 
-    def images_from_b64(self, images_b64: list[str]) -> np.ndarray:
-        self._check_count(len(images_b64), "images")
+    def _check_encoded(self, images: list[bytes], where: str) -> None:
+        """Per-image and per-request budgets, from the images' headers, before anything is decoded."""
+        s, total = self.settings, 0
+        for i, data in enumerate(images):
+            if len(data) > s.max_image_bytes:
+                raise PayloadTooLarge(f"{where}[{i}] is {len(data)} bytes > max_image_bytes={s.max_image_bytes}")
+            total += image_pixels(data, f"{where}[{i}]", s.max_image_pixels)
+            if total > s.max_request_pixels:
+                raise PayloadTooLarge(
+                    f"{where}[0..{i}] add up to {total} pixels > max_request_pixels={s.max_request_pixels}"
+                )
+
+    def _decode_b64(self, images_b64: list[str]) -> list[bytes]:
         limit = self.settings.max_image_bytes
         out = []
         for i, s in enumerate(images_b64):
             if len(s) > limit * 4 // 3 + 4:
                 raise PayloadTooLarge(f"images_b64[{i}] is over max_image_bytes={limit}")
             try:
-                data = base64.b64decode(s, validate=True)
+                out.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
                 raise InvalidInput(f"images_b64[{i}] is not valid base64") from None
-            out.append(decode_image(data, f"images_b64[{i}]"))
-        return np.stack(out)
+        return out
+
+    def images_from_b64(self, images_b64: list[str]) -> np.ndarray:
+        self._check_count(len(images_b64), "images")
+        data = self._decode_b64(images_b64)
+        self._check_encoded(data, "images_b64")
+        return np.stack([decode_image(d, f"images_b64[{i}]", self.settings.max_image_pixels) for i, d in enumerate(data)])
 
     def images_from_proto(self, images: list[tuple[str, bytes]]) -> np.ndarray:
         """(kind, bytes) pairs from gRPC: kind 'raw' (784 bytes) or 'encoded' (PNG/JPEG)."""
         self._check_count(len(images), "images")
+        for i, (kind, _) in enumerate(images):
+            if kind not in ("raw", "encoded"):
+                raise InvalidInput(f"images[{i}] has no data (set raw or encoded)")
+        self._check_encoded([d for k, d in images if k == "encoded"], "images")
         out = []
         for i, (kind, data) in enumerate(images):
             if kind == "raw":
                 out.append(from_raw_bytes(data, f"images[{i}]"))
-            elif kind == "encoded":
-                if len(data) > self.settings.max_image_bytes:
-                    raise PayloadTooLarge(f"images[{i}] is over max_image_bytes={self.settings.max_image_bytes}")
-                out.append(decode_image(data, f"images[{i}]"))
             else:
-                raise InvalidInput(f"images[{i}] has no data (set raw or encoded)")
+                out.append(decode_image(data, f"images[{i}]", self.settings.max_image_pixels))
         return np.stack(out)
 
-    async def digits(self, pixels_fn, model: str | None = None, version: int | None = None) -> Result:
-        """``pixels_fn()`` builds the [n, 28, 28] array (validation included), so that
-        decoding is timed as preprocessing and runs only for a resolvable model."""
+    async def digits(self, n: int, build: Callable[[], np.ndarray], model: str | None = None,
+                     version: int | None = None, heavy: bool = True, deadline: float | None = None,
+                     call: Call | None = None) -> Result:
+        """``build()`` makes the [n, 28, 28] array (validation and decoding included); it runs
+        only for a resolvable model with room in its queue, off the event loop when ``heavy``."""
         name = model or "digits"
         v, batcher = self.resolve(name, version, "image")
-        t0 = time.perf_counter()
-        pixels = pixels_fn()
+        if call:
+            call.version, call.items = v.version, n
+        self._check_count(n, "images")
+        batcher.admit(n)
+        try:
+            t0 = time.perf_counter()
+            pixels = await self._run(heavy, build)
+        except BaseException:
+            batcher.release(n)
+            raise
         self.metrics.preprocess_seconds.labels(name).observe(time.perf_counter() - t0)
-        probs = await batcher.submit(pixels)
+        probs = await self._predict(batcher, pixels, deadline, f"{n} images for {v.name}/{v.version}")
         self.metrics.items.labels(name).inc(len(pixels))
         preds = []
         for row in probs.tolist():

@@ -43,13 +43,49 @@ class Unavailable(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """Refused at admission; ``retry_after_s`` is when the queue should have room
+    (REST ``Retry-After``, gRPC ``grpc-retry-pushback-ms``)."""
+
     http_status = 429
     code = "RESOURCE_EXHAUSTED"
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Cancelled(ServiceError):
+    """The client went away (disconnect, gRPC cancel); nobody reads the answer."""
+
+    http_status = 499
+    code = "CANCELLED"
+    grpc_status = grpc.StatusCode.CANCELLED
+
+
+class UnsupportedMediaType(ServiceError):
+    http_status = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unauthenticated(ServiceError):
+    http_status = 401
+    code = "UNAUTHENTICATED"
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
 
 class DeadlineExceeded(ServiceError):
     http_status = 504
+    code = "DEADLINE_EXCEEDED"
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RequestTimeout(ServiceError):
+    """The request's own deadline (request_timeout_s or the gRPC client's) passed while it
+    waited; its queued rows were dropped. REST 503 (retry elsewhere/later), gRPC DEADLINE_EXCEEDED."""
+
+    http_status = 503
     code = "DEADLINE_EXCEEDED"
     grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -1,26 +1,57 @@
-"""gRPC adapter: classifier.v1.Classifier, grpc.health.v1 and server reflection.
+"""gRPC adapter: classifier.v1.Classifier, grpc.health.v1 and server reflection (v1 and v1alpha).
 
 Errors end the call with the status code of the :class:`ServiceError` and the
-same message as REST. Message size limits (``grpc_max_message_bytes``, default
-16 MiB, both directions) are set explicitly on the server.
+same message as REST; RESOURCE_EXHAUSTED carries ``grpc-retry-pushback-ms``.
+Requests arrive as bytes and are parsed here, so an undecodable message is
+INVALID_ARGUMENT with one (rate-limited) WARNING line, never UNKNOWN with a
+traceback; large messages are parsed off the event loop. Each call's
+deadline (or request_timeout_s, whichever is sooner) bounds its queued work,
+and a cancelled call drops it. ``x-request-id`` metadata is taken (or made),
+logged and returned in the trailing metadata. Message size limits
+(``grpc_max_message_bytes``, default 16 MiB, both directions), idle
+connection and concurrent stream limits are set on the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from serving.core import Classifier, Result
-from serving.errors import ServiceError
+from serving.auth import ApiKeyInterceptor, ApiKeys
+from serving.core import Classifier, Result, request_id
+from serving.errors import InvalidInput, Overloaded, ServiceError
 from serving.gen.classifier.v1 import classifier_pb2 as pb
-from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("serving.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+class RateLimitedLog:
+    """At most one line per ``every_s`` seconds; the next one says how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
+        self.logger, self.every, self.next, self.suppressed = logger, every_s, 0.0, 0
+
+    def warning(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += f" ({self.suppressed} similar suppressed in the last {self.every:g}s)"
+        self.next, self.suppressed = now + self.every, 0
+        self.logger.warning(msg, *args)
+
+
+malformed_log = RateLimitedLog(log)
 
 
 def sentiment_response(r: Result) -> pb.SentimentResponse:
@@ -35,66 +66,171 @@ def sentiment_response(r: Result) -> pb.SentimentResponse:
     )
 
 
-class ClassifierServicer(pb_grpc.ClassifierServicer):
+def _metadata(context) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class ClassifierServicer:
+    """The three RPCs over the core. Requests come in as bytes (see :func:`handlers`)."""
+
     def __init__(self, core: Classifier):
         self.core = core
 
-    async def _sentiment(self, request: pb.SentimentRequest, endpoint: str) -> pb.SentimentResponse:
-        model = request.model or self.core.settings.default_sentiment_model
-        with self.core.track(endpoint, model):
-            r = await self.core.sentiment(list(request.texts), model, request.version or None)
+    async def _parse(self, cls, data: bytes, method: str):
+        try:
+            if len(data) <= self.core.settings.inline_parse_bytes:
+                return cls.FromString(data)
+            return await asyncio.to_thread(cls.FromString, data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as e:
+            malformed_log.warning("%s: undecodable %s (%d bytes): %s", method, cls.DESCRIPTOR.name, len(data), e)
+            raise InvalidInput(f"request is not a valid {cls.DESCRIPTOR.full_name} message ({e})") from None
+
+    def _begin(self, context) -> float:
+        """Request id and deadline of this call."""
+        md = _metadata(context)
+        rid = md.get("x-request-id", "")
+        rid = rid[:128] if rid and rid.isascii() else uuid.uuid4().hex
+        request_id.set(rid)
+        context.set_trailing_metadata((("x-request-id", rid),))
+        return self.core.deadline(context.time_remaining())
+
+    async def _abort(self, context, e: ServiceError):
+        trailing = [("x-request-id", request_id.get())]
+        if isinstance(e, Overloaded):
+            trailing.append(("grpc-retry-pushback-ms", str(max(1, int(e.retry_after_s * 1000)))))
+        await context.abort(e.grpc_status, e.message, trailing_metadata=tuple(trailing))
+
+    async def _sentiment(self, data: bytes, endpoint: str, deadline: float) -> pb.SentimentResponse:
+        with self.core.track("grpc", endpoint) as call:
+            self.core.precheck("text")
+            request = await self._parse(pb.SentimentRequest, data, endpoint)
+            call.model = request.model or self.core.settings.default_sentiment_model
+            r = await self.core.sentiment(list(request.texts), call.model, request.version or None, deadline, call)
         return sentiment_response(r)
 
-    async def ClassifySentiment(self, request, context):
+    async def ClassifySentiment(self, data: bytes, context):
+        deadline = self._begin(context)
         try:
-            return await self._sentiment(request, "ClassifySentiment")
+            return await self._sentiment(data, "ClassifySentiment", deadline)
         except ServiceError as e:
-            await context.abort(e.grpc_status, e.message)
+            await self._abort(context, e)
 
     async def StreamClassifySentiment(self, request_iterator, context):
+        self._begin(context)
         try:
-            async for request in request_iterator:
-                yield await self._sentiment(request, "StreamClassifySentiment")
+            async for data in request_iterator:
+                yield await self._sentiment(data, "StreamClassifySentiment", self.core.deadline(context.time_remaining()))
         except ServiceError as e:
-            await context.abort(e.grpc_status, e.message)
+            await self._abort(context, e)
 
-    async def ClassifyDigits(self, request, context):
-        images = [(img.WhichOneof("data") or "", getattr(img, img.WhichOneof("data") or "raw")) for img in request.images]
-        model = request.model or "digits"
+    async def ClassifyDigits(self, data: bytes, context):
+        deadline = self._begin(context)
         try:
-            with self.core.track("ClassifyDigits", model):
-                r = await self.core.digits(lambda: self.core.images_from_proto(images), model, request.version or None)
+            with self.core.track("grpc", "ClassifyDigits") as call:
+                self.core.precheck("image")
+                request = await self._parse(pb.DigitsRequest, data, "ClassifyDigits")
+                images = [(img.WhichOneof("data") or "", getattr(img, img.WhichOneof("data") or "raw")) for img in request.images]
+                call.model = request.model or "digits"
+                heavy = len(images) > 8 or any(kind == "encoded" for kind, _ in images)
+                r = await self.core.digits(len(images), lambda: self.core.images_from_proto(images), call.model,
+                                           request.version or None, heavy, deadline, call)
         except ServiceError as e:
-            await context.abort(e.grpc_status, e.message)
+            await self._abort(context, e)
         return pb.DigitsResponse(
             model=pb.ModelRef(name=r.model, version=r.version),
             predictions=[pb.DigitPrediction(label=p.label, score=p.score, probabilities=p.probabilities) for p in r.predictions],
         )
 
 
-def server_options(max_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+def handlers(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
+    """classifier.v1.Classifier with bytes in (parsed by the servicer) and messages out."""
+    out = lambda cls: cls.SerializeToString  # noqa: E731
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "ClassifySentiment": grpc.unary_unary_rpc_method_handler(
+            servicer.ClassifySentiment, response_serializer=out(pb.SentimentResponse)),
+        "ClassifyDigits": grpc.unary_unary_rpc_method_handler(
+            servicer.ClassifyDigits, response_serializer=out(pb.DigitsResponse)),
+        "StreamClassifySentiment": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamClassifySentiment, response_serializer=out(pb.SentimentResponse)),
+    })
 
 
-async def start_grpc(core: Classifier, address: str) -> tuple[grpc.aio.Server, int, asyncio.Task]:
-    server = grpc.aio.server(options=server_options(core.settings.grpc_max_message_bytes))
-    pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    await server.start()
+def reflection_v1(servicer) -> grpc.GenericRpcHandler:
+    """grpc.reflection.v1 (what current grpcurl/Postman ask first): the same messages, field for
+    field, as v1alpha, which is all grpcio-reflection ships; served by the same servicer."""
+    return grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    })
 
-    async def follow_readiness():
-        # NOT_SERVING until every model is loaded and warmed, then SERVING.
+
+def server_options(core: Classifier) -> list[tuple[str, int]]:
+    s = core.settings
+    return [
+        ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", s.grpc_max_message_bytes),
+        ("grpc.max_connection_idle_ms", int(s.grpc_max_connection_idle_s * 1000)),
+        ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams),
+        # Keepalive pings from clients at most every 10 s; a peer that stops answering ours is dropped.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+class GrpcServer:
+    """The gRPC server and its health service, which follows the core's readiness."""
+
+    def __init__(self, core: Classifier, api_keys: ApiKeys | None = None):
+        self.core = core
+        self.keys = api_keys or ApiKeys.from_settings(core.settings)
+        self.server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self._follow: asyncio.Task | None = None
+
+    async def start(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Build (on the running loop, as grpc.aio requires) and start the server; returns its port."""
+        from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+        core = self.core
+        interceptors = [ApiKeyInterceptor(self.keys, core.settings.public_grpc_methods)] if self.keys.enabled else []
+        self.server = grpc.aio.server(options=server_options(core), interceptors=interceptors)
+        self.server.add_generic_rpc_handlers((handlers(ClassifierServicer(core)),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+        v1alpha = reflection.aio.ReflectionServicer(names)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(v1alpha, self.server)
+        self.server.add_generic_rpc_handlers((reflection_v1(v1alpha),))
+        port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        await self.server.start()
+        self._follow = asyncio.get_running_loop().create_task(self._follow_readiness())
+        return port
+
+    async def _follow_readiness(self):
+        # NOT_SERVING until every model is loaded and warmed, then SERVING; NOT_SERVING again when draining.
         NOT, OK = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
         last = None
         while True:
-            status = OK if core.ready()[0] else NOT
+            status = OK if self.core.ready()[0] else NOT
             if status != last:
-                await health_servicer.set("", status)
-                await health_servicer.set(SERVICE_NAME, status)
+                await self.health.set("", status)
+                await self.health.set(SERVICE_NAME, status)
                 last = status
             await asyncio.sleep(0.2)
 
-    return server, port, asyncio.get_running_loop().create_task(follow_readiness())
+    async def drain(self) -> None:
+        """Health NOT_SERVING at once (and for good): clients and balancers move away."""
+        if self._follow:
+            self._follow.cancel()
+        if self.health:
+            await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        if self._follow:
+            self._follow.cancel()
+        if self.server:
+            await self.server.stop(grace)

@@ -20,7 +20,7 @@ import io
 
 import numpy as np
 
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, PayloadTooLarge
 
 SIZE = 28
 BOX = 20
@@ -30,8 +30,8 @@ def check_pixels(img, where: str) -> np.ndarray:
     """A 28x28 array of numbers in 0..255, or InvalidInput naming what is wrong."""
     try:
         a = np.asarray(img, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise InvalidInput(f"{where} must be {SIZE}x{SIZE} numbers (rows of equal length)") from None
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"{where} must be {SIZE}x{SIZE} numbers 0..255 (rows of equal length)") from None
     if a.shape != (SIZE, SIZE):
         raise InvalidInput(f"{where} has shape {'x'.join(map(str, a.shape)) or 'scalar'}; images must be {SIZE}x{SIZE}")
     if not np.isfinite(a).all() or a.min() < 0 or a.max() > 255:
@@ -45,16 +45,46 @@ def from_raw_bytes(data: bytes, where: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(SIZE, SIZE).astype(np.float32)
 
 
-def decode_image(data: bytes, where: str, max_pixels: int = 25_000_000) -> np.ndarray:
-    """Encoded PNG/JPEG bytes -> MNIST-like 28x28 float32 (see module docstring)."""
+def _open(data: bytes, where: str, max_pixels: int):
+    """The image's header (nothing decoded yet), checked against the pixel budget."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
+        raise PayloadTooLarge(
+            f"{where} declares over {2 * Image.MAX_IMAGE_PIXELS} pixels > max_image_pixels={max_pixels}"
+        ) from None
+    if im.width * im.height > max_pixels:
+        im.close()
+        raise PayloadTooLarge(
+            f"{where} is {im.width}x{im.height} = {im.width * im.height} pixels > max_image_pixels={max_pixels}"
+        )
+    return im
+
+
+def image_pixels(data: bytes, where: str, max_pixels: int) -> int:
+    """width x height from the header alone (cheap), or an error naming the broken limit."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with _open(data, where, max_pixels) as im:
+            return im.width * im.height
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise _undecodable(where, e) from None
+
+
+def decode_image(data: bytes, where: str, max_pixels: int = 4_000_000) -> np.ndarray:
+    """Encoded PNG/JPEG bytes -> MNIST-like 28x28 float32 (see module docstring).
+
+    Images over ``max_pixels`` (width x height, read from the header) are refused
+    before decoding. Pillow releases the GIL while it decodes, so this belongs in
+    a worker thread.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                raise InvalidInput(f"{where} is {im.width}x{im.height} pixels; at most {max_pixels} pixels")
-            if im.format not in ("PNG", "JPEG"):
-                raise InvalidInput(f"{where} is {im.format}; only PNG and JPEG images are accepted")
+        with _open(data, where, max_pixels) as im:
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -62,11 +92,18 @@ def decode_image(data: bytes, where: str, max_pixels: int = 25_000_000) -> np.nd
             else:
                 im2 = im.convert("L")
             gray = np.asarray(im2, dtype=np.float32)
-    except InvalidInput:
+    except (InvalidInput, PayloadTooLarge):
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidInput(f"{where} could not be decoded as PNG or JPEG ({type(e).__name__})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _undecodable(where, e) from None
     return mnistify(gray)
+
+
+def _undecodable(where: str, e: Exception) -> InvalidInput:
+    from PIL import UnidentifiedImageError
+
+    hint = "; only PNG and JPEG images are accepted" if isinstance(e, UnidentifiedImageError) else ""
+    return InvalidInput(f"{where} could not be decoded as PNG or JPEG ({type(e).__name__}){hint}")
 
 
 def mnistify(gray: np.ndarray) -> np.ndarray:

@@ -1,49 +1,89 @@
-"""Prometheus metrics of the gateway (one registry per service instance)."""
+"""Prometheus metrics of the gateway (one registry per service instance).
+
+Names and units follow Prometheus' conventions (base units, ``_total`` for
+counters, the unit as suffix). Every label value comes from a known, bounded
+set: a model name a client asked for that is not configured is recorded as
+``unknown``, endpoints are the service's own routes/RPCs (anything else is
+``other``), outcomes are ``ok`` or one of the error codes of serving/errors.py.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, PlatformCollector
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector
+from prometheus_client import ProcessCollector, generate_latest
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+OUTCOMES = frozenset({
+    "ok", "INVALID_ARGUMENT", "PAYLOAD_TOO_LARGE", "UNSUPPORTED_MEDIA_TYPE", "NOT_FOUND", "METHOD_NOT_ALLOWED",
+    "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL",
+})
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, models: list[str] | None = None, endpoints: list[str] | None = None) -> None:
+        self.known_models = frozenset(models or ())
+        self.known_endpoints = frozenset(endpoints or ())
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        labels = ["protocol", "endpoint", "model", "outcome"]
         self.requests = Counter(
-            "classifier_requests", "Requests by endpoint, model and outcome (ok or the error code)",
-            ["endpoint", "model", "outcome"], registry=r,
+            "classifier_requests", "Requests by protocol, endpoint, model and outcome (ok or the error code)",
+            labels, registry=r,
+        )
+        self.request_seconds = Histogram(
+            "classifier_request_duration_seconds", "Whole request latency by protocol, endpoint, model and outcome",
+            labels, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.items = Counter("classifier_items", "Texts or images classified", ["model"], registry=r)
-        self.request_seconds = Histogram(
-            "classifier_request_seconds", "Whole request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
-        )
         self.preprocess_seconds = Histogram(
-            "classifier_preprocess_seconds", "Validation + preprocessing time per request", ["model"],
+            "classifier_preprocess_duration_seconds", "Validation + preprocessing time per request", ["model"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.backend_seconds = Histogram(
-            "classifier_backend_seconds", "Backend call time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
+            "classifier_backend_duration_seconds", "Backend call time per batch", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.batch_size = Histogram(
-            "classifier_batch_size", "Rows per backend call (after dynamic batching)", ["model"],
+        self.batch_rows = Histogram(
+            "classifier_batch_rows", "Rows per backend call (after dynamic batching)", ["model"],
             buckets=BATCH_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge("classifier_queue_depth", "Rows waiting or in flight, per model", ["model"], registry=r)
+        self.queue_rows = Gauge("classifier_queue_rows", "Rows waiting or in flight, per model", ["model"], registry=r)
+        self.queue_limit = Gauge(
+            "classifier_queue_limit_rows", "The queue limit (max_queue_items) per model", ["model"], registry=r
+        )
+        self.dropped_rows = Counter(
+            "classifier_dropped_rows", "Queued rows dropped before the model saw them: deadline passed or client left",
+            ["model", "reason"], registry=r,
+        )
         self.unknown_ratio = Histogram(
             "classifier_unknown_token_ratio", "Out-of-vocabulary share of the tokens the model saw, per text (drift signal)",
             ["model"], buckets=(0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0), registry=r,
         )
         self.model_info = Gauge(
-            "classifier_model_version_info", "Loaded model versions (1 = AVAILABLE)", ["model", "version", "state"],
-            registry=r,
+            "classifier_model_version_info", "Model versions the backend knows (1 = AVAILABLE)",
+            ["model", "version", "state"], registry=r,
         )
+        self.ready = Gauge("classifier_ready", "1 when /readyz answers 200, else 0", registry=r)
+        self.draining = Gauge("classifier_draining", "1 while the gateway drains before exiting", registry=r)
+
+    def model(self, name: str | None) -> str:
+        """The label value for a requested model: configured names as they are, anything else ``unknown``."""
+        if not name:
+            return ""
+        return name if name in self.known_models else "unknown"
+
+    def endpoint(self, name: str) -> str:
+        return name if name in self.known_endpoints else "other"
+
+    def observe(self, protocol: str, endpoint: str, model: str | None, outcome: str, seconds: float) -> None:
+        """Count and time one finished request (all label values bounded here)."""
+        labels = (protocol, self.endpoint(endpoint), self.model(model), outcome if outcome in OUTCOMES else "INTERNAL")
+        self.requests.labels(*labels).inc()
+        self.request_seconds.labels(*labels).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

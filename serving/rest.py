@@ -1,51 +1,74 @@
-"""REST adapter (FastAPI): JSON in, the core, JSON out. OpenAPI at /docs.
+"""REST adapter (FastAPI): JSON in, the core, JSON out. OpenAPI at /docs and /redoc (served
+from packaged assets: no CDN, works offline).
 
 Every error has one shape, ``{"error": {"code": ..., "message": ...}}``, where
 the message names the broken rule; the HTTP status matches the gRPC status of
 the same error (see serving/errors.py).
+
+The predict endpoints read the raw body and decode it with msgspec (strict
+types: no ``true``/``"1"`` for a number) into the request structs below,
+whose JSON Schema is what /openapi.json documents, limits included. Before the
+body is even read a request can be refused (draining, every queue full); small
+bodies are decoded on the event loop, large ones in a worker thread; a
+client that disconnects has its queued work dropped.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import math
+import time
+import uuid
+from typing import Annotated
 
+import msgspec
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, StrictStr, model_validator
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from serving.core import Classifier
-from serving.errors import ServiceError
+from serving.auth import ApiKeyMiddleware, ApiKeys
+from serving.core import Classifier, Result, request_id
+from serving.errors import Cancelled, InvalidInput, Overloaded, ServiceError, UnsupportedMediaType
+from serving.images import SIZE, check_pixels
 
 log = logging.getLogger("serving.rest")
+SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 
 
-# -- request / response schemas (documented in OpenAPI) -------------------------
-class SentimentRequest(BaseModel):
-    texts: list[StrictStr] = Field(description="Review texts, 1..max_items_per_request, each 1..max_text_chars characters")
-    model: str | None = Field(None, description="sentiment_lstm (default) or sentiment_bilstm")
-    version: int | None = Field(None, ge=1, description="Model version; default the latest loaded")
+# -- request bodies: decoded with msgspec, documented from the same structs --------------
+class SentimentRequest(msgspec.Struct):
+    texts: Annotated[list[str], msgspec.Meta(description="Review texts, in order; each must contain a non-space character")]
+    model: Annotated[str, msgspec.Meta(description="sentiment_lstm (default) or sentiment_bilstm")] | None = None
+    version: Annotated[int, msgspec.Meta(ge=1, description="Model version; default the latest loaded")] | None = None
 
 
-class DigitsRequest(BaseModel):
-    images: list[list[list[float]]] | None = Field(
-        None, description="28x28 nested lists of 0-255 pixel values (white digit on black, as MNIST)"
-    )
-    images_b64: list[str] | None = Field(
-        None, description="Base64 PNG/JPEG images of any size; made MNIST-like (grayscale, invert, crop, 20px box, centre of mass)"
-    )
-    model: str | None = Field(None, description="digits (default)")
-    version: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.images is None) == (self.images_b64 is None):
-            raise ValueError("give exactly one of images or images_b64")
-        return self
+Pixel = Annotated[float, msgspec.Meta(ge=0, le=255)]
+Image28 = Annotated[
+    list[Annotated[list[Pixel], msgspec.Meta(min_length=SIZE, max_length=SIZE)]],
+    msgspec.Meta(min_length=SIZE, max_length=SIZE),
+]
 
 
+class DigitsRequest(msgspec.Struct):
+    # Each image stays undecoded (msgspec.Raw) until it is checked, one at a time, off the event loop.
+    images: Annotated[list[msgspec.Raw], msgspec.Meta(
+        description="28x28 nested lists of 0-255 pixel values (white digit on black, as MNIST)")] | None = None
+    images_b64: Annotated[list[str], msgspec.Meta(
+        description="Base64 PNG/JPEG images of any size; made MNIST-like (grayscale, invert, crop, 20px box, centre of mass)"
+    )] | None = None
+    model: Annotated[str, msgspec.Meta(description="digits (default)")] | None = None
+    version: Annotated[int, msgspec.Meta(ge=1, description="Model version; default the latest loaded")] | None = None
+
+
+# Strict numbers (no bools or strings); shape and range are checked by check_pixels, whose messages say more.
+_decode_image28 = msgspec.json.Decoder(list[list[float]])
+
+
+# -- responses (documented in OpenAPI) ------------------------------------------------
 class ModelRef(BaseModel):
     name: str
     version: int
@@ -84,11 +107,32 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+_json = msgspec.json.Encoder()
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)}
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    body = _json.encode({"error": {"code": code, "message": message}})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(e: ServiceError) -> Response:
+    headers = None
+    if isinstance(e, Overloaded):
+        headers = {"retry-after": str(max(1, math.ceil(e.retry_after_s)))}
+    return error_response(e.http_status, e.code, e.message, headers)
+
+
+ERROR_DOCS = {
+    400: "Invalid input (the message names the field and the rule)",
+    401: "Missing or invalid API key (only when API keys are configured)",
+    404: "Unknown model or version",
+    413: "Over a size limit: body, items per request, text length, image bytes or pixels",
+    415: "Body is not application/json, or is compressed",
+    429: "Queue full: retry after the Retry-After header's seconds",
+    503: "Not ready, shutting down, the request's deadline passed, or the backend is unavailable",
+    504: "TF Serving did not answer in time",
+}
+PREDICT_ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in ERROR_DOCS.items()}
 
 
 class BodyLimit:
@@ -98,8 +142,8 @@ class BodyLimit:
     "Content Too Large", and every error here must have the one JSON shape.
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, on_reject=None):
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject or (lambda path: None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -107,7 +151,7 @@ class BodyLimit:
         for k, v in scope["headers"]:
             if k == b"content-length" and v.isdigit():
                 if int(v) > self.max_bytes:
-                    return await self._reject(send, int(v))
+                    return await self._reject(scope, send, int(v))
                 return await self.app(scope, receive, send)  # the server enforces Content-Length
         # No Content-Length (chunked): read the body here, up to the limit, then replay it.
         chunks, seen, more = [], 0, True
@@ -119,17 +163,42 @@ class BodyLimit:
             seen += len(msg.get("body", b""))
             more = msg.get("more_body", False)
             if seen > self.max_bytes:
-                return await self._reject(send, None)
+                return await self._reject(scope, send, None)
         await self.app(scope, _replay(chunks, receive), send)
 
-    async def _reject(self, send, size: int | None):
+    async def _reject(self, scope, send, size: int | None):
+        self.on_reject(scope["path"])
         if size is None:
             message = f"request body exceeds max_body_bytes={self.max_bytes}"
         else:
             message = f"request body is {size} bytes > max_body_bytes={self.max_bytes}"
-        body = json.dumps({"error": {"code": "PAYLOAD_TOO_LARGE", "message": message}}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        body = _json.encode({"error": {"code": "PAYLOAD_TOO_LARGE", "message": message}})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class RequestId:
+    """ASGI middleware: take the client's ``x-request-id`` (or make one), keep it in the
+    ``request_id`` context for every log line, and return it on the response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        rid = rid.decode("latin-1")[:128] if rid and rid.isascii() else uuid.uuid4().hex
+        request_id.set(rid)
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _replay(messages: list, then=None):
@@ -144,76 +213,153 @@ def _replay(messages: list, then=None):
     return receive
 
 
-def _where(loc) -> str:
-    out = ""
-    for p in loc:
-        if p == "body":
-            continue
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "body"
+def _validation_message(e: msgspec.MsgspecError) -> str:
+    """msgspec's "Expected `str`, got `int` - at `$.texts[0]`" -> "texts[0]: expected str, got int"."""
+    if isinstance(e, msgspec.DecodeError) and not isinstance(e, msgspec.ValidationError):
+        return f"body is not valid JSON ({e})"
+    text = str(e)
+    message, _, where = text.partition(" - at `$")
+    message = message.replace("`", "")
+    message = message[0].lower() + message[1:] if message else message
+    where = where.rstrip("`").lstrip(".")
+    return f"{where}: {message}" if where else f"body: {message}"
 
 
-def create_app(core: Classifier) -> FastAPI:
-    app = FastAPI(
+def _check_content_type(request: Request) -> None:
+    h = request.headers
+    ctype = h.get("content-type")
+    if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(f"content-type {ctype.split(';')[0]!r} is not supported; send application/json")
+    encoding = h.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"content-encoding {encoding!r} is not supported; send the body uncompressed")
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already, so only a disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _result(r: Result) -> Response:
+    return Response(
+        _json.encode({"model": {"name": r.model, "version": r.version}, "predictions": r.predictions}),
+        media_type="application/json",
+    )
+
+
+def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
+    s = core.settings
+    app = FastAPIOffline(
         title="Sentiment & digit classifier",
         version="1",
         description="Gateway in front of the sentiment_lstm, sentiment_bilstm and digits models. "
-        "Errors: `{\"error\": {\"code\", \"message\"}}`; the message names the broken limit.",
-        telemetry=None if core.settings.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
+        "Errors: `{\"error\": {\"code\", \"message\"}}`; the message names the broken limit. "
+        "Send `x-request-id` to trace a request (it is returned and logged); when API keys are on, "
+        "send `Authorization: Bearer <key>` or `x-api-key`.",
+        telemetry=None if s.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
+        favicon_url="data:,",
     )
-    app.add_middleware(BodyLimit, max_bytes=core.settings.max_body_bytes)
+    reject = lambda outcome: lambda path: core.record("rest", path, None, outcome, 0.0)  # noqa: E731
+    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, on_reject=reject("PAYLOAD_TOO_LARGE"))
+    keys = api_keys or ApiKeys.from_settings(s)
+    if keys.enabled:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public_paths=s.public_paths, on_reject=reject("UNAUTHENTICATED"))
+    if s.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=s.cors_allow_origins, allow_methods=s.cors_allow_methods,
+            allow_headers=s.cors_allow_headers, expose_headers=["x-request-id", "retry-after"], max_age=s.cors_max_age_s,
+        )
+    app.add_middleware(RequestId)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError):
-        return error_response(e.http_status, e.code, e.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        problems = []
-        for err in e.errors()[:5]:
-            if err["type"] == "json_invalid":
-                problems.append(f"body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
-            else:
-                problems.append(f"{_where(err['loc'])}: {err['msg']}")
-        core.metrics.requests.labels(request.url.path, "", "INVALID_ARGUMENT").inc()
-        return error_response(400, "INVALID_ARGUMENT", "; ".join(problems))
+        return _error(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(e.status_code, "INVALID_ARGUMENT")
-        return error_response(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}")
+        core.record("rest", request.url.path, None, code, 0.0)
+        return error_response(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}", e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, "INTERNAL", f"internal error ({type(e).__name__}); it has been logged")
 
-    @app.post("/v1/sentiment:predict", response_model=SentimentResponse, responses=ERRORS, tags=["predict"])
-    async def predict_sentiment(req: SentimentRequest):
+    async def decode(request: Request, kind: str, struct: type):
+        """Admission before work, then the body, decoded strictly (off the loop when large)."""
+        core.precheck(kind)
+        _check_content_type(request)
+        body = await request.body()
+        try:
+            if len(body) <= s.inline_parse_bytes:
+                return msgspec.json.decode(body, type=struct)
+            return await asyncio.to_thread(msgspec.json.decode, body, type=struct)
+        except msgspec.MsgspecError as e:
+            raise InvalidInput(_validation_message(e)) from None
+
+    async def until_done(request: Request, work):
+        """``work`` unless the client disconnects first; then it is cancelled (queued rows dropped)."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            gone.cancel()
+            raise
+        if task.done():
+            gone.cancel()
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise Cancelled("client disconnected; its queued work was dropped")
+
+    sentiment_body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SentimentRequest"}}}}
+    digits_body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DigitsRequest"}}}}
+
+    @app.post(SENTIMENT, response_model=SentimentResponse, responses=PREDICT_ERRORS, tags=["predict"],
+              openapi_extra={"requestBody": sentiment_body})
+    async def predict_sentiment(request: Request):
         """Classify review texts as negative/positive, in input order."""
-        with core.track("/v1/sentiment:predict", req.model or core.settings.default_sentiment_model):
-            r = await core.sentiment(req.texts, req.model, req.version)
-        return JSONResponse(
-            {
-                "model": {"name": r.model, "version": r.version},
-                "predictions": [p.__dict__ for p in r.predictions],
-            }
-        )
+        deadline = core.deadline()
+        with core.track("rest", SENTIMENT) as call:
+            req = await decode(request, "text", SentimentRequest)
+            call.model = req.model or s.default_sentiment_model
+            r = await until_done(request, core.sentiment(req.texts, req.model, req.version, deadline, call))
+        return _result(r)
 
-    @app.post("/v1/digits:predict", response_model=DigitsResponse, responses=ERRORS, tags=["predict"])
-    async def predict_digits(req: DigitsRequest):
-        """Classify 28x28 images (or PNG/JPEG of any size) as digits 0-9."""
-        if req.images is not None:
-            build = lambda: core.images_from_pixels(req.images)  # noqa: E731
-        else:
-            build = lambda: core.images_from_b64(req.images_b64)  # noqa: E731
-        with core.track("/v1/digits:predict", req.model or "digits"):
-            r = await core.digits(build, req.model, req.version)
-        return JSONResponse(
-            {"model": {"name": r.model, "version": r.version}, "predictions": [p.__dict__ for p in r.predictions]}
-        )
+    def pixels(images: list[msgspec.Raw]):
+        out = []
+        for i, raw in enumerate(images):
+            try:
+                out.append(check_pixels(_decode_image28.decode(raw), f"images[{i}]"))
+            except msgspec.ValidationError as e:
+                where, _, msg = _validation_message(e).partition(": ")
+                raise InvalidInput(f"images[{i}]{where if where != 'body' else ''}: {msg}") from None
+        import numpy as np
 
-    @app.get("/v1/models", tags=["models"])
+        return np.stack(out)
+
+    @app.post(DIGITS, response_model=DigitsResponse, responses=PREDICT_ERRORS, tags=["predict"],
+              openapi_extra={"requestBody": digits_body})
+    async def predict_digits(request: Request):
+        """Classify 28x28 images (or PNG/JPEG of any size) as digits 0-9. Give exactly one of images or images_b64."""
+        deadline = core.deadline()
+        with core.track("rest", DIGITS) as call:
+            req = await decode(request, "image", DigitsRequest)
+            call.model = req.model or "digits"
+            if (req.images is None) == (req.images_b64 is None):
+                raise InvalidInput("give exactly one of images or images_b64")
+            if req.images is not None:
+                n, build, heavy = len(req.images), (lambda: pixels(req.images)), len(req.images) > 8
+            else:
+                n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
+            r = await until_done(request, core.digits(n, build, req.model, req.version, heavy, deadline, call))
+        return _result(r)
+
+    @app.get("/v1/models", tags=["models"], responses={401: {"model": ErrorResponse, "description": ERROR_DOCS[401]}})
     async def list_models():
         """Every configured model: versions, state, signature and the model card's accuracy."""
         out = []
@@ -235,22 +381,48 @@ def create_app(core: Classifier) -> FastAPI:
             )
         return {"models": out}
 
-    @app.get("/healthz", tags=["ops"])
+    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["ops"])
     async def healthz():
-        """The process is alive."""
+        """The process is alive (answers while draining too)."""
         return {"status": "alive"}
 
-    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorResponse}})
+    @app.api_route("/readyz", methods=["GET", "HEAD"], tags=["ops"], responses={503: {"model": ErrorResponse}})
     async def readyz():
-        """200 once every configured model is loaded and warmed; 503 with the reason before."""
+        """200 once every configured model is loaded and warmed; 503 with the reason before, and while draining."""
         ready, reason = core.ready()
         if not ready:
             return error_response(503, "UNAVAILABLE", reason)
         return {"status": "ready", "reason": reason}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics():
         """Prometheus text format."""
         return Response(core.render_metrics(), media_type=core.metrics.content_type)
 
+    # The request bodies' JSON Schema, with the limits the server enforces.
+    (_, components) = msgspec.json.schema_components([SentimentRequest, DigitsRequest],
+                                                     ref_template="#/components/schemas/{name}")
+    sent = components["SentimentRequest"]["properties"]
+    sent["texts"].update(minItems=1, maxItems=s.max_items_per_request)
+    sent["texts"]["items"].update(minLength=1, maxLength=s.max_text_chars, pattern=r"\S")
+    dig = components["DigitsRequest"]["properties"]
+    image_schema = msgspec.json.schema(Image28)
+    dig["images"]["anyOf"][0] = {"type": "array", "items": image_schema, "minItems": 1, "maxItems": s.max_items_per_request}
+    dig["images_b64"]["anyOf"][0].update(minItems=1, maxItems=s.max_items_per_request)
+    dig["images_b64"]["anyOf"][0]["items"].update(contentEncoding="base64", maxLength=s.max_image_bytes * 4 // 3 + 4)
+    components["DigitsRequest"]["oneOf"] = [
+        {"required": ["images"], "properties": {"images": {"type": "array"}}},
+        {"required": ["images_b64"], "properties": {"images_b64": {"type": "array"}}},
+    ]
+    base_openapi = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = base_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -59,6 +59,61 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # one decoded base64 / encoded image
 
+    max_image_pixels: int = Field(4_000_000, ge=784)  # one encoded image's width x height (read from its header)
+    max_request_pixels: int = Field(16_000_000, ge=784)  # all encoded images of one request together
+    # REST bodies up to this size are parsed on the event loop; larger ones in a worker thread.
+    inline_parse_bytes: int = Field(64 * 1024, ge=0)
+
+    # Admission and deadlines. A request is refused at once (429 + Retry-After /
+    # RESOURCE_EXHAUSTED + pushback) when its model's queue would hold more than
+    # max_queue_items rows or its estimated wait would exceed max_queue_wait_s.
+    # Queued work past its deadline (request_timeout_s; gRPC: the client's deadline
+    # when shorter) or of a client that disconnected is dropped, never computed.
+    max_queue_wait_s: float = Field(0.25, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    # Connections. REST: a connection must send its request head within
+    # http_header_timeout_s and each body chunk within http_body_timeout_s; an
+    # idle keep-alive connection is closed after http_keepalive_timeout_s; at most
+    # max_connections are open (more are closed at once). gRPC: idle connections are
+    # closed after grpc_max_connection_idle_s, at most grpc_max_concurrent_streams per connection.
+    http_header_timeout_s: float = Field(10.0, gt=0)
+    http_body_timeout_s: float = Field(30.0, gt=0)
+    http_keepalive_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(2048, ge=1)
+    grpc_max_connection_idle_s: float = Field(300.0, gt=0)
+    grpc_max_concurrent_streams: int = Field(256, ge=1)
+
+    # Shutdown (SIGTERM/SIGINT): /readyz 503 and gRPC health NOT_SERVING at once;
+    # new work is still taken for drain_settle_s (while load balancers notice), then
+    # refused with 503/UNAVAILABLE; work in flight and queued is finished within
+    # drain_timeout_s, then the process exits.
+    drain_settle_s: float = Field(5.0, ge=0)
+    drain_timeout_s: float = Field(30.0, gt=0)
+
+    # Authentication (off unless keys are given): API keys, comma-separated in
+    # CLASSIFIER_API_KEYS and/or one per line in api_keys_file (re-read when it
+    # changes, no restart). REST: "Authorization: Bearer <key>" or "x-api-key: <key>";
+    # gRPC: the same metadata. public_paths / public_grpc_methods need no key.
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    public_paths: list[str] = ["/healthz", "/readyz", "/metrics"]
+    public_grpc_methods: list[str] = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+    # TLS for both servers (off unless both files are given).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    # CORS for browser apps on other origins (none allowed by default).
+    cors_allow_origins: list[str] = []
+    cors_allow_methods: list[str] = ["GET", "POST"]
+    cors_allow_headers: list[str] = ["authorization", "content-type", "x-api-key", "x-request-id"]
+    cors_max_age_s: int = Field(600, ge=0)
+
+    # Logs: one JSON object per line (or plain text), an access log line per request.
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    access_log: bool = True
+
     # Dynamic batching (per model version)
     max_batch_size: int = Field(256, ge=1)
     max_batch_wait_us: int = Field(2000, ge=0)

@@ -209,7 +209,7 @@ def test_rest_protocol_errors_use_the_error_shape(gw):
     r = httpx.post(gw.rest + "/v1/sentiment:predict", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("body is not valid JSON")
     r = rest(gw, "/v1/sentiment:predict", {"texts": [1]})
-    assert r.status_code == 400 and r.json()["error"]["message"] == "texts[0]: Input should be a valid string"
+    assert r.status_code == 400 and r.json()["error"]["message"] == "texts[0]: expected str, got int"
     r = httpx.post(gw.rest + "/v1/sentiment:predict", content=b"x" * (16 * 1024 * 1024 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "max_body_bytes=16777216" in r.json()["error"]["message"]
 
@@ -239,8 +239,8 @@ def _metrics(gw) -> dict:
 
 
 def test_concurrent_requests_are_merged_into_batches(gw):
-    key_count = ("classifier_batch_size_count", (("model", "sentiment_bilstm"),))
-    key_sum = ("classifier_batch_size_sum", (("model", "sentiment_bilstm"),))
+    key_count = ("classifier_batch_rows_count", (("model", "sentiment_bilstm"),))
+    key_sum = ("classifier_batch_rows_sum", (("model", "sentiment_bilstm"),))
     before = _metrics(gw)
 
     async def fire():
@@ -268,12 +268,14 @@ def test_metrics_are_exposed(gw):
     rest(gw, "/v1/sentiment:predict", {"texts": []})
     m = _metrics(gw)
     names = {k[0] for k in m}
-    for name in ("classifier_requests_total", "classifier_request_seconds_bucket", "classifier_preprocess_seconds_bucket",
-                 "classifier_backend_seconds_bucket", "classifier_batch_size_bucket", "classifier_queue_depth",
+    for name in ("classifier_requests_total", "classifier_request_duration_seconds_bucket",
+                 "classifier_preprocess_duration_seconds_bucket", "classifier_backend_duration_seconds_bucket",
+                 "classifier_batch_rows_bucket", "classifier_queue_rows", "classifier_queue_limit_rows", "classifier_ready",
                  "classifier_unknown_token_ratio_bucket", "classifier_model_version_info", "process_cpu_seconds_total"):
         assert name in names, name
-    ok = ("classifier_requests_total", (("endpoint", "/v1/sentiment:predict"), ("model", "sentiment_lstm"), ("outcome", "ok")))
-    bad = ("classifier_requests_total", (("endpoint", "/v1/sentiment:predict"), ("model", "sentiment_lstm"), ("outcome", "INVALID_ARGUMENT")))
+    labels = (("endpoint", "/v1/sentiment:predict"), ("model", "sentiment_lstm"))
+    ok = ("classifier_requests_total", (*labels, ("outcome", "ok"), ("protocol", "rest")))
+    bad = ("classifier_requests_total", (*labels, ("outcome", "INVALID_ARGUMENT"), ("protocol", "rest")))
     assert m[ok] >= 1 and m[bad] >= 1
     versions = {dict(k[1])["model"]: dict(k[1])["version"] for k, v in m.items() if k[0] == "classifier_model_version_info" and v == 1}
     assert versions == {n: str(versions_on_disk(MODELS, n)[-1]) for n in ("digits", "sentiment_lstm", "sentiment_bilstm")}

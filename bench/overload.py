@@ -1,0 +1,277 @@
+"""Benchmark: the gateway at 4x its capacity with large requests, in one run on one machine.
+
+    python bench/overload.py [--model sentiment_lstm] [--seconds 20] [--clients N] [--grpc] [--json PATH]
+
+  1. capacity: the SavedModel's serving signature called in-process on batches of
+     256 pre-tokenised reviews (bench/gateway.py's raw ceiling), in texts/s;
+  2. the gateway (`python -m serving`, embedded backend, this model only);
+  3. service time: the median latency of one 1,024-text REST request, sent one at a time;
+  4. overload: N clients (default: offered load = N x 1024 / service time = 4x capacity,
+     at least 16) each posting 1,024-text requests in a closed loop for --seconds, with a
+     client timeout; a 429 (RESOURCE_EXHAUSTED) with Retry-After (grpc-retry-pushback-ms)
+     makes that client sleep that long, at most 1 s (--no-retry-after: never);
+  5. per status: count, goodput (texts in 200s per second, and its ratio to capacity),
+     p50/p99 latency of 200s (and p99 / service time) and of 429s.
+Ends with each goal next to its target: goodput >= 80 % of capacity, p99 of admitted
+requests <= 2x service time, 429s answered in <= 50 ms (p99).
+
+The load generator shares the cores with the gateway, so it is kept cheap: request
+bytes are encoded once and sent over raw asyncio streams (HTTP/1.1 keep-alive, no
+JSON parsing of answers; gRPC: bytes in, bytes out, no protobuf parsing), on uvloop.
+Its CPU use and the gateway's are printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gateway import load_texts, pct, raw_ceiling, save  # noqa: E402
+from tests.gateway import gateway_process  # noqa: E402
+
+BATCH = 1024
+PATH = "/v1/sentiment:predict"
+GRPC_METHOD = "/classifier.v1.Classifier/ClassifySentiment"
+
+
+class Http:
+    """One keep-alive HTTP/1.1 connection that sends pre-encoded requests and reads answers unparsed."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.r, self.w = host, port, None, None
+
+    async def post(self, request: bytes) -> tuple[int, dict]:
+        if self.w is None:
+            self.r, self.w = await asyncio.open_connection(self.host, self.port)
+        self.w.write(request)
+        head = (await self.r.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+        if "content-length" in headers:
+            await self.r.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while size := int((await self.r.readuntil(b"\r\n")).split(b";")[0], 16):
+                await self.r.readexactly(size + 2)
+            await self.r.readuntil(b"\r\n")
+        else:
+            await self.r.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return int(head[0].split(" ", 2)[1]), headers
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+        self.r = self.w = None
+
+
+def http_requests(host: str, port: int, model: str, texts: list[str]) -> list[bytes]:
+    out = []
+    for i in range(0, len(texts) - BATCH + 1, BATCH):
+        body = json.dumps({"texts": texts[i : i + BATCH], "model": model}).encode()
+        out.append(f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return out
+
+
+def retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value), 0.0), 1.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+async def http_call(conn: Http, request: bytes, timeout: float) -> tuple[str, float]:
+    status, headers = await asyncio.wait_for(conn.post(request), timeout)
+    return str(status), retry_after(headers.get("retry-after"))
+
+
+async def grpc_call(call, request: bytes, timeout: float) -> tuple[str, float]:
+    import grpc
+
+    try:
+        await call(request, timeout=timeout)
+        return "OK", 0.0
+    except grpc.aio.AioRpcError as e:
+        md = dict(e.trailing_metadata() or ())
+        pushback = md.get("grpc-retry-pushback-ms")
+        wait = retry_after(int(pushback) / 1000) if pushback else retry_after(md.get("retry-after"))
+        return e.code().name, wait
+
+
+async def closed_loop(kind: str, gw, requests: list[bytes], clients: int, seconds: float, timeout: float, honour: bool) -> dict:
+    """`clients` closed-loop clients for `seconds`; latencies by status of the answers that arrived in time."""
+    import grpc
+
+    host, port = gw.rest.removeprefix("http://").split(":")
+    lat: dict[str, list[float]] = {}
+    started: dict[int, float] = {}
+    channels = []
+
+    async def client(k: int) -> None:
+        if kind == "rest":
+            conn = Http(host, int(port))
+            call, reset = (lambda req: http_call(conn, req, timeout)), conn.close
+        else:
+            ch = grpc.aio.insecure_channel(gw.grpc, options=[("grpc.max_receive_message_length", 64 << 20)])
+            channels.append(ch)
+            stub = ch.unary_unary(GRPC_METHOD)  # no (de)serializers: bytes in, bytes out
+            call, reset = (lambda req: grpc_call(stub, req, timeout)), (lambda: None)
+        i = k
+        while True:
+            started[k] = t = time.perf_counter()
+            try:
+                status, wait = await call(requests[i % len(requests)])
+            except asyncio.TimeoutError:
+                status, wait = "timeout", 0.0
+                reset()
+            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+                status, wait = f"error {type(e).__name__}", 0.0
+                reset()
+            lat.setdefault(status, []).append(time.perf_counter() - t)
+            del started[k]
+            i += 1
+            if wait and honour and status in ("429", "RESOURCE_EXHAUSTED"):
+                await asyncio.sleep(wait)
+
+    tasks = [asyncio.create_task(client(k)) for k in range(clients)]
+    await asyncio.sleep(seconds)
+    unfinished = len(started)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for ch in channels:
+        await ch.close()
+    return {"lat": lat, "unfinished_at_end": unfinished}
+
+
+def summarise(run: dict, seconds: float, capacity: float, service_s: float, ok: str, refused: str) -> dict:
+    lat = run.pop("lat")
+    good = lat.get(ok, [])
+    r = {
+        "counts": {k: len(v) for k, v in sorted(lat.items())},
+        "latency_ms": {k: [pct(v, 50), pct(v, 99)] for k, v in sorted(lat.items())},
+        "unfinished_at_end": run["unfinished_at_end"],
+        "goodput_texts_per_s": len(good) * BATCH / seconds,
+        "ok_p50_ms": pct(good, 50), "ok_p99_ms": pct(good, 99),
+        "refused_p50_ms": pct(lat.get(refused, []), 50), "refused_p99_ms": pct(lat.get(refused, []), 99),
+    }
+    r["goodput_ratio"] = r["goodput_texts_per_s"] / capacity
+    r["ok_p99_over_service_time"] = r["ok_p99_ms"] / (service_s * 1000)
+    refusals = len(lat.get(refused, []))
+    r["goals"] = [  # goal, target, measured, met (None: nothing to judge)
+        ["goodput / capacity", ">= 0.80", f"{r['goodput_ratio']:.2f}", r["goodput_ratio"] >= 0.8],
+        [f"p99 of {ok}s / service time", "<= 2.0", f"{r['ok_p99_over_service_time']:.2f}", r["ok_p99_over_service_time"] <= 2],
+        [f"p99 of {refused}s", "<= 50 ms", f"{r['refused_p99_ms']:.1f} ms" if refusals > 1 else f"{refusals} refused",
+         r["refused_p99_ms"] <= 50 if refusals > 1 else None],
+    ]
+    return r
+
+
+def cpu_s(proc) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_phase(kind, gw, requests, a, clients, capacity, service_s) -> dict:
+    import psutil
+
+    me, server = psutil.Process(), psutil.Process(gw.process.pid)
+    c0, s0, t0 = cpu_s(me), cpu_s(server), time.perf_counter()
+    run = asyncio.run(closed_loop(kind, gw, requests, clients, a.seconds, a.timeout, not a.no_retry_after))
+    wall = time.perf_counter() - t0
+    ok, refused = ("200", "429") if kind == "rest" else ("OK", "RESOURCE_EXHAUSTED")
+    r = summarise(run, a.seconds, capacity, service_s, ok, refused)
+    r.update(clients=clients, client_cores=(cpu_s(me) - c0) / wall, gateway_cores=(cpu_s(server) - s0) / wall)
+    return r
+
+
+def print_phase(name: str, r: dict) -> None:
+    print(f"\n{name}: {r['clients']} clients x {BATCH} texts, closed loop; client {r['client_cores']:.2f} cores, "
+          f"gateway {r['gateway_cores']:.2f} cores; {r['unfinished_at_end']} requests unfinished at the end")
+    print(f"{'status':<28}{'count':>8}{'p50 ms':>10}{'p99 ms':>10}")
+    for status, n in r["counts"].items():
+        p = r["latency_ms"][status]
+        print(f"{status:<28}{n:>8}{p[0]:>10.1f}{p[1]:>10.1f}")
+    print(f"goodput {r['goodput_texts_per_s']:.0f} texts/s = {r['goodput_ratio']:.2f} x capacity; "
+          f"p99 of admitted = {r['ok_p99_over_service_time']:.2f} x service time")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="sentiment_lstm")
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--raw-seconds", type=float, default=10, help="length of the capacity measurement")
+    p.add_argument("--clients", type=int, help="default: 4x capacity offered, at least 16")
+    p.add_argument("--timeout", type=float, default=30, help="client timeout per request, s")
+    p.add_argument("--no-retry-after", action="store_true", help="retry refused requests at once")
+    p.add_argument("--grpc", action="store_true", help="also overload over gRPC (ClassifySentiment)")
+    p.add_argument("--json", help="write the figures here")
+    a = p.parse_args(argv)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+    texts = load_texts(8 * BATCH)
+    results = {"model": a.model, "seconds": a.seconds, "batch": BATCH, "retry_after_honoured": not a.no_retry_after}
+    results["capacity"] = raw = raw_ceiling(a.model, texts, a.raw_seconds)
+    capacity = raw["texts_per_s"]
+    print(f"capacity (raw SavedModel call, batches of 256): {capacity:.0f} texts/s (p50 {raw['p50_ms']:.1f} ms per batch)")
+
+    with gateway_process(models=json.dumps([a.model])) as gw:
+        host, port = gw.rest.removeprefix("http://").split(":")
+        rest_reqs = http_requests(host, int(port), a.model, texts)
+
+        async def sequential(n: int) -> list[float]:
+            conn, out = Http(host, int(port)), []
+            for i in range(n + 1):  # the first one warms up
+                t = time.perf_counter()
+                status, _ = await http_call(conn, rest_reqs[i % len(rest_reqs)], a.timeout)
+                assert status == "200", f"service-time request answered {status}"
+                out.append(time.perf_counter() - t)
+            conn.close()
+            return out[1:]
+
+        service_s = statistics.median(asyncio.run(sequential(5)))
+        clients = a.clients or max(16, math.ceil(4 * capacity * service_s / BATCH))
+        results["service_time_ms"] = service_s * 1000
+        results["offered_x_capacity"] = clients * BATCH / service_s / capacity
+        print(f"service time of one {BATCH}-text request (median of 5, one client): {service_s * 1000:.0f} ms; "
+              f"{clients} clients offer {results['offered_x_capacity']:.1f} x capacity")
+
+        phases = {"rest": rest_reqs}
+        if a.grpc:
+            from serving.gen.classifier.v1 import classifier_pb2 as pb
+
+            phases["grpc"] = [pb.SentimentRequest(texts=texts[i : i + BATCH], model=a.model).SerializeToString()
+                              for i in range(0, len(texts) - BATCH + 1, BATCH)]
+        for kind, reqs in phases.items():
+            results[kind] = run_phase(kind, gw, reqs, a, clients, capacity, service_s)
+            time.sleep(2)  # let the queue drain before the next phase
+
+    for kind in phases:
+        print_phase(f"{kind.upper()} overload", results[kind])
+    print(f"\n{'goal':<50}{'target':>10}{'measured':>14}{'':>10}")
+    for kind in phases:
+        for goal, target, measured, met in results[kind]["goals"]:
+            verdict = "n/a" if met is None else "MET" if met else "NOT MET"
+            print(f"{kind + ': ' + goal:<50}{target:>10}{measured:>14}{verdict:>10}")
+    if a.json:
+        save(a.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Connection hygiene for the REST server (uvicorn's httptools protocol, extended).
+
+uvicorn closes idle keep-alive connections, but holds a connection that never
+finishes its request head or body for ever, and accepts connections without
+bound. Here every connection must send its request head within
+``http_header_timeout_s`` (counted from the connection or from the previous
+response) and each part of its body within ``http_body_timeout_s``, else it
+gets 408 and is closed; and at most ``max_connections`` are open: more are
+answered 503 at once and closed. (gRPC has its own limits: serving/grpc_api.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from serving.settings import Settings
+
+log = logging.getLogger("serving.connections")
+
+
+def _response(status: int, reason: str, code: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode()
+    return head + body
+
+
+def max_open_connections(wanted: int) -> int:
+    """``wanted``, lowered to what the process' file descriptor limit allows (raised to its hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    allowed = max(16, soft - 256)  # room for gRPC connections, model files, logs
+    if wanted > allowed:
+        log.warning("max_connections=%d lowered to %d (file descriptor limit %d)", wanted, allowed, soft)
+    return min(wanted, allowed)
+
+
+def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
+    header_s, body_s = settings.http_header_timeout_s, settings.http_body_timeout_s
+    limit = max_open_connections(settings.max_connections)
+    busy = _response(503, "Service Unavailable", "UNAVAILABLE",
+                     f"too many open connections (max_connections={limit}); retry later")
+
+    class GuardedHttpProtocol(HttpToolsProtocol):
+        _timer = None
+        _refused = False
+
+        def connection_made(self, transport):
+            if len(self.connections) >= limit:
+                self._refused = True
+                transport.write(busy)
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._arm(header_s, "request head", "http_header_timeout_s")
+
+        def connection_lost(self, exc):
+            if self._refused:
+                return
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self):
+            super().on_message_begin()
+            self._arm(header_s, "request head", "http_header_timeout_s")
+
+        def on_headers_complete(self):
+            super().on_headers_complete()
+            self._arm(body_s, "request body", "http_body_timeout_s")
+
+        def on_body(self, body: bytes):
+            super().on_body(body)
+            self._arm(body_s, "request body", "http_body_timeout_s")
+
+        def on_message_complete(self):
+            self._disarm()
+            super().on_message_complete()
+
+        def _arm(self, seconds: float, what: str, setting: str):
+            self._disarm()
+            self._timer = self.loop.call_later(seconds, self._expired, what, setting, seconds)
+
+        def _disarm(self):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expired(self, what: str, setting: str, seconds: float):
+            self._timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+                self.transport.write(_response(408, "Request Timeout", "DEADLINE_EXCEEDED",
+                                               f"{what} not received within {setting}={seconds:g}"))
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.keep_alive = False
+            self.transport.close()
+
+    return GuardedHttpProtocol
