@@ -89,6 +89,8 @@ def gateway_in_thread(settings, backend=None):
     thread.start()
     running = Running(settings.rest_port, settings.grpc_port)
     running.core = gw.core
+    running.gateway = gw
+    running.loop_call = loop.call_soon_threadsafe
     try:
         wait_until(lambda: httpx.get(running.rest + "/healthz", timeout=2).status_code == 200, timeout=60)
         yield running

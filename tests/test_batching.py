@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from serving.batching import Batcher
-from serving.errors import Internal, Overloaded
+from serving.errors import Internal, Overloaded, Unavailable
 
 
 def run(coro):
@@ -133,3 +133,88 @@ def test_max_concurrent_batches_are_in_flight_together(concurrent):
             np.testing.assert_array_equal(y, np.full((4, 1), i, np.float32))
     else:  # one at a time: the first call waits at the barrier alone and breaks it
         assert all(isinstance(r, Internal) for r in results)
+
+
+def test_admission_refuses_when_the_measured_wait_exceeds_max_queue_wait():
+    """Refused by time, not rows: after measuring ~1 ms/row, 128 rows ahead is ~0.13 s > 0.1 s."""
+    release = threading.Event()
+
+    def model(x):
+        release.wait(5)
+        return x
+
+    async def main():
+        b = Batcher("m", model, max_batch_size=64, max_batch_wait_s=0, max_queue_items=10_000,
+                    executor=ThreadPoolExecutor(1), max_queue_wait_s=0.1)
+        b.start()
+        b._measured(64, 0.064)  # what a 64-row call that took 64 ms teaches it
+        first = asyncio.create_task(b.submit(np.zeros((64, 1))))
+        await asyncio.sleep(0.05)  # taken into a call, held
+        second = asyncio.create_task(b.submit(np.zeros((64, 1))))  # queued: ~0.064 s ahead, admitted
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as refused:
+            b.admit(1)
+        release.set()
+        await asyncio.gather(first, second)
+        after = b.refusal(64)
+        await b.stop()
+        return refused.value, after
+
+    refused, after = run(main())
+    assert "max_queue_wait_s=0.1" in refused.message
+    assert 0.05 <= refused.retry_after_s < 1
+    assert after is None  # once the queue drained, work is admitted again
+
+
+def test_cancelled_and_expired_entries_are_dropped_never_computed():
+    release = threading.Event()
+    calls, dropped = [], []
+
+    def model(x):
+        calls.append(len(x))
+        release.wait(5)
+        return x
+
+    async def main():
+        b = Batcher("m", model, max_batch_size=4, max_batch_wait_s=0, max_queue_items=100,
+                    executor=ThreadPoolExecutor(1), on_drop=lambda rows, why: dropped.append((rows, why)))
+        b.start()
+        loop = asyncio.get_running_loop()
+        held = asyncio.create_task(b.submit(np.zeros((4, 1))))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(b.submit(np.zeros((8, 1))))  # two queued entries of 4
+        late = asyncio.create_task(asyncio.wait_for(b.submit(np.zeros((2, 1)), deadline=loop.time() + 0.05), 0.05))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(TimeoutError):
+            await late
+        depth = b.depth
+        release.set()
+        await held
+        kept = await b.submit(np.ones((3, 1)))
+        await b.stop()
+        return depth, kept
+
+    depth, kept = run(main())
+    assert depth == 4  # only the held call's rows remain
+    assert sorted(dropped) == [(2, "deadline"), (4, "cancelled"), (4, "cancelled")]
+    assert calls == [4, 3]  # the dropped rows never reached the model
+    np.testing.assert_array_equal(kept, np.ones((3, 1)))
+
+
+def test_stop_answers_everything_queued_or_in_flight():
+    release = threading.Event()
+
+    async def main():
+        b = Batcher("m", lambda x: (release.wait(5), x)[1], max_batch_size=4, max_batch_wait_s=0,
+                    max_queue_items=100, executor=ThreadPoolExecutor(1))
+        b.start()
+        tasks = [asyncio.create_task(b.submit(np.zeros((4, 1)))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        await b.stop()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        release.set()
+        return results
+
+    results = run(main())
+    assert all(isinstance(r, Unavailable) and "shutting down" in r.message for r in results)
