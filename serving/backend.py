@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -25,8 +26,9 @@ class Backend(Protocol):
     def versions(self) -> dict[str, dict[int, ModelVersion]]:
         """Every configured model's versions, loaded or not, with their state."""
 
-    def predict(self, model: str, version: int, batch: np.ndarray) -> np.ndarray:
-        """float32 probabilities [len(batch), classes] (blocking)."""
+    def predict(self, model: str, version: int, batch: np.ndarray, request_ids: Sequence[str] = ()) -> np.ndarray:
+        """float32 probabilities [len(batch), classes] (blocking). ``request_ids``: of the requests
+        whose rows make up the batch (for the backend's logs/traces)."""
 
     def status(self) -> tuple[bool, str]:
         """(ready, reason): ready once every configured model is loaded and warmed."""
@@ -94,7 +96,7 @@ class EmbeddedBackend:
         for n in sizes:
             self.predict(v.name, v.version, np.zeros((n, *spec["shape"][1:]), dtype=spec["dtype"]))
 
-    def predict(self, model: str, version: int, batch: np.ndarray) -> np.ndarray:
+    def predict(self, model: str, version: int, batch: np.ndarray, request_ids: Sequence[str] = ()) -> np.ndarray:
         sig = self._signatures[(model, version)]
         v = self._versions[model][version]
         return sig(**{v.input_name: self._tf.constant(batch)})["probabilities"].numpy()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 import time
 
 import grpc
@@ -179,7 +180,9 @@ class TFServingBackend:
         return None
 
     # -- inference ------------------------------------------------------------
-    def predict(self, model: str, version: int, batch: np.ndarray) -> np.ndarray:
+    def predict(self, model: str, version: int, batch: np.ndarray, request_ids: Sequence[str] = ()) -> np.ndarray:
+        """Predict pinned to ``version``; the batch's request ids go along as ``x-request-id``
+        metadata (comma-separated, at most 1,000 characters) for TF Serving's side of a trace."""
         v = self._known[(model, version)]
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
@@ -188,9 +191,11 @@ class TFServingBackend:
         request.inputs[v.input_name].CopyFrom(to_tensor_proto(batch))
         request.output_filter.append(OUTPUT)
         s = self.settings
+        ids = ",".join(dict.fromkeys(i for i in request_ids if i))[:1000]
+        metadata = (("x-request-id", ids),) if ids else None
         for attempt in range(s.tfserving_retries + 1):
             try:
-                response = self._predict.Predict(request, timeout=s.tfserving_timeout_s)
+                response = self._predict.Predict(request, timeout=s.tfserving_timeout_s, metadata=metadata)
                 return from_tensor_proto(response.outputs[OUTPUT]).astype(np.float32, copy=False)
             except grpc.RpcError as e:
                 code = e.code()

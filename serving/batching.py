@@ -51,6 +51,7 @@ class Batcher:
         max_concurrent: int = 1,
         max_queue_wait_s: float = float("inf"),
         on_drop: Callable[[int, str], None] | None = None,
+        tag: Callable[[], str] | None = None,
     ):
         self.name = name
         self.fn = fn
@@ -63,6 +64,9 @@ class Batcher:
         self.on_batch = on_batch or (lambda rows, seconds: None)
         self.on_depth = on_depth or (lambda depth: None)
         self.on_drop = on_drop or (lambda rows, reason: None)
+        # With ``tag`` (e.g. the request id), each entry is tagged when submitted and the
+        # model is called as fn(x, tags) with the tags of the batch's entries.
+        self.tag = tag
         self._queue: deque[_Entry] = deque()
         self._queued_rows = 0  # queued, not yet taken into a batch (dropped entries excluded)
         self._reserved_rows = 0  # admitted, still being preprocessed
@@ -163,7 +167,7 @@ class Batcher:
         futures = []
         for start in range(0, n, self.max_batch_size):
             fut = loop.create_future()
-            entry = _Entry(rows[start : start + self.max_batch_size], fut, now, deadline)
+            entry = _Entry(rows[start : start + self.max_batch_size], fut, now, deadline, self.tag() if self.tag else None)
             fut.add_done_callback(lambda f, e=entry: self._abandoned(e) if f.cancelled() else None)
             self._queue.append(entry)
             futures.append(fut)
@@ -230,7 +234,8 @@ class Batcher:
         try:
             x = batch[0].x if len(batch) == 1 else np.concatenate([e.x for e in batch])
             t0 = time.perf_counter()
-            y = await loop.run_in_executor(self.executor, self.fn, x)
+            args = (x, [e.tag for e in batch]) if self.tag else (x,)
+            y = await loop.run_in_executor(self.executor, self.fn, *args)
             seconds = time.perf_counter() - t0
             self._measured(rows, seconds)
             self.on_batch(rows, seconds)
@@ -261,7 +266,7 @@ class Batcher:
 
 
 class _Entry:
-    __slots__ = ("x", "fut", "t", "deadline", "queued")
+    __slots__ = ("x", "fut", "t", "deadline", "tag", "queued")
 
-    def __init__(self, x: np.ndarray, fut: asyncio.Future, t: float, deadline: float | None):
-        self.x, self.fut, self.t, self.deadline, self.queued = x, fut, t, deadline, True
+    def __init__(self, x: np.ndarray, fut: asyncio.Future, t: float, deadline: float | None, tag: str | None):
+        self.x, self.fut, self.t, self.deadline, self.tag, self.queued = x, fut, t, deadline, tag, True

@@ -122,13 +122,14 @@ class Classifier:
             s, m, name = self.settings, self.metrics, v.name
             b = Batcher(
                 f"{name}/{v.version}",
-                lambda x, ver=v.version: self.backend.predict(name, ver, x),
+                lambda x, tags, ver=v.version: self.backend.predict(name, ver, x, request_ids=tags),
                 s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self._executor,
                 on_batch=lambda rows, sec: (m.batch_rows.labels(name).observe(rows), m.backend_seconds.labels(name).observe(sec)),
                 on_depth=lambda d: m.queue_rows.labels(name).set(d),
                 on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),
                 max_concurrent=s.concurrent_batches(),
                 max_queue_wait_s=s.max_queue_wait_s,
+                tag=request_id.get,
             )
             m.queue_limit.labels(name).set(s.max_queue_items)
             b.start()

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from typing import Annotated
 
 import msgspec
@@ -420,8 +421,13 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
 
     def openapi():
         if app.openapi_schema is None:
-            schema = base_openapi()
+            with warnings.catch_warnings():  # GET and HEAD of one route share an id: fixed below
+                warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+                schema = base_openapi()
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            for ops in schema["paths"].values():
+                if "head" in ops and "get" in ops and ops["head"].get("operationId") == ops["get"].get("operationId"):
+                    ops["head"]["operationId"] = ops["get"]["operationId"].removesuffix("_get") + "_head"
         return app.openapi_schema
 
     app.openapi = openapi

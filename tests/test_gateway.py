@@ -93,6 +93,18 @@ def test_sentiment_rest_grpc_and_direct_call_agree(gw, stub, model):
         np.testing.assert_array_equal(sent[-1][2], mv.preprocessor.encode_batch(TEXTS))
 
 
+def test_request_ids_are_returned_and_reach_tf_serving(gw, stub):
+    r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["fine"]}, headers={"x-request-id": "trace-rest-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-rest-1"
+    _, call = stub.ClassifySentiment.with_call(pb.SentimentRequest(texts=["fine"]), metadata=(("x-request-id", "trace-grpc-1"),))
+    assert dict(call.trailing_metadata())["x-request-id"] == "trace-grpc-1"
+    generated = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["fine"]}).headers["x-request-id"]
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    if gw.standin:  # batches carry their requests' ids to TF Serving as metadata
+        sent = ",".join(i for i in gw.standin.request_ids if i).split(",")
+        assert {"trace-rest-1", "trace-grpc-1", generated} <= set(sent)
+
+
 def test_grpc_stream_answers_each_chunk_in_order(stub):
     chunks = [TEXTS[:2], TEXTS[2:3], TEXTS[3:]]
     answers = list(stub.StreamClassifySentiment(iter(pb.SentimentRequest(texts=c) for c in chunks)))

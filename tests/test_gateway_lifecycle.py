@@ -31,10 +31,10 @@ class HeldBackend(EmbeddedBackend):
         self.may_load.wait(60)
         super().load()
 
-    def predict(self, model, version, batch):
+    def predict(self, model, version, batch, request_ids=()):
         self.calls += 1
         self.may_predict.wait(60)
-        return super().predict(model, version, batch)
+        return super().predict(model, version, batch, request_ids)
 
 
 def test_ready_only_after_load_and_warmup():

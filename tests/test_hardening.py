@@ -256,7 +256,7 @@ def test_work_of_clients_that_left_is_dropped_not_computed(held):
     held.backend.may_predict.clear()
     rows_seen = []
     predict = held.backend.predict
-    held.backend.predict = lambda m, v, x: (rows_seen.append(len(x)), predict(m, v, x))[1]
+    held.backend.predict = lambda m, v, x, request_ids=(): (rows_seen.append(len(x)), predict(m, v, x, request_ids))[1]
 
     async def scenario():
         async with httpx.AsyncClient(base_url=held.rest, timeout=30) as c:
