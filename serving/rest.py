@@ -41,10 +41,24 @@ SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 
 
 # -- request bodies: decoded with msgspec, documented from the same structs --------------
+# JSON Schema's "integer" includes 2.0, so an integral float is a version too (2.5 is refused
+# by _version); it is still documented as an integer (see create_app).
+VERSION_DOC = "Model version; default the latest loaded"
+Version = Annotated[int, msgspec.Meta(ge=1)] | Annotated[float, msgspec.Meta(ge=1)]
+
+
+def _version(v: int | float | None) -> int | None:
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise InvalidInput(f"version: expected an integer, got {v!r}")
+        return int(v)
+    return v
+
+
 class SentimentRequest(msgspec.Struct):
     texts: Annotated[list[str], msgspec.Meta(description="Review texts, in order; each must contain a non-space character")]
     model: Annotated[str, msgspec.Meta(description="sentiment_lstm (default) or sentiment_bilstm")] | None = None
-    version: Annotated[int, msgspec.Meta(ge=1, description="Model version; default the latest loaded")] | None = None
+    version: Version | None = None
 
 
 Pixel = Annotated[float, msgspec.Meta(ge=0, le=255)]
@@ -62,7 +76,7 @@ class DigitsRequest(msgspec.Struct):
         description="Base64 PNG/JPEG images of any size; made MNIST-like (grayscale, invert, crop, 20px box, centre of mass)"
     )] | None = None
     model: Annotated[str, msgspec.Meta(description="digits (default)")] | None = None
-    version: Annotated[int, msgspec.Meta(ge=1, description="Model version; default the latest loaded")] | None = None
+    version: Version | None = None
 
 
 # Strict numbers (no bools or strings); shape and range are checked by check_pixels, whose messages say more.
@@ -328,7 +342,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         with core.track("rest", SENTIMENT) as call:
             req = await decode(request, "text", SentimentRequest)
             call.model = req.model or s.default_sentiment_model
-            r = await until_done(request, core.sentiment(req.texts, req.model, req.version, deadline, call))
+            r = await until_done(request, core.sentiment(req.texts, req.model, _version(req.version), deadline, call))
         return _result(r)
 
     def pixels(images: list[msgspec.Raw]):
@@ -357,7 +371,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
                 n, build, heavy = len(req.images), (lambda: pixels(req.images)), len(req.images) > 8
             else:
                 n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
-            r = await until_done(request, core.digits(n, build, req.model, req.version, heavy, deadline, call))
+            r = await until_done(request, core.digits(n, build, req.model, _version(req.version), heavy, deadline, call))
         return _result(r)
 
     @app.get("/v1/models", tags=["models"], responses={401: {"model": ErrorResponse, "description": ERROR_DOCS[401]}})
@@ -409,6 +423,8 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
     sent["texts"].update(minItems=1, maxItems=s.max_items_per_request)
     sent["texts"]["items"].update(minLength=1, maxLength=s.max_text_chars, pattern=r"\S")
     dig = components["DigitsRequest"]["properties"]
+    for props in (sent, dig):
+        props["version"]["anyOf"] = [{"type": "integer", "minimum": 1, "description": VERSION_DOC}, {"type": "null"}]
     image_schema = msgspec.json.schema(Image28)
     dig["images"]["anyOf"][0] = {"type": "array", "items": image_schema, "minItems": 1, "maxItems": s.max_items_per_request}
     dig["images_b64"]["anyOf"][0].update(minItems=1, maxItems=s.max_items_per_request)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.repository import read_version, versions_on_disk
-from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process
+from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
 from tests.tfserving_standin import StandIn
 
 MODELS = ROOT / "models"
@@ -309,13 +309,23 @@ def test_health_reflection_and_openapi(gw):
 
     with grpc.insecure_channel(gw.grpc) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "classifier.v1.Classifier"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "classifier.v1.Classifier"):  # follows /readyz within its 0.2 s poll
+            wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                       == health_pb2.HealthCheckResponse.SERVING, 5)
         db = ProtoReflectionDescriptorDatabase(channel)
         services = set(db.get_services())
         assert {"classifier.v1.Classifier", "grpc.health.v1.Health"} <= services
         methods = {m.name for m in db.FindFileContainingSymbol("classifier.v1.Classifier").service[0].method}
         assert methods == {"ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment"}
+        # grpc.reflection.v1 too (what current grpcurl asks first); its messages are v1alpha's, field for field.
+        from grpc_reflection.v1alpha import reflection_pb2 as r
+
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                   request_serializer=r.ServerReflectionRequest.SerializeToString,
+                                   response_deserializer=r.ServerReflectionResponse.FromString)
+        answer = next(v1(iter([r.ServerReflectionRequest(list_services="")])))
+        assert {"classifier.v1.Classifier", "grpc.reflection.v1.ServerReflection"} <= {
+            s.name for s in answer.list_services_response.service}
     assert httpx.get(gw.rest + "/healthz").json() == {"status": "alive"}
     assert httpx.get(gw.rest + "/readyz").status_code == 200
     paths = httpx.get(gw.rest + "/openapi.json").json()["paths"]
