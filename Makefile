@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-tfserving train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ protos: setup
 # Gateway vs raw batched model call vs naive baseline (needs wrk: apt-get install wrk).
 bench-gateway: setup
 	$(PY) bench/gateway.py
+
+# The gateway at 4x its capacity with 1,024-text requests: goodput, p99 of admitted requests, speed of 429s.
+bench-overload: setup
+	$(PY) bench/overload.py --grpc --json bench/results/overload.json
 
 # The gateway's own CPU cost per text with the TF Serving backend (against the stand-in).
 bench-tfserving: setup
