@@ -130,14 +130,14 @@ class Batcher:
             return Overloaded(
                 f"queue for {self.name} is full ({waiting} rows waiting + {n} > max_queue_items="
                 f"{self.max_queue_items}); retry later",
-                retry_after_s=max(0.05, self._rows_seconds(over)),
+                retry_after_s=max(self.max_queue_wait, self._rows_seconds(waiting)),
             )
         wait = self.estimated_wait()
         if waiting and wait > self.max_queue_wait:
             return Overloaded(
                 f"queue for {self.name} is full: ~{wait:.2f}s of work ahead > max_queue_wait_s="
                 f"{self.max_queue_wait:g}; retry later",
-                retry_after_s=max(0.05, wait - self.max_queue_wait),
+                retry_after_s=max(self.max_queue_wait, wait),  # when the work ahead now is done
             )
         return None
 

@@ -94,7 +94,7 @@ class ClassifierServicer:
         context.set_trailing_metadata((("x-request-id", rid),))
         return self.core.deadline(context.time_remaining())
 
-    async def _abort(self, context, e: ServiceError):
+    async def _abort(self, context, e: ServiceError):  # (self unused: also called by AdmissionInterceptor)
         trailing = [("x-request-id", request_id.get())]
         if isinstance(e, Overloaded):
             trailing.append(("grpc-retry-pushback-ms", str(max(1, int(e.retry_after_s * 1000)))))
@@ -140,6 +140,33 @@ class ClassifierServicer:
             model=pb.ModelRef(name=r.model, version=r.version),
             predictions=[pb.DigitPrediction(label=p.label, score=p.score, probabilities=p.probabilities) for p in r.predictions],
         )
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse a unary call as soon as its headers arrive, before its message is received and
+    parsed, when the gateway drains or every model of its kind is saturated (the servicer
+    decides again, exactly, once the message is read)."""
+
+    KINDS = {f"/{SERVICE_NAME}/ClassifySentiment": "text", f"/{SERVICE_NAME}/ClassifyDigits": "image"}
+
+    def __init__(self, core: Classifier):
+        self.core = core
+
+    async def intercept_service(self, continuation, details):
+        kind = self.KINDS.get(details.method)
+        if kind is not None:
+            try:
+                self.core.precheck(kind)
+            except ServiceError as e:
+                refused = e
+                self.core.record("grpc", details.method.rsplit("/", 1)[-1], None, e.code, 0.0)
+                handler = await continuation(details)
+
+                async def refuse(request, context):
+                    await ClassifierServicer._abort(None, context, refused)
+
+                return grpc.unary_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
+        return await continuation(details)
 
 
 def handlers(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
@@ -197,6 +224,7 @@ class GrpcServer:
 
         core = self.core
         interceptors = [ApiKeyInterceptor(self.keys, core.settings.public_grpc_methods)] if self.keys.enabled else []
+        interceptors.append(AdmissionInterceptor(core))
         self.server = grpc.aio.server(options=server_options(core), interceptors=interceptors)
         self.server.add_generic_rpc_handlers((handlers(ClassifierServicer(core)),))
         self.health = health.aio.HealthServicer()
