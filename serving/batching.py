@@ -126,7 +126,6 @@ class Batcher:
         """Why ``n`` more rows cannot be admitted now, or None if they can."""
         waiting = self._queued_rows + self._reserved_rows
         if waiting + n > self.max_queue_items:
-            over = waiting + n - self.max_queue_items
             return Overloaded(
                 f"queue for {self.name} is full ({waiting} rows waiting + {n} > max_queue_items="
                 f"{self.max_queue_items}); retry later",

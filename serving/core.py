@@ -30,7 +30,7 @@ import numpy as np
 
 from serving.backend import Backend
 from serving.batching import Batcher
-from serving.errors import InvalidInput, NotFound, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from serving.images import check_pixels, decode_image, from_raw_bytes, image_pixels
 from serving.metrics import Metrics
 from serving.repository import ModelVersion

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 import uuid
 import warnings
 from typing import Annotated
 
 import msgspec
+import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -353,8 +353,6 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
             except msgspec.ValidationError as e:
                 where, _, msg = _validation_message(e).partition(": ")
                 raise InvalidInput(f"images[{i}]{where if where != 'body' else ''}: {msg}") from None
-        import numpy as np
-
         return np.stack(out)
 
     @app.post(DIGITS, response_model=DigitsResponse, responses=PREDICT_ERRORS, tags=["predict"],

@@ -52,8 +52,11 @@ WITHOUT_TENSORFLOW = [
 
 
 @contextmanager
-def gateway_process(command: list[str] | None = None, wait_ready: bool = True, **env_settings):
-    """``python -m serving`` (or ``command``) in a subprocess on free loopback ports; waits for /readyz."""
+def gateway_process(command: list[str] | None = None, wait_ready: bool = True, verify=None, **env_settings):
+    """``python -m serving`` (or ``command``) in a subprocess on free loopback ports; waits for /readyz.
+
+    ``verify`` (an ssl context or CA file): the gateway serves TLS (give tls_cert_file/tls_key_file);
+    readiness is then awaited over https, and ``running.rest`` is the https URL."""
     rest, grpc_port = free_port(), free_port()
     env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest), "CLASSIFIER_GRPC_PORT": str(grpc_port)}
     env.update({f"CLASSIFIER_{k.upper()}": str(v) for k, v in env_settings.items()})
@@ -61,11 +64,13 @@ def gateway_process(command: list[str] | None = None, wait_ready: bool = True, *
     proc = subprocess.Popen(command or [sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     running = Running(rest, grpc_port)
     running.process = proc
+    if verify is not None:
+        running.rest = running.rest.replace("http://", "https://")
     try:
         def up(path):
             if proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {proc.returncode}")
-            return httpx.get(running.rest + path, timeout=2).status_code == 200
+            return httpx.get(running.rest + path, timeout=2, verify=True if verify is None else verify).status_code == 200
 
         wait_until(lambda: up("/readyz" if wait_ready else "/healthz"))
         yield running

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import socket
 import ssl
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -28,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from tests.gateway import ROOT, free_port, gateway_process, wait_until
+from tests.gateway import ROOT, gateway_process, wait_until
 
 SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 LOGS = ROOT / ".pytest_cache"
@@ -373,8 +370,7 @@ def test_no_cors_headers_without_configured_origins(gw):
 # -- 10. TLS on both servers ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tls_gw(tmp_path_factory):
-    """A gateway with tls_cert_file/tls_key_file from a throwaway CA (trustme). Started here, not with
-    gateway_process, because that waits for readiness over plain http."""
+    """A gateway with tls_cert_file/tls_key_file from a throwaway CA (trustme), ready over https."""
     d = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -383,30 +379,10 @@ def tls_gw(tmp_path_factory):
     cert.private_key_pem.write_to_path(str(key_file))
     ca.cert_pem.write_to_path(str(ca_file))
 
-    LOGS.mkdir(exist_ok=True)
-    rest, grpc_port = free_port(), free_port()
-    env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest),
-           "CLASSIFIER_GRPC_PORT": str(grpc_port), "CLASSIFIER_MODELS": '["sentiment_lstm"]',
-           "CLASSIFIER_DRAIN_SETTLE_S": "0", "CLASSIFIER_TLS_CERT_FILE": str(cert_file),
-           "CLASSIFIER_TLS_KEY_FILE": str(key_file)}
     verify = ssl.create_default_context(cafile=str(ca_file))
-    with open(LOGS / f"gateway-{rest}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def ready():
-            if proc.poll() is not None:
-                raise RuntimeError(f"TLS gateway exited with {proc.returncode}")
-            return httpx.get(f"https://127.0.0.1:{rest}/readyz", verify=verify, timeout=2).status_code == 200
-
-        wait_until(ready, timeout=60)
-        yield {"rest": rest, "grpc": f"127.0.0.1:{grpc_port}", "verify": verify, "ca_pem": ca.cert_pem.bytes()}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with gateway_process(models='["sentiment_lstm"]', drain_settle_s=0, tls_cert_file=cert_file,
+                         tls_key_file=key_file, verify=verify) as g:
+        yield {"rest": int(g.rest.rsplit(":", 1)[1]), "grpc": g.grpc, "verify": verify, "ca_pem": ca.cert_pem.bytes()}
 
 
 def test_tls_rest_predict_verified_by_the_ca(tls_gw):

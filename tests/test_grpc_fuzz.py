@@ -26,11 +26,12 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from tests.gateway import ROOT, gateway_process
+from tests.fuzzing import fixed_seed
 
 SERVICE = "/classifier.v1.Classifier/"
 UNARY = {"ClassifySentiment": pb.SentimentRequest, "ClassifyDigits": pb.DigitsRequest}
@@ -44,14 +45,6 @@ VALID_SENTIMENT = pb.SentimentRequest(
 VALID_DIGITS = pb.DigitsRequest(images=[pb.Image(raw=bytes(range(256)) * 3 + bytes(16))], model="digits").SerializeToString()
 
 
-def fuzz_settings(n: int):
-    return settings(
-        derandomize=True,
-        max_examples=n,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
 
 
 # -- the gateway --------------------------------------------------------------
@@ -320,14 +313,14 @@ def test_hand_made_malformed_chunks_end_the_stream_with_invalid_argument(channel
     assert not problems, _summary(problems, len(HAND_MADE))
 
 
-@fuzz_settings(200)
+@fixed_seed(200)
 @given(data=fuzz_bytes)
 @example(data=b"\x0a\x02\xff\xfe")
 def test_fuzzed_bytes_classify_sentiment(channel, data):
     _check_unary(channel, "ClassifySentiment", data)
 
 
-@fuzz_settings(200)
+@fixed_seed(200)
 @given(data=fuzz_bytes)
 @example(data=b"\x0a\x10ab")
 def test_fuzzed_bytes_classify_digits(channel, data):
@@ -342,7 +335,7 @@ def _check_unary(channel, method: str, data: bytes) -> None:
     assert p is None, p
 
 
-@fuzz_settings(200)
+@fixed_seed(200)
 @given(chunks=st.lists(fuzz_bytes, min_size=1, max_size=3), lead=st.integers(0, 2))
 @example(chunks=[b"\x0a\x02\xff\xfe"], lead=1)
 def test_fuzzed_bytes_stream_classify_sentiment(channel, chunks, lead):

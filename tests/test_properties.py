@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -21,6 +21,7 @@ import grpc
 from serving.errors import InvalidInput, PayloadTooLarge, ServiceError
 from serving.images import SIZE, check_pixels, decode_image
 from serving.repository import read_version
+from tests.fuzzing import fixed_seed
 from tests.gateway import ROOT
 from training.text import (
     FIRST_WORD_ID,
@@ -34,15 +35,6 @@ from training.text import (
 )
 
 
-def props(n: int):
-    """Fixed seed, ``n`` examples, no deadline, no health checks on slow data generation."""
-    return settings(
-        derandomize=True,
-        max_examples=n,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -92,7 +84,7 @@ def test_shipped_vocabularies_have_the_expected_size():
         assert prep is not None and len(prep.vocab) == 1000 and prep.maxlen == MAXLEN, name
 
 
-@props(400)
+@fixed_seed(400)
 @given(prep=preps, text=texts)
 @example(prep=PREPS[0], text="")
 @example(prep=PREPS[0], text=" " * 100_000)
@@ -132,7 +124,7 @@ def test_encode_never_raises_and_has_the_documented_shape(prep: TextPreprocessor
     assert words == [prep.vocab.index.get(t, OOV_ID) for t in kept]
 
 
-@props(500)
+@fixed_seed(500)
 @given(prep=preps, text=texts, tail_chars=st.one_of(st.sampled_from([1, 2, 7, 50, 250]), st.integers(1, 400)))
 @example(prep=PREPS[0], text="ΟΔΟΣ ΟΔΟΣ", tail_chars=1)
 @example(prep=PREPS[0], text="<br" + " " * 300 + "/> good", tail_chars=1)
@@ -142,7 +134,7 @@ def test_tail_fast_path_equals_the_full_pipeline(prep: TextPreprocessor, text: s
     assert fast.encode(text).ids == prep.ids_full(text)
 
 
-@props(200)
+@fixed_seed(200)
 @given(
     prep=preps,
     prefix=texts,
@@ -159,7 +151,7 @@ def test_words_in_front_of_a_long_text_do_not_change_its_encoding(prep, prefix, 
     assert prep.ids_full(prefix + sep + tail) == prep.ids_full(tail)
 
 
-@props(150)
+@fixed_seed(150)
 @given(seqs=st.lists(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=60), min_size=1, max_size=20))
 @example(seqs=[[]])
 @example(seqs=[list(range(1, 21)), list(range(1, 20)), list(range(1, 22))])
@@ -171,7 +163,7 @@ def test_pad_sequence_equals_keras_pad_sequences(seqs):
     np.testing.assert_array_equal(ours, expected)
 
 
-@props(100)
+@fixed_seed(100)
 @given(prep=preps, batch=st.lists(texts, max_size=8))
 def test_encode_batch_is_the_stacked_encodings(prep, batch):
     arr = prep.encode_batch(batch)
@@ -279,7 +271,7 @@ def _assert_mnist_like(out) -> None:
     assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 255
 
 
-@props(1000)
+@fixed_seed(1000)
 @given(
     data=st.one_of(st.binary(max_size=600), corrupted_images(), corrupted_images()),
     max_pixels=st.one_of(st.none(), st.sampled_from([1, 100, 10_000, 1_000_000])),
@@ -358,7 +350,7 @@ def valid_images(draw, blank: bool = False):
     return _encode(im, fmt, **kw), w, h, mode, fmt
 
 
-@props(150)
+@fixed_seed(150)
 @given(img=valid_images())
 def test_valid_png_and_jpeg_images_decode_to_28x28_pixels(img):
     data, w, h, mode, fmt = img
@@ -366,7 +358,7 @@ def test_valid_png_and_jpeg_images_decode_to_28x28_pixels(img):
     _assert_mnist_like(out)
 
 
-@props(80)
+@fixed_seed(80)
 @given(img=valid_images(blank=True))
 def test_a_blank_image_decodes_to_all_zeros(img):
     """All black, all white or fully transparent (lossless PNG, every mode): no digit, all zeros."""
@@ -376,7 +368,7 @@ def test_a_blank_image_decodes_to_all_zeros(img):
     assert out.max() == 0, (w, h, mode, fmt)
 
 
-@props(100)
+@fixed_seed(100)
 @given(img=valid_images(), data=st.data())
 def test_images_over_the_pixel_budget_are_refused_naming_pixels(img, data):
     raw, w, h, mode, fmt = img
@@ -425,7 +417,7 @@ def pixel_payloads(draw):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e300 -> inf, then refused
-@props(400)
+@fixed_seed(400)
 @given(img=pixel_payloads())
 @example(img=None)
 @example(img="x" * 28)
