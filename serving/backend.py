@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serving.model_config import ModelsConfig
 from serving.repository import ModelVersion, read_version, versions_on_disk
 from serving.settings import Settings
 
@@ -38,7 +39,8 @@ class Backend(Protocol):
 
 
 class EmbeddedBackend:
-    """SavedModels loaded in this process with TensorFlow (latest version of each model)."""
+    """SavedModels loaded in this process with TensorFlow: the versions models.config names
+    for each model (its version policy, as TF Serving reads it), else the newest on disk."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -46,13 +48,10 @@ class EmbeddedBackend:
         self._signatures: dict[tuple[str, int], object] = {}
         self._reason = "models not loaded yet"
         self._tf = None
+        config = ModelsConfig(settings.models_config_file)
         for name in settings.models:
-            on_disk = versions_on_disk(settings.model_base_path, name)
-            if not on_disk:
-                self._versions[name] = {}
-                continue
-            v = read_version(settings.model_base_path, name, on_disk[-1])
-            self._versions[name] = {v.version: v}
+            chosen = config.policy(name).choose(versions_on_disk(settings.model_base_path, name))
+            self._versions[name] = {n: read_version(settings.model_base_path, name, n) for n in chosen}
 
     def versions(self) -> dict[str, dict[int, ModelVersion]]:
         return self._versions

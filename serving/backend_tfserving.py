@@ -3,7 +3,9 @@
 No TensorFlow here: the lean, wire-compatible messages of ``protos/`` do.
 
 - One channel, reused, with fast reconnects (so the gateway recovers by itself
-  when TF Serving comes back).
+  when TF Serving comes back); with ``tfserving_lb_policy=round_robin`` (default)
+  its calls are spread over every address the target resolves to, so several TF
+  Serving pods behind a headless Service all get work.
 - Model versions come from TF Serving (``ModelService.GetModelStatus``, polled
   every ``tfserving_poll_s`` in a background thread). For each AVAILABLE
   version the vocabulary and card are read from the model repository
@@ -57,6 +59,10 @@ class TFServingBackend:
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
+                # One channel, but calls spread over every address the target resolves to
+                # (dns:///tfserving-headless:8500 -> every TF Serving pod); a pod that goes
+                # away is skipped, and the calls it failed are retried (UNAVAILABLE).
+                ("grpc.lb_policy_name", settings.tfserving_lb_policy),
             ],
         )
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)

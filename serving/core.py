@@ -33,6 +33,7 @@ from serving.batching import Batcher
 from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from serving.images import check_pixels, decode_image, from_raw_bytes, image_pixels
 from serving.metrics import Metrics
+from serving.model_config import STABLE, ModelsConfig
 from serving.repository import ModelVersion
 from serving.settings import Settings
 
@@ -90,6 +91,7 @@ class Classifier:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics or Metrics(settings.models, ENDPOINTS)
+        self.models_config = ModelsConfig(settings.models_config_file)
         self._batchers: dict[tuple[str, int], Batcher] = {}
         # Enough threads for every model's batches in flight: backend calls run off the event loop.
         self._executor = ThreadPoolExecutor(max_workers=max(2, len(settings.models) * settings.concurrent_batches()), thread_name_prefix="backend")
@@ -257,7 +259,15 @@ class Classifier:
         return asyncio.get_running_loop().time() + t
 
     # -- model selection ------------------------------------------------------
-    def resolve(self, name: str, version: int | None, kind: str) -> tuple[ModelVersion, Batcher]:
+    def default_version(self, name: str, versions: dict[int, ModelVersion]) -> int:
+        """The ``stable`` label's version when models.config defines one, else the newest AVAILABLE."""
+        stable = self.models_config.labels(name).get(STABLE)
+        if stable is not None:
+            return stable
+        available = [n for n, v in versions.items() if v.state == "AVAILABLE"]
+        return max(available or versions)
+
+    def resolve(self, name: str, version: int | None, kind: str, label: str | None = None) -> tuple[ModelVersion, Batcher]:
         self.check_accepting()
         versions = self.backend.versions().get(name)
         if versions is None:
@@ -265,9 +275,22 @@ class Classifier:
             raise NotFound(f"unknown model {name[:100]!r}; {kind} models: {known}")
         if not versions:
             raise Unavailable(f"model {name!r} has no version to serve")
+        if label and version:
+            raise InvalidInput("give version or version_label, not both")
+        if label:
+            labels = self.models_config.labels(name)
+            if label not in labels:
+                raise NotFound(f"model {name!r} has no version label {label[:100]!r}; labels: {sorted(labels)}")
+            version = labels[label]
+            if version not in versions:
+                raise Unavailable(f"model {name!r} label {label!r} points to version {version}, which is not loaded; "
+                                  f"loaded versions: {sorted(versions)}")
         if version is None or version == 0:
-            available = [n for n, v in versions.items() if v.state == "AVAILABLE"]
-            v = versions[max(available or versions)]
+            version = self.default_version(name, versions)
+            if version not in versions:
+                raise Unavailable(f"model {name!r}: the {STABLE!r} label points to version {version}, which is not "
+                                  f"loaded; loaded versions: {sorted(versions)}")
+            v = versions[version]
         elif version not in versions:
             raise NotFound(f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}")
         else:
@@ -318,9 +341,9 @@ class Classifier:
         return encoded
 
     async def sentiment(self, texts: list[str], model: str | None = None, version: int | None = None,
-                        deadline: float | None = None, call: Call | None = None) -> Result:
+                        deadline: float | None = None, call: Call | None = None, label: str | None = None) -> Result:
         name = model or self.settings.default_sentiment_model
-        v, batcher = self.resolve(name, version, "text")
+        v, batcher = self.resolve(name, version, "text", label)
         if call:
             call.version, call.items = v.version, len(texts)
         self._check_count(len(texts), "texts")
@@ -400,11 +423,11 @@ class Classifier:
 
     async def digits(self, n: int, build: Callable[[], np.ndarray], model: str | None = None,
                      version: int | None = None, heavy: bool = True, deadline: float | None = None,
-                     call: Call | None = None) -> Result:
+                     call: Call | None = None, label: str | None = None) -> Result:
         """``build()`` makes the [n, 28, 28] array (validation and decoding included); it runs
         only for a resolvable model with room in its queue, off the event loop when ``heavy``."""
         name = model or "digits"
-        v, batcher = self.resolve(name, version, "image")
+        v, batcher = self.resolve(name, version, "image", label)
         if call:
             call.version, call.items = v.version, n
         self._check_count(n, "images")

@@ -105,7 +105,8 @@ class ClassifierServicer:
             self.core.precheck("text")
             request = await self._parse(pb.SentimentRequest, data, endpoint)
             call.model = request.model or self.core.settings.default_sentiment_model
-            r = await self.core.sentiment(list(request.texts), call.model, request.version or None, deadline, call)
+            r = await self.core.sentiment(list(request.texts), call.model, request.version or None, deadline, call,
+                                          request.version_label or None)
         return sentiment_response(r)
 
     async def ClassifySentiment(self, data: bytes, context):
@@ -133,7 +134,7 @@ class ClassifierServicer:
                 call.model = request.model or "digits"
                 heavy = len(images) > 8 or any(kind == "encoded" for kind, _ in images)
                 r = await self.core.digits(len(images), lambda: self.core.images_from_proto(images), call.model,
-                                           request.version or None, heavy, deadline, call)
+                                           request.version or None, heavy, deadline, call, request.version_label or None)
         except ServiceError as e:
             await self._abort(context, e)
         return pb.DigitsResponse(

@@ -43,7 +43,8 @@ SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 # -- request bodies: decoded with msgspec, documented from the same structs --------------
 # JSON Schema's "integer" includes 2.0, so an integral float is a version too (2.5 is refused
 # by _version); it is still documented as an integer (see create_app).
-VERSION_DOC = "Model version; default the latest loaded"
+VERSION_DOC = "Model version; default: the version labelled 'stable' in models.config, else the newest loaded"
+LABEL_DOC = "A version label from models.config (stable, canary, ...) instead of a version"
 Version = Annotated[int, msgspec.Meta(ge=1)] | Annotated[float, msgspec.Meta(ge=1)]
 
 
@@ -59,6 +60,7 @@ class SentimentRequest(msgspec.Struct):
     texts: Annotated[list[str], msgspec.Meta(description="Review texts, in order; each must contain a non-space character")]
     model: Annotated[str, msgspec.Meta(description="sentiment_lstm (default) or sentiment_bilstm")] | None = None
     version: Version | None = None
+    version_label: Annotated[str, msgspec.Meta(description=LABEL_DOC)] | None = None
 
 
 Pixel = Annotated[float, msgspec.Meta(ge=0, le=255)]
@@ -77,6 +79,7 @@ class DigitsRequest(msgspec.Struct):
     )] | None = None
     model: Annotated[str, msgspec.Meta(description="digits (default)")] | None = None
     version: Version | None = None
+    version_label: Annotated[str, msgspec.Meta(description=LABEL_DOC)] | None = None
 
 
 # Strict numbers (no bools or strings); shape and range are checked by check_pixels, whose messages say more.
@@ -342,7 +345,8 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         with core.track("rest", SENTIMENT) as call:
             req = await decode(request, "text", SentimentRequest)
             call.model = req.model or s.default_sentiment_model
-            r = await until_done(request, core.sentiment(req.texts, req.model, _version(req.version), deadline, call))
+            r = await until_done(request, core.sentiment(req.texts, req.model, _version(req.version), deadline, call,
+                                                          req.version_label))
         return _result(r)
 
     def pixels(images: list[msgspec.Raw]):
@@ -369,21 +373,27 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
                 n, build, heavy = len(req.images), (lambda: pixels(req.images)), len(req.images) > 8
             else:
                 n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
-            r = await until_done(request, core.digits(n, build, req.model, _version(req.version), heavy, deadline, call))
+            r = await until_done(request, core.digits(n, build, req.model, _version(req.version), heavy, deadline,
+                                                       call, req.version_label))
         return _result(r)
 
     @app.get("/v1/models", tags=["models"], responses={401: {"model": ErrorResponse, "description": ERROR_DOCS[401]}})
     async def list_models():
-        """Every configured model: versions, state, signature and the model card's accuracy."""
+        """Every configured model: its version labels and default version; each version's state,
+        labels, signature and the model card's accuracy."""
         out = []
         for name, versions in core.models().items():
+            labels = core.models_config.labels(name)
             out.append(
                 {
                     "name": name,
+                    "labels": labels,
+                    "default_version": core.default_version(name, versions) if versions else None,
                     "versions": [
                         {
                             "version": v.version,
                             "state": v.state,
+                            "labels": sorted(k for k, n in labels.items() if n == v.version),
                             "signature": v.signature,
                             "test_accuracy": v.card.get("test_accuracy"),
                             "validation_accuracy": v.card.get("validation_accuracy"),

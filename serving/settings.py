@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     model_base_path: Path = ROOT / "models"
     models: list[str] = ["digits", "sentiment_lstm", "sentiment_bilstm"]
     default_sentiment_model: str = "sentiment_lstm"
+    # TF Serving's model configuration (text-format ModelServerConfig), read by both backends:
+    # which versions to serve and their labels (stable, canary, ...). A request without a
+    # version goes to the `stable` label when the model defines one, else to the newest
+    # AVAILABLE version. Empty: every model's newest version, no labels.
+    models_config_file: Path | None = ROOT / "serving" / "tfserving" / "models.config"
     warmup: bool = True
     # TensorFlow thread pools of the embedded backend (0 = TensorFlow's default: one per core).
     tf_intra_op_threads: int = Field(0, ge=0)
@@ -35,6 +40,10 @@ class Settings(BaseSettings):
     # TF Serving backend (backend="tfserving"): its gRPC address, per-call deadline,
     # retries (only on UNAVAILABLE, exponential backoff) and model-status polling.
     tfserving_address: str = "localhost:8500"
+    # How the gateway spreads Predict calls when the address resolves to several TF Serving
+    # pods (e.g. dns:///tfserving-headless:8500 in Kubernetes): round_robin over all of them,
+    # or pick_first (one connection).
+    tfserving_lb_policy: Literal["round_robin", "pick_first"] = "round_robin"
     tfserving_timeout_s: float = Field(5.0, gt=0)
     tfserving_retries: int = Field(2, ge=0)
     tfserving_backoff_s: float = Field(0.05, ge=0)
@@ -123,6 +132,11 @@ class Settings(BaseSettings):
     # in-process model already uses every core; tfserving 4: keep TF Serving's
     # batch threads busy while the gateway encodes the next batch).
     max_concurrent_batches: int = Field(0, ge=0)
+
+    @field_validator("models_config_file", "api_keys_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v == "" else v
 
     def concurrent_batches(self) -> int:
         if self.max_concurrent_batches:

@@ -63,7 +63,8 @@ def pinned(two_versions):
     standin.start()
     try:
         with gateway_process(WITHOUT_TENSORFLOW, backend="tfserving", tfserving_address=standin.address,
-                             model_base_path=two_versions, models='["sentiment_lstm"]', tfserving_poll_s=0.1) as gw:
+                             model_base_path=two_versions, models='["sentiment_lstm"]', tfserving_poll_s=0.1,
+                             models_config_file="") as gw:  # no models.config: the newest version by default
             gw.standin = standin
             yield gw
     finally:

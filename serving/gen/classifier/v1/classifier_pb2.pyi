@@ -15,14 +15,16 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SentimentRequest(_message.Message):
-    __slots__ = ("texts", "model", "version")
+    __slots__ = ("texts", "model", "version", "version_label")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     model: str
     version: int
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    version_label: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ...) -> None: ...
 
 class SentimentPrediction(_message.Message):
     __slots__ = ("label", "score", "probabilities", "tokens", "unknown_tokens")
@@ -62,14 +64,16 @@ class Image(_message.Message):
     def __init__(self, raw: _Optional[bytes] = ..., encoded: _Optional[bytes] = ...) -> None: ...
 
 class DigitsRequest(_message.Message):
-    __slots__ = ("images", "model", "version")
+    __slots__ = ("images", "model", "version", "version_label")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     model: str
     version: int
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    version_label: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ...) -> None: ...
 
 class DigitPrediction(_message.Message):
     __slots__ = ("label", "score", "probabilities")
