@@ -9,6 +9,7 @@
 # (/data, a volume; `--data-dir` overrides it); exports go to --out (default models/,
 # i.e. /app/models, a volume). The container user (uid 10001) must be able to write
 # the mounted models directory: add `--user "$(id -u):$(id -g)"` to use yours.
+# checkov:skip=CKV_DOCKER_2:a batch training container (a Job), no long-running process for a HEALTHCHECK
 
 # The TensorFlow release the shipped models were exported with (pyproject: tensorflow>=2.21,<2.22),
 # so `pip install '.[train]'` keeps the image's CUDA-enabled TensorFlow instead of replacing it.
