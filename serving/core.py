@@ -45,6 +45,12 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 
 ENDPOINTS = ["/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
              "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment"]
+# What makes a text empty: Python's whitespace plus the byte-order mark, i.e. the same set
+# in Python and in the OpenAPI schema's ECMA regex (TEXT_PATTERN), written out so that
+# both read it alike (their \s differ).
+BLANK = "\t\n\v\f\r \x1c\x1d\x1e\x1f\x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
+    "\u2028\u2029\u202f\u205f\u3000\ufeff"
+TEXT_PATTERN = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 # Requests up to these sizes are preprocessed on the event loop (cheaper than a thread hop).
 INLINE_TEXTS = 16
 INLINE_CHARS = 32_000
@@ -335,7 +341,7 @@ class Classifier:
                 raise InvalidInput(f"texts[{i}] must be a string, got {type(t).__name__}")
             if len(t) > limit:
                 raise PayloadTooLarge(f"texts[{i}] is too long: {len(t)} characters > max_text_chars={limit}")
-            if not t.strip():
+            if not t.strip(BLANK):
                 raise InvalidInput(f"texts[{i}] is empty")
             encoded.append(v.preprocessor.encode(t))
         return encoded

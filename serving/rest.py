@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from serving.auth import ApiKeyMiddleware, ApiKeys
-from serving.core import Classifier, Result, request_id
+from serving.core import TEXT_PATTERN, Classifier, Result, request_id
 from serving.errors import Cancelled, InvalidInput, Overloaded, ServiceError, UnsupportedMediaType
 from serving.images import SIZE, check_pixels
 
@@ -46,6 +46,17 @@ SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 VERSION_DOC = "Model version; default: the version labelled 'stable' in models.config, else the newest loaded"
 LABEL_DOC = "A version label from models.config (stable, canary, ...) instead of a version"
 Version = Annotated[int, msgspec.Meta(ge=1)] | Annotated[float, msgspec.Meta(ge=1)]
+
+
+def _label(req) -> str | None:
+    """The request's version_label: not empty, and not together with a version (as the schema says)."""
+    if req.version_label is None:
+        return None
+    if not req.version_label:
+        raise InvalidInput("version_label must not be empty")
+    if req.version is not None:
+        raise InvalidInput("give version or version_label, not both")
+    return req.version_label
 
 
 def _version(v: int | float | None) -> int | None:
@@ -346,7 +357,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
             req = await decode(request, "text", SentimentRequest)
             call.model = req.model or s.default_sentiment_model
             r = await until_done(request, core.sentiment(req.texts, req.model, _version(req.version), deadline, call,
-                                                          req.version_label))
+                                                          _label(req)))
         return _result(r)
 
     def pixels(images: list[msgspec.Raw]):
@@ -374,7 +385,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
             else:
                 n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
             r = await until_done(request, core.digits(n, build, req.model, _version(req.version), heavy, deadline,
-                                                       call, req.version_label))
+                                                       call, _label(req)))
         return _result(r)
 
     @app.get("/v1/models", tags=["models"], responses={401: {"model": ErrorResponse, "description": ERROR_DOCS[401]}})
@@ -429,10 +440,14 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
                                                      ref_template="#/components/schemas/{name}")
     sent = components["SentimentRequest"]["properties"]
     sent["texts"].update(minItems=1, maxItems=s.max_items_per_request)
-    sent["texts"]["items"].update(minLength=1, maxLength=s.max_text_chars, pattern=r"\S")
+    sent["texts"]["items"].update(minLength=1, maxLength=s.max_text_chars, pattern=TEXT_PATTERN)
     dig = components["DigitsRequest"]["properties"]
-    for props in (sent, dig):
+    for name, props in (("SentimentRequest", sent), ("DigitsRequest", dig)):
         props["version"]["anyOf"] = [{"type": "integer", "minimum": 1, "description": VERSION_DOC}, {"type": "null"}]
+        props["version_label"]["anyOf"][0]["minLength"] = 1
+        # Not both a version and a label.
+        components[name]["not"] = {"required": ["version", "version_label"],
+                                    "properties": {"version": {"type": "number"}, "version_label": {"type": "string"}}}
     image_schema = msgspec.json.schema(Image28)
     dig["images"]["anyOf"][0] = {"type": "array", "items": image_schema, "minItems": 1, "maxItems": s.max_items_per_request}
     dig["images_b64"]["anyOf"][0].update(minItems=1, maxItems=s.max_items_per_request)

@@ -438,3 +438,16 @@ def test_check_pixels_returns_a_28x28_float32_array_or_invalid_input(img):
 def test_check_pixels_with_an_int_beyond_float_range_is_invalid_input():
     with pytest.raises(InvalidInput):
         check_pixels([[10**400] * 28] * 28, "images[0]")
+
+
+def test_empty_text_means_the_same_to_the_server_and_to_the_openapi_pattern():
+    """A text is empty (400) exactly when the schema's pattern finds no character in it (found by schemathesis:
+    '\\x1e' is whitespace to Python's str.strip() but not to the ECMA regex \\S the schema had)."""
+    import re
+
+    from serving.core import BLANK, TEXT_PATTERN
+
+    assert set(BLANK) == {chr(c) for c in range(0x110000) if chr(c).isspace()} | {"\ufeff"}
+    pattern = re.compile(TEXT_PATTERN)
+    for c in range(0x110000):
+        assert (pattern.search(chr(c)) is None) == (chr(c) in BLANK), hex(c)
