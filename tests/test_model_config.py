@@ -190,3 +190,21 @@ def test_calls_are_spread_over_every_tf_serving_and_survive_one_leaving():
     finally:
         a.stop()
         b.stop()
+
+
+def test_tf_serving_recycling_connections_costs_no_request():
+    """TF Serving runs with --grpc_channel_arguments=grpc.max_connection_age_ms=300000 (compose and k8s) so that
+    gateways re-resolve DNS and find new pods; each recycled connection (GOAWAY) must cost no client error."""
+    standin = StandIn(ROOT / "models", ["sentiment_lstm"])
+    standin.start(options=[("grpc.max_connection_age_ms", 300), ("grpc.max_connection_age_grace_ms", 1000)])
+    try:
+        with gateway_process(WITHOUT_TENSORFLOW, backend="tfserving", tfserving_address=standin.address,
+                             models='["sentiment_lstm"]', max_batch_wait_us=0, drain_settle_s=0) as gw:
+            deadline = time.monotonic() + 3  # about ten connection lifetimes
+            statuses = []
+            with httpx.Client(base_url=gw.rest, timeout=30) as c:
+                while time.monotonic() < deadline:
+                    statuses.append(c.post("/v1/sentiment:predict", json={"texts": [TEXT]}).status_code)
+            assert len(statuses) > 20 and set(statuses) == {200}, statuses
+    finally:
+        standin.stop()

@@ -54,8 +54,10 @@ class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
         self.server: grpc.Server | None = None
 
     # -- life cycle -------------------------------------------------------------
-    def start(self, port: int = 0) -> int:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    def start(self, port: int = 0, options: list[tuple[str, int]] | None = None) -> int:
+        """Serve on ``port`` (0: a free one; later starts reuse it); ``options`` are gRPC server arguments,
+        e.g. TF Serving's --grpc_channel_arguments."""
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self, self.server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port(f"127.0.0.1:{port or self.port}")
