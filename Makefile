@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-overload: setup
 bench-tfserving: setup
 	$(PY) bench/tfserving_cost.py
 
+# The CLI over the gRPC stream on the full IMDB test split vs the raw batched model call.
+bench-client: setup
+	$(PY) bench/client.py --json bench/results/client.json
+
 test: setup
 	$(PY) -m pytest
 
@@ -58,3 +62,27 @@ bench-text: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Load tests (loadtests/locustfile.py, Locust): each targets a gateway that is already
+# running (make run, or docker compose up) at HOST (REST) and GRPC; none starts one.
+# Reports: $(LOAD_OUT)/<profile>_stats.csv, _stats_history.csv, _failures.csv, .html
+# (the ramp and spike also _steps.csv). A broken SLO (loadtests/slo.toml) exits non-zero;
+# the ramp prints the knee. Extra Locust options: LOCUST_ARGS='--knee-p99-ms 250 ...'.
+HOST ?= http://localhost:8000
+GRPC ?= localhost:50051
+LOAD_OUT ?= bench/results/load
+LOCUST_ARGS ?=
+LOCUST_RUN = $(VENV)/bin/locust -f loadtests/locustfile.py --headless --host $(HOST) --grpc-host $(GRPC) --only-summary
+.PHONY: load-smoke load-ramp load-spike
+
+load-smoke: setup
+	mkdir -p $(LOAD_OUT)
+	$(LOCUST_RUN) -u 8 -r 8 -t 30s --csv $(LOAD_OUT)/smoke --html $(LOAD_OUT)/smoke.html $(LOCUST_ARGS)
+
+load-ramp: setup
+	mkdir -p $(LOAD_OUT)
+	$(LOCUST_RUN) --shape ramp --csv $(LOAD_OUT)/ramp --csv-full-history --html $(LOAD_OUT)/ramp.html $(LOCUST_ARGS)
+
+load-spike: setup
+	mkdir -p $(LOAD_OUT)
+	$(LOCUST_RUN) --shape spike --csv $(LOAD_OUT)/spike --html $(LOAD_OUT)/spike.html $(LOCUST_ARGS)

@@ -81,7 +81,8 @@ def mounts(service: dict) -> list[tuple[str, str, bool]]:
     out = []
     for v in service.get("volumes") or []:
         if isinstance(v, str):
-            parts = v.split(":")
+            # ${VAR:-default} in the source: its default stands for it (it holds a colon).
+            parts = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v).split(":")
             source, target = parts[0], parts[1]
             read_only = len(parts) > 2 and "ro" in parts[2].split(",")
         else:
@@ -210,7 +211,7 @@ def test_bind_mounted_paths_exist_and_named_volumes_are_declared(name, compose):
     for svc_name, svc in services(doc).items():
         for source, _target, _ in mounts(svc):
             if is_bind(source):
-                assert (ROOT / source).exists(), f"{name}: {svc_name} mounts {source}, which is not in the repo"
+                assert (ROOT / source).exists(), f"{name}: {svc_name} mounts {source}, which is not there"
             else:
                 assert source in declared, f"{name}: {svc_name} uses volume {source!r}, not declared"
 

@@ -1,0 +1,264 @@
+"""``classifier-client``: classify a file of texts or images through the gateway.
+
+    classifier-client sentiment reviews.jsonl --field text -o out.jsonl --evaluate label
+    classifier-client digits ./pngs/ -o digits.csv --target pod-a:50051 --target pod-b:50051
+
+Sentiment goes over the bidirectional stream (StreamClassifySentiment) in chunks, a window of
+chunks in flight per stream; digits (and ``--unary`` / ``--rest``) over unary calls. Output rows
+(jsonl or csv) are in input order; ``--resume`` continues an interrupted run from its output file.
+Exit status: 0 done, 1 the server refused (the message says why) or retries ran out, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+
+from classifier_client.errors import ClientError
+from classifier_client.grpc_client import MAX_ITEMS, AsyncClient, Options
+from classifier_client.io import (InputError, Writer, image_bytes, input_format, normalise_label, output_format,
+                                  read_records, rows_done, rows_of)
+
+
+class Progress:
+    """One line on stderr: rows, percent, rate and ETA (redrawn at most 5 times a second)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.total, self.start_done, self.done, self.enabled = total, done, done, enabled
+        self.t0, self.last = time.monotonic(), 0.0
+        self.retries = 0
+
+    def update(self, n: int, retries: int = 0, force: bool = False):
+        self.done += n
+        self.retries = retries
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and not force):
+            return
+        self.last = now
+        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
+        left = self.total - self.done
+        eta = f"{int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 else "?"
+        pct = 100 * self.done / self.total if self.total else 100
+        width = 30
+        bar = "#" * int(width * pct / 100)
+        sys.stderr.write(f"\r[{bar:<{width}}] {self.done}/{self.total} {pct:5.1f}% {rate:,.0f} rows/s ETA {eta}"
+                         + (f" retries {retries}" if retries else "") + "\x1b[K")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            self.update(0, self.retries, force=True)
+            sys.stderr.write("\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("connection")
+    g.add_argument("--target", action="append", help="gateway gRPC address host:port (repeat for several pods: "
+                   "round-robin), or dns:///host:port (every address, round_robin); with --rest, base URLs "
+                   "(default 127.0.0.1:50051, REST http://127.0.0.1:8000)")
+    g.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+    g.add_argument("--ca", help="TLS, trusting this CA (PEM file)")
+    g.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
+    g.add_argument("--header", action="append", default=[], metavar="K=V", help="extra metadata / header (repeat)")
+    g = common.add_argument_group("model")
+    g.add_argument("--model", default="", help="model name (default: the gateway's default of the kind)")
+    g.add_argument("--version", type=int, default=0, help="pin a version number")
+    g.add_argument("--version-label", default="", help='a version label from models.config ("stable", "canary")')
+    g = common.add_argument_group("input and output")
+    g.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "csv", "dir"], help="input format")
+    g.add_argument("--field", help="jsonl field / csv column of the text (default text) or image (default image)")
+    g.add_argument("-o", "--output", help="output file (default stdout)")
+    g.add_argument("--output-format", default="auto", choices=["auto", "jsonl", "csv"],
+                   help="default: csv when the output ends in .csv, else jsonl")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the output file's "
+                   "rows, skip as many inputs, append the rest")
+    g.add_argument("--evaluate", metavar="LABEL_FIELD", help="true labels in this field/column: print accuracy "
+                   "and the confusion matrix at the end")
+    g = common.add_argument_group("flow")
+    g.add_argument("--chunk-size", type=int, default=512, help=f"items per request (1..{MAX_ITEMS}, the server's limit)")
+    g.add_argument("--window", type=int, default=4, help="chunks in flight per stream (unary: calls in flight)")
+    g.add_argument("--streams", type=int, default=0, help="streams at once (default: one per target, at least 2)")
+    g.add_argument("--deadline", type=float, default=30.0, help="seconds for each chunk's answer")
+    g.add_argument("--retries", type=int, default=10, help="failed attempts in a row before giving up "
+                   "(UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)")
+    g.add_argument("--unary", action="store_true", help="sentiment over unary calls instead of the stream")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    p = argparse.ArgumentParser(prog="classifier-client", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="kind", required=True)
+    s = sub.add_parser("sentiment", parents=[common], help="texts: txt (one per line), jsonl or csv")
+    s.add_argument("input", help="file ('-' = stdin, txt)")
+    d = sub.add_parser("digits", parents=[common], help="images: a directory of PNG/JPEG, or jsonl/csv")
+    d.add_argument("input", help="directory or file")
+    return p
+
+
+def _headers(values: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for h in values:
+        k, sep, v = h.partition("=")
+        if not sep or not k:
+            raise InputError(f"--header {h!r}: expected KEY=VALUE")
+        out.append((k.strip(), v))
+    return out
+
+
+async def _run(a, records, start: int, writer: Writer, progress: Progress, stats_out: list) -> None:
+    kind = a.kind
+    items = records.items[start:]
+    if kind == "digits":
+        items = (image_bytes(x) for x in items)
+    if a.rest:
+        from classifier_client.rest import AsyncRestClient
+
+        client = AsyncRestClient(a.target or ["http://127.0.0.1:8000"], model=a.model, version=a.version,
+                                 version_label=a.version_label, api_key=a.api_key, headers=_headers(a.header),
+                                 ca=a.ca, timeout_s=a.deadline, retries=a.retries)
+        call = client.sentiment if kind == "sentiment" else client.digits
+        stats_out.append(None)
+        try:
+            async for s, chunk, resp in _ordered(call, items, a.chunk_size, a.window, start):
+                writer.write(rows_of(kind, s, _Json(resp), records.ids))
+                progress.update(len(chunk))
+        finally:
+            await client.close()
+        return
+    o = Options(targets=a.target or ["127.0.0.1:50051"], tls=a.tls, ca=a.ca, api_key=a.api_key, headers=_headers(a.header),
+                model=a.model, version=a.version, version_label=a.version_label, chunk_size=a.chunk_size,
+                window=a.window, streams=a.streams, deadline_s=a.deadline, retries=a.retries)
+    async with AsyncClient(options=o) as client:
+        stats_out.append(client.stats)
+        if kind == "sentiment" and not a.unary:
+            results = client.stream_sentiment(items, start)
+        else:
+            results = client.map_unary(kind, items, start)
+        async for s, chunk, resp in results:
+            writer.write(rows_of(kind, s, resp, records.ids))
+            progress.update(len(chunk), client.stats.total_retries)
+
+
+async def _ordered(call, items, chunk_size: int, window: int, start: int):
+    import itertools
+    from collections import deque
+
+    it, pending = iter(items), deque()
+    try:
+        while True:
+            while len(pending) < window and (chunk := list(itertools.islice(it, chunk_size))):
+                pending.append((start, chunk, asyncio.ensure_future(call(chunk))))
+                start += len(chunk)
+            if not pending:
+                return
+            s, chunk, task = pending.popleft()
+            yield s, chunk, await task
+    finally:
+        for *_, task in pending:
+            task.cancel()
+
+
+class _Json:
+    """A REST JSON answer seen like the protobuf one (``.predictions[i].label`` ...)."""
+
+    class _P:
+        def __init__(self, d):
+            self.__dict__.update(d)
+            self.tokens, self.unknown_tokens = d.get("tokens", 0), d.get("unknown_tokens", 0)
+
+    def __init__(self, d):
+        self.predictions = [self._P(p) for p in d["predictions"]]
+
+
+def evaluate(kind: str, truth: list, predicted: list) -> str:
+    classes = ["negative", "positive"] if kind == "sentiment" else list(range(10))
+    cm = Counter(zip(truth, predicted))
+    right = sum(cm[(c, c)] for c in classes)
+    n = len(truth)
+    w = max(len(str(c)) for c in classes) + 1
+    w = max(w, len(str(n)) + 1)
+    lines = [f"accuracy: {right / n:.6f} ({right}/{n})" if n else "accuracy: n/a (no rows)",
+             "confusion matrix (rows: true, columns: predicted):",
+             " " * (w + 1) + "".join(f"{str(c):>{w}}" for c in classes)]
+    for t in classes:
+        lines.append(f"{str(t):>{w}} " + "".join(f"{cm[(t, p)]:>{w}}" for p in classes))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        if not 1 <= a.chunk_size <= MAX_ITEMS:
+            raise InputError(f"--chunk-size must be 1..{MAX_ITEMS} (the server's limit per request)")
+        if a.version and a.version_label:
+            raise InputError("--version and --version-label: give one")
+        if a.resume and not a.output:
+            raise InputError("--resume needs -o/--output (the output file is the resume state)")
+        fmt = input_format(a.input, a.format)
+        field = a.field or ("text" if a.kind == "sentiment" else "image")
+        records = read_records(a.input, fmt, field, a.evaluate)
+        ofmt = output_format(a.output, a.output_format)
+        done = rows_done(a.output, ofmt) if a.resume else []
+        if len(done) > len(records.items):
+            raise InputError(f"{a.output} has {len(done)} rows but the input only {len(records.items)}")
+        truth = [normalise_label(a.kind, v) for v in records.labels] if records.labels is not None else None
+    except (InputError, OSError, UnicodeDecodeError) as e:
+        print(f"classifier-client: {e}", file=sys.stderr)
+        return 2
+
+    start = len(done)
+    predicted = [r["label"] if a.kind == "sentiment" else int(r["label"]) for r in done]
+    writer = Writer(a.output, ofmt, a.kind, append=a.resume)
+    progress = Progress(len(records.items), start, enabled=not a.quiet and sys.stderr.isatty())
+    stats_out: list = []
+    t0 = time.monotonic()
+
+    if truth is not None:
+        inner_write = writer.write
+
+        def write(rows):
+            predicted.extend(r["label"] for r in rows)
+            inner_write(rows)
+        writer.write = write
+
+    code = 0
+    try:
+        asyncio.run(_run(a, records, start, writer, progress, stats_out))
+    except ClientError as e:
+        code = 1
+        error = f"classifier-client: the server refused: {e.code.name}: {e.message}"
+    except (InputError, OSError) as e:
+        code = 2
+        error = f"classifier-client: {e}"
+    except KeyboardInterrupt:
+        code = 130
+        error = "classifier-client: interrupted (rerun with --resume to continue)"
+    finally:
+        writer.close()
+        progress.close()
+    stats = stats_out[0] if stats_out else None
+    dt = time.monotonic() - t0
+    rows = progress.done - start
+    if not a.quiet or code:
+        line = f"classifier-client: {rows} rows in {dt:.1f}s ({rows / max(dt, 1e-9):,.0f} rows/s)"
+        if start:
+            line += f", {start} kept from the earlier run"
+        if stats is not None:
+            line += f"; {stats.summary()}"
+        print(line, file=sys.stderr)
+    if code:
+        print(error, file=sys.stderr)
+        if a.output and rows + start:
+            print(f"classifier-client: {rows + start} rows are in {a.output}; rerun with --resume to continue",
+                  file=sys.stderr)
+        return code
+    if truth is not None:
+        print(evaluate(a.kind, truth, predicted), file=sys.stderr if a.output is None else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Errors and the retry policy shared by every client."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+
+# Worth retrying (the same request can get through later or elsewhere); anything else is final.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED})
+# REST status -> gRPC code (the gateway maps its errors the same way both ways).
+HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
+                415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+class ClientError(Exception):
+    """A call that failed for good: ``code`` (a grpc.StatusCode) and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, pushback_s: float | None = None):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message, self.pushback_s = code, message, pushback_s
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> "ClientError":
+        code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = e.details() if callable(getattr(e, "details", None)) else str(e)
+        trailing = e.trailing_metadata() if callable(getattr(e, "trailing_metadata", None)) else None
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", pushback_from(trailing))
+
+
+def pushback_from(metadata) -> float | None:
+    """``grpc-retry-pushback-ms`` from trailing metadata, in seconds (None when absent or invalid)."""
+    for k, v in metadata or ():
+        if k == "grpc-retry-pushback-ms":
+            try:
+                ms = int(v)
+            except (TypeError, ValueError):
+                return None
+            return ms / 1000 if ms >= 0 else None
+    return None
+
+
+def backoff_s(attempt: int, base: float, cap: float, pushback: float | None = None) -> float:
+    """Exponential backoff with full jitter (attempt 1, 2, ...); the server's pushback, when given,
+    is the floor (plus up to 20 % jitter so that clients told the same time do not return together)."""
+    delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    if pushback is not None:
+        delay = max(delay, pushback * random.uniform(1.0, 1.2))
+    return delay

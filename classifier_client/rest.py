@@ -1,0 +1,146 @@
+"""REST clients (sync :class:`RestClient`, async :class:`AsyncRestClient`) over httpx.
+
+Same retry policy as gRPC: 429 (``Retry-After`` honoured), 503 and 504 are retried with
+exponential backoff and jitter; other errors raise :class:`ClientError` with the server's message.
+Responses are the gateway's JSON (dicts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import time
+from typing import Sequence
+
+import grpc
+
+from classifier_client.errors import HTTP_TO_GRPC, ClientError, backoff_s
+
+
+def _body(kind: str, items: Sequence, model: str, version: int, version_label: str) -> dict:
+    body: dict = {}
+    if kind == "sentiment":
+        body["texts"] = list(items)
+    else:
+        body["images_b64"] = [base64.b64encode(bytes(i)).decode() for i in items]
+    if model:
+        body["model"] = model
+    if version:
+        body["version"] = version
+    if version_label:
+        body["version_label"] = version_label
+    return body
+
+
+def _error(r) -> ClientError:
+    try:
+        message = r.json()["error"]["message"]
+    except Exception:  # noqa: BLE001
+        message = r.text[:500]
+    code = getattr(grpc.StatusCode, HTTP_TO_GRPC.get(r.status_code, "UNKNOWN"))
+    retry_after = r.headers.get("retry-after")
+    try:
+        pushback = float(retry_after) if retry_after is not None else None
+    except ValueError:
+        pushback = None
+    return ClientError(code, f"HTTP {r.status_code}: {message}", pushback)
+
+
+class _Base:
+    def __init__(self, urls: str | Sequence[str] = "http://127.0.0.1:8000", *, model: str = "", version: int = 0,
+                 version_label: str = "", api_key: str | None = None, headers: Sequence[tuple[str, str]] = (),
+                 ca: str | None = None, timeout_s: float = 30.0, retries: int = 10, backoff_base_s: float = 0.1,
+                 backoff_cap_s: float = 5.0):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.model, self.version, self.version_label = model, version, version_label
+        self.headers = dict(headers)
+        if api_key:
+            self.headers["authorization"] = f"Bearer {api_key}"
+        self.verify = ca or True
+        self.timeout, self.retries, self.base, self.cap = timeout_s, retries, backoff_base_s, backoff_cap_s
+        self._next = itertools.count()
+
+    def _url(self, kind: str) -> str:
+        return self.urls[next(self._next) % len(self.urls)].rstrip("/") + f"/v1/{kind}:predict"
+
+
+class RestClient(_Base):
+    def __init__(self, *a, **kw):
+        import httpx
+
+        super().__init__(*a, **kw)
+        self.http = httpx.Client(headers=self.headers, verify=self.verify, timeout=self.timeout)
+
+    def _post(self, kind: str, items: Sequence) -> dict:
+        import httpx
+
+        body, failures = _body(kind, items, self.model, self.version, self.version_label), 0
+        while True:
+            try:
+                r = self.http.post(self._url(kind), json=body)
+                if r.status_code == 200:
+                    return r.json()
+                err = _error(r)
+            except httpx.TransportError as e:
+                err = ClientError(grpc.StatusCode.UNAVAILABLE, str(e))
+            failures += 1
+            if not err.retryable or failures > self.retries:
+                raise err
+            time.sleep(backoff_s(failures, self.base, self.cap, err.pushback_s))
+
+    def sentiment(self, texts: Sequence[str]) -> dict:
+        return self._post("sentiment", texts)
+
+    def digits(self, images: Sequence[bytes]) -> dict:
+        """PNG/JPEG bytes per image."""
+        return self._post("digits", images)
+
+    def close(self):
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncRestClient(_Base):
+    def __init__(self, *a, **kw):
+        import httpx
+
+        super().__init__(*a, **kw)
+        self.http = httpx.AsyncClient(headers=self.headers, verify=self.verify, timeout=self.timeout)
+
+    async def _post(self, kind: str, items: Sequence) -> dict:
+        import httpx
+
+        body, failures = _body(kind, items, self.model, self.version, self.version_label), 0
+        while True:
+            try:
+                r = await self.http.post(self._url(kind), json=body)
+                if r.status_code == 200:
+                    return r.json()
+                err = _error(r)
+            except httpx.TransportError as e:
+                err = ClientError(grpc.StatusCode.UNAVAILABLE, str(e))
+            failures += 1
+            if not err.retryable or failures > self.retries:
+                raise err
+            await asyncio.sleep(backoff_s(failures, self.base, self.cap, err.pushback_s))
+
+    async def sentiment(self, texts: Sequence[str]) -> dict:
+        return await self._post("sentiment", texts)
+
+    async def digits(self, images: Sequence[bytes]) -> dict:
+        return await self._post("digits", images)
+
+    async def close(self):
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
