@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=10, help="duration of the raw measurement")
     p.add_argument("--runs", type=int, default=3, help="CLI runs over the full split (the best is kept)")
     p.add_argument("--json", default=None)
+    p.add_argument("--max-queue-wait-s", type=float, default=0.1,
+                   help="the gateway's max_queue_wait_s (default: the gateway's own default)")
     p.add_argument("cli_args", nargs="*", help="extra CLI options (after --)")
     a = p.parse_args(argv)
 
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     results = {"model": a.model, "texts": len(texts), "cpus": os.cpu_count()}
     results["a_raw_batched_model_call"] = raw_ceiling(a.model, texts, a.seconds)
     runs = []
-    with gateway_process(models=json.dumps([a.model]), max_queue_wait_s=5) as gw:
+    with gateway_process(models=json.dumps([a.model]), max_queue_wait_s=a.max_queue_wait_s) as gw:
         cmd = [sys.executable, "-m", "classifier_client.cli", "sentiment", str(src), "--target", gw.grpc, "-o", str(out),
                "--model", a.model, "--quiet", *a.cli_args]
         (tmp / "warm.txt").write_text("warm up\n" * 2048)
