@@ -18,7 +18,7 @@ import time
 from collections import Counter
 
 from classifier_client.errors import ClientError
-from classifier_client.grpc_client import MAX_ITEMS, AsyncClient, Options
+from classifier_client.grpc_client import MAX_ITEMS, AsyncClient, Options, ordered_calls
 from classifier_client.io import (InputError, Writer, image_bytes, input_format, normalise_label, output_format,
                                   read_records, rows_done, rows_of)
 
@@ -122,7 +122,7 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
         call = client.sentiment if kind == "sentiment" else client.digits
         stats_out.append(None)
         try:
-            async for s, chunk, resp in _ordered(call, items, a.chunk_size, a.window, start):
+            async for s, chunk, resp in ordered_calls(call, items, a.chunk_size, a.window, start):
                 writer.write(rows_of(kind, s, _Json(resp), records.ids))
                 progress.update(len(chunk))
         finally:
@@ -140,25 +140,6 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
         async for s, chunk, resp in results:
             writer.write(rows_of(kind, s, resp, records.ids))
             progress.update(len(chunk), client.stats.total_retries)
-
-
-async def _ordered(call, items, chunk_size: int, window: int, start: int):
-    import itertools
-    from collections import deque
-
-    it, pending = iter(items), deque()
-    try:
-        while True:
-            while len(pending) < window and (chunk := list(itertools.islice(it, chunk_size))):
-                pending.append((start, chunk, asyncio.ensure_future(call(chunk))))
-                start += len(chunk)
-            if not pending:
-                return
-            s, chunk, task = pending.popleft()
-            yield s, chunk, await task
-    finally:
-        for *_, task in pending:
-            task.cancel()
 
 
 class _Json:

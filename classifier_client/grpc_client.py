@@ -177,6 +177,24 @@ class Client:
         self.close()
 
 
+async def ordered_calls(call, items: Iterable, chunk_size: int, window: int, start: int = 0):
+    """``(start, chunk, await call(chunk))`` per chunk of ``items``, in input order, with up to
+    ``window`` calls in flight (used by unary gRPC and by REST)."""
+    it, pending = iter(items), deque()
+    try:
+        while True:
+            while len(pending) < window and (chunk := list(itertools.islice(it, chunk_size))):
+                pending.append((start, chunk, asyncio.ensure_future(call(chunk))))
+                start += len(chunk)
+            if not pending:
+                return
+            s, chunk, task = pending.popleft()
+            yield s, chunk, await task
+    finally:
+        for *_, task in pending:
+            task.cancel()
+
+
 @dataclass(order=True)
 class _Chunk:
     seq: int
@@ -232,23 +250,8 @@ class AsyncClient:
         """``(start, chunk, response)`` in input order, for unary calls (``kind`` "sentiment" or "digits"):
         chunks of ``chunk_size``, ``window`` calls in flight."""
         call = self.sentiment if kind == "sentiment" else self.digits
-        pending: deque[tuple[int, list, asyncio.Task]] = deque()
-        it = iter(items)
-        try:
-            while True:
-                while len(pending) < self.options.window:
-                    chunk = list(itertools.islice(it, self.options.chunk_size))
-                    if not chunk:
-                        break
-                    pending.append((start, chunk, asyncio.ensure_future(call(chunk))))
-                    start += len(chunk)
-                if not pending:
-                    return
-                s, chunk, task = pending.popleft()
-                yield s, chunk, await task
-        finally:
-            for _, _, task in pending:
-                task.cancel()
+        async for out in ordered_calls(call, items, self.options.chunk_size, self.options.window, start):
+            yield out
 
     async def stream_sentiment(self, texts: Iterable[str], start: int = 0) -> AsyncIterator[tuple[int, list, pb.SentimentResponse]]:
         """``(start, texts, response)`` per chunk, strictly in input order (``start`` = index of the

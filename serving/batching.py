@@ -101,13 +101,9 @@ class Batcher:
         """Rows waiting, admitted or in flight."""
         return self._queued_rows + self._reserved_rows + self._in_flight_rows
 
-    @property
-    def busy(self) -> bool:
-        return self.depth > 0
-
-    def estimated_wait(self, extra_rows: int = 0) -> float:
+    def estimated_wait(self) -> float:
         """Seconds until rows admitted now would start being computed (0 until calls were measured)."""
-        return self._rows_seconds(self.depth + extra_rows)
+        return self._rows_seconds(self.depth)
 
     def _rows_seconds(self, rows: int) -> float:
         batches = -(-rows // self.max_batch_size)

@@ -31,7 +31,7 @@ import numpy as np
 from serving.backend import Backend
 from serving.batching import Batcher
 from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
-from serving.images import check_pixels, decode_image, from_raw_bytes, image_pixels
+from serving.images import decode_image, from_raw_bytes, image_pixels
 from serving.metrics import Metrics
 from serving.model_config import STABLE, ModelsConfig
 from serving.repository import ModelVersion
@@ -315,8 +315,9 @@ class Classifier:
                 f"too many {what}: {n} > max_items_per_request={self.settings.max_items_per_request}"
             )
 
-    async def _run(self, heavy: bool, fn: Callable, *args):
-        """``fn(*args)`` on the event loop when it is cheap, else in the preprocessing threads."""
+    async def offload(self, fn: Callable, *args, heavy: bool = True):
+        """``fn(*args)`` in the preprocessing threads, or on the event loop when not ``heavy`` (cheaper
+        than a thread hop). The adapters decode large bodies and messages here too."""
         if not heavy:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
@@ -357,7 +358,7 @@ class Classifier:
         try:
             t0 = time.perf_counter()
             heavy = len(texts) > INLINE_TEXTS or sum(map(len, texts)) > INLINE_CHARS
-            encoded = await self._run(heavy, self._encode_texts, v, texts)
+            encoded = await self.offload(self._encode_texts, v, texts, heavy=heavy)
             ids = np.array([e.ids for e in encoded], dtype=np.int32)
         except BaseException:
             batcher.release(len(texts))
@@ -378,10 +379,6 @@ class Classifier:
         return Result(name, v.version, preds)
 
     # -- digits -----------------------------------------------------------------
-    def images_from_pixels(self, images: list) -> np.ndarray:
-        self._check_count(len(images), "images")
-        return np.stack([check_pixels(img, f"images[{i}]") for i, img in enumerate(images)])
-
     def _check_encoded(self, images: list[bytes], where: str) -> None:
         """Per-image and per-request budgets, from the images' headers, before anything is decoded."""
         s, total = self.settings, 0
@@ -407,14 +404,12 @@ class Classifier:
         return out
 
     def images_from_b64(self, images_b64: list[str]) -> np.ndarray:
-        self._check_count(len(images_b64), "images")
         data = self._decode_b64(images_b64)
         self._check_encoded(data, "images_b64")
         return np.stack([decode_image(d, f"images_b64[{i}]", self.settings.max_image_pixels) for i, d in enumerate(data)])
 
     def images_from_proto(self, images: list[tuple[str, bytes]]) -> np.ndarray:
         """(kind, bytes) pairs from gRPC: kind 'raw' (784 bytes) or 'encoded' (PNG/JPEG)."""
-        self._check_count(len(images), "images")
         for i, (kind, _) in enumerate(images):
             if kind not in ("raw", "encoded"):
                 raise InvalidInput(f"images[{i}] has no data (set raw or encoded)")
@@ -440,7 +435,7 @@ class Classifier:
         batcher.admit(n)
         try:
             t0 = time.perf_counter()
-            pixels = await self._run(heavy, build)
+            pixels = await self.offload(build, heavy=heavy)
         except BaseException:
             batcher.release(n)
             raise

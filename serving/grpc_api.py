@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.auth import ApiKeyInterceptor, ApiKeys
-from serving.core import Classifier, Result, request_id
+from serving.core import INLINE_IMAGES, Classifier, Result, request_id
 from serving.errors import InvalidInput, Overloaded, ServiceError
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 
@@ -66,6 +66,15 @@ def sentiment_response(r: Result) -> pb.SentimentResponse:
     )
 
 
+async def abort(context, e: ServiceError):
+    """End the call with the error's status and message; the request id and, for an overload,
+    the time to retry after go in the trailing metadata."""
+    trailing = [("x-request-id", request_id.get())]
+    if isinstance(e, Overloaded):
+        trailing.append(("grpc-retry-pushback-ms", str(max(1, int(e.retry_after_s * 1000)))))
+    await context.abort(e.grpc_status, e.message, trailing_metadata=tuple(trailing))
+
+
 def _metadata(context) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
@@ -78,9 +87,7 @@ class ClassifierServicer:
 
     async def _parse(self, cls, data: bytes, method: str):
         try:
-            if len(data) <= self.core.settings.inline_parse_bytes:
-                return cls.FromString(data)
-            return await asyncio.to_thread(cls.FromString, data)
+            return await self.core.offload(cls.FromString, data, heavy=len(data) > self.core.settings.inline_parse_bytes)
         except (DecodeError, UnicodeDecodeError, ValueError) as e:
             malformed_log.warning("%s: undecodable %s (%d bytes): %s", method, cls.DESCRIPTOR.name, len(data), e)
             raise InvalidInput(f"request is not a valid {cls.DESCRIPTOR.full_name} message ({e})") from None
@@ -93,12 +100,6 @@ class ClassifierServicer:
         request_id.set(rid)
         context.set_trailing_metadata((("x-request-id", rid),))
         return self.core.deadline(context.time_remaining())
-
-    async def _abort(self, context, e: ServiceError):  # (self unused: also called by AdmissionInterceptor)
-        trailing = [("x-request-id", request_id.get())]
-        if isinstance(e, Overloaded):
-            trailing.append(("grpc-retry-pushback-ms", str(max(1, int(e.retry_after_s * 1000)))))
-        await context.abort(e.grpc_status, e.message, trailing_metadata=tuple(trailing))
 
     async def _sentiment(self, data: bytes, endpoint: str, deadline: float) -> pb.SentimentResponse:
         with self.core.track("grpc", endpoint) as call:
@@ -114,7 +115,7 @@ class ClassifierServicer:
         try:
             return await self._sentiment(data, "ClassifySentiment", deadline)
         except ServiceError as e:
-            await self._abort(context, e)
+            await abort(context, e)
 
     async def StreamClassifySentiment(self, request_iterator, context):
         self._begin(context)
@@ -122,7 +123,7 @@ class ClassifierServicer:
             async for data in request_iterator:
                 yield await self._sentiment(data, "StreamClassifySentiment", self.core.deadline(context.time_remaining()))
         except ServiceError as e:
-            await self._abort(context, e)
+            await abort(context, e)
 
     async def ClassifyDigits(self, data: bytes, context):
         deadline = self._begin(context)
@@ -132,11 +133,11 @@ class ClassifierServicer:
                 request = await self._parse(pb.DigitsRequest, data, "ClassifyDigits")
                 images = [(img.WhichOneof("data") or "", getattr(img, img.WhichOneof("data") or "raw")) for img in request.images]
                 call.model = request.model or "digits"
-                heavy = len(images) > 8 or any(kind == "encoded" for kind, _ in images)
+                heavy = len(images) > INLINE_IMAGES or any(kind == "encoded" for kind, _ in images)
                 r = await self.core.digits(len(images), lambda: self.core.images_from_proto(images), call.model,
                                            request.version or None, heavy, deadline, call, request.version_label or None)
         except ServiceError as e:
-            await self._abort(context, e)
+            await abort(context, e)
         return pb.DigitsResponse(
             model=pb.ModelRef(name=r.model, version=r.version),
             predictions=[pb.DigitPrediction(label=p.label, score=p.score, probabilities=p.probabilities) for p in r.predictions],
@@ -164,7 +165,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 handler = await continuation(details)
 
                 async def refuse(request, context):
-                    await ClassifierServicer._abort(None, context, refused)
+                    await abort(context, refused)
 
                 return grpc.unary_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
         return await continuation(details)

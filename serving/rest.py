@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from serving.auth import ApiKeyMiddleware, ApiKeys
-from serving.core import TEXT_PATTERN, Classifier, Result, request_id
+from serving.core import INLINE_IMAGES, TEXT_PATTERN, Classifier, Result, request_id
 from serving.errors import Cancelled, InvalidInput, Overloaded, ServiceError, UnsupportedMediaType
 from serving.images import SIZE, check_pixels
 
@@ -95,6 +95,8 @@ class DigitsRequest(msgspec.Struct):
 
 # Strict numbers (no bools or strings); shape and range are checked by check_pixels, whose messages say more.
 _decode_image28 = msgspec.json.Decoder(list[list[float]])
+_decode_sentiment = msgspec.json.Decoder(SentimentRequest)
+_decode_digits = msgspec.json.Decoder(DigitsRequest)
 
 
 # -- responses (documented in OpenAPI) ------------------------------------------------
@@ -316,15 +318,13 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, "INTERNAL", f"internal error ({type(e).__name__}); it has been logged")
 
-    async def decode(request: Request, kind: str, struct: type):
+    async def decode(request: Request, kind: str, decoder: msgspec.json.Decoder):
         """Admission before work, then the body, decoded strictly (off the loop when large)."""
         core.precheck(kind)
         _check_content_type(request)
         body = await request.body()
         try:
-            if len(body) <= s.inline_parse_bytes:
-                return msgspec.json.decode(body, type=struct)
-            return await asyncio.to_thread(msgspec.json.decode, body, type=struct)
+            return await core.offload(decoder.decode, body, heavy=len(body) > s.inline_parse_bytes)
         except msgspec.MsgspecError as e:
             raise InvalidInput(_validation_message(e)) from None
 
@@ -354,7 +354,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         """Classify review texts as negative/positive, in input order."""
         deadline = core.deadline()
         with core.track("rest", SENTIMENT) as call:
-            req = await decode(request, "text", SentimentRequest)
+            req = await decode(request, "text", _decode_sentiment)
             call.model = req.model or s.default_sentiment_model
             r = await until_done(request, core.sentiment(req.texts, req.model, _version(req.version), deadline, call,
                                                           _label(req)))
@@ -376,12 +376,12 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         """Classify 28x28 images (or PNG/JPEG of any size) as digits 0-9. Give exactly one of images or images_b64."""
         deadline = core.deadline()
         with core.track("rest", DIGITS) as call:
-            req = await decode(request, "image", DigitsRequest)
+            req = await decode(request, "image", _decode_digits)
             call.model = req.model or "digits"
             if (req.images is None) == (req.images_b64 is None):
                 raise InvalidInput("give exactly one of images or images_b64")
             if req.images is not None:
-                n, build, heavy = len(req.images), (lambda: pixels(req.images)), len(req.images) > 8
+                n, build, heavy = len(req.images), (lambda: pixels(req.images)), len(req.images) > INLINE_IMAGES
             else:
                 n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
             r = await until_done(request, core.digits(n, build, req.model, _version(req.version), heavy, deadline,

@@ -437,6 +437,18 @@ def fake_tfserving():
         server.server_close()
 
 
+def model_states(case: str, names: list[str]) -> dict:
+    """What the fake TF Serving reports per model for a healthcheck case: all AVAILABLE but one."""
+    states = {n: "AVAILABLE" for n in names}
+    if case == "one loading":
+        states[names[-1]] = "LOADING"
+    elif case == "one missing":
+        states[names[0]] = None
+    elif case == "one failed":
+        states[names[1]] = "END"
+    return states
+
+
 @pytest.mark.skipif(not (shutil.which("bash") and shutil.which("grep")), reason="the healthcheck script needs bash and grep")
 @pytest.mark.parametrize("case,healthy", [
     ("all available", True),
@@ -446,14 +458,7 @@ def fake_tfserving():
 ])
 def test_tfserving_healthcheck_passes_only_when_every_model_is_available(case, healthy, compose, fake_tfserving):
     port, states = fake_tfserving
-    names = DEFAULTS["models"]
-    states.update({n: "AVAILABLE" for n in names})
-    if case == "one loading":
-        states[names[-1]] = "LOADING"
-    elif case == "one missing":
-        states[names[0]] = None
-    elif case == "one failed":
-        states[names[1]] = "END"
+    states.update(model_states(case, DEFAULTS["models"]))
     script = healthcheck_script(services(compose)["tfserving"])
     rest_api_port = flags(services(compose)["tfserving"]["command"])["rest_api_port"]
     assert f"/dev/tcp/127.0.0.1/{rest_api_port}" in script

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from serving.settings import Settings
-from tests.test_deploy import assert_pinned, fake_tfserving, flags  # noqa: F401  (fake_tfserving: a fixture)
+from tests.test_deploy import assert_pinned, fake_tfserving, flags, model_states  # noqa: F401  (fake_tfserving: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -415,14 +415,8 @@ def test_tfserving_probe_passes_only_when_every_configured_model_is_available(
     text = (TFSERVING_CONFIG / "models.config").read_text()
     names = re.findall(r'^\s*name:\s*"([^"]+)"', text, flags=re.M)
     assert sorted(names) == sorted(DEFAULTS["models"])
-    states.update({n: "AVAILABLE" for n in names})
-    if case == "one loading":
-        states[names[-1]] = "LOADING"
-    elif case == "one missing":
-        states[names[0]] = None
-    elif case == "one failed":
-        states[names[1]] = "END"
-    elif case.startswith("a model added"):
+    states.update(model_states(case, names))
+    if case.startswith("a model added"):
         text = text.replace("model_config_list {", 'model_config_list {\n  config {\n    name: "new_model"\n'
                             '    base_path: "/models/new_model"\n    model_platform: "tensorflow"\n  }', 1)
     config.write_text(text)
