@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import uvloop  # noqa: E402
 
 from serving.__main__ import Gateway  # noqa: E402
-from serving.backend import EmbeddedBackend  # noqa: E402
+from serving.backends.embedded import EmbeddedBackend  # noqa: E402
 from serving.settings import Settings  # noqa: E402
 
 

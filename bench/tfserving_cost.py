@@ -48,7 +48,7 @@ def parts(model: str, texts: list[str], seconds: float = 1.0) -> dict:
 
     from serving.gen.tensorflow_serving.apis import predict_pb2
     from serving.repository import read_version, versions_on_disk
-    from serving.tensors import from_tensor_proto, to_tensor_proto
+    from serving.backends.tensors import from_tensor_proto, to_tensor_proto
 
     v = read_version(ROOT / "models", model, versions_on_disk(ROOT / "models", model)[-1])
     batch = texts[:256]

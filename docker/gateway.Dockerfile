@@ -23,7 +23,7 @@ COPY training/ training/
 COPY serving/ serving/
 RUN pip install --no-cache-dir '.[serve]' \
  && python -c "import importlib.util, sys; sys.exit('tensorflow must not be in the gateway image' if importlib.util.find_spec('tensorflow') else 0)" \
- && cd / && python -c "import serving.__main__, serving.backend_tfserving, uvloop"
+ && cd / && python -c "import serving.__main__, serving.backends.tfserving, uvloop"
 
 # -- runtime: the venv only, as a non-root user ---------------------------------
 FROM python:3.11.14-slim-bookworm

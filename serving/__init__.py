@@ -1,5 +1,5 @@
 """The gateway: one protocol-independent core with thin REST and gRPC adapters.
 
     request -> core.Classifier (validate -> preprocess -> batcher -> backend -> postprocess)
-    REST (serving.rest, FastAPI) and gRPC (serving.grpc_api) only translate.
+    REST (serving.api.rest.app, FastAPI) and gRPC (serving.api.grpc.server) only translate.
 """

@@ -20,11 +20,11 @@ import grpc
 import uvicorn
 
 from serving.auth import ApiKeys
-from serving.backend import Backend, make_backend
-from serving.connections import guarded_protocol
+from serving.backends import Backend, make_backend
+from serving.api.rest.connections import guarded_protocol
 from serving.core import Classifier
-from serving.grpc_api import GrpcServer
-from serving.rest import create_app
+from serving.api.grpc.server import GrpcServer
+from serving.api.rest.app import create_app
 from serving.settings import Settings
 
 log = logging.getLogger("serving")

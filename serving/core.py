@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.backend import Backend
+from serving.backends import Backend
 from serving.batching import Batcher
 from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from serving.images import decode_image, from_raw_bytes, image_pixels

@@ -1,15 +1,10 @@
-"""Backends: where the probabilities come from, behind one small interface.
-
-``predict(model, version, batch) -> probabilities`` is blocking and is called
-from a worker thread by the batcher, never on the event loop.
-"""
+"""The embedded backend: the SavedModels loaded in the gateway's own process with TensorFlow."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 
@@ -18,24 +13,6 @@ from serving.repository import ModelVersion, read_version, versions_on_disk
 from serving.settings import Settings
 
 log = logging.getLogger("serving.backend")
-
-
-class Backend(Protocol):
-    def load(self) -> None:
-        """Load and warm every configured model (blocking; run in a thread)."""
-
-    def versions(self) -> dict[str, dict[int, ModelVersion]]:
-        """Every configured model's versions, loaded or not, with their state."""
-
-    def predict(self, model: str, version: int, batch: np.ndarray, request_ids: Sequence[str] = ()) -> np.ndarray:
-        """float32 probabilities [len(batch), classes] (blocking). ``request_ids``: of the requests
-        whose rows make up the batch (for the backend's logs/traces)."""
-
-    def status(self) -> tuple[bool, str]:
-        """(ready, reason): ready once every configured model is loaded and warmed."""
-
-    def close(self) -> None:
-        """Release connections and threads (at shutdown)."""
 
 
 class EmbeddedBackend:
@@ -111,13 +88,3 @@ class EmbeddedBackend:
                 if v.state != "AVAILABLE":
                     return False, f"model {name!r} version {v.version} is {v.state}" + (f": {v.error}" if v.error else "")
         return True, "all models loaded and warmed"
-
-
-def make_backend(settings: Settings) -> Backend:
-    if settings.backend == "embedded":
-        return EmbeddedBackend(settings)
-    if settings.backend == "tfserving":
-        from serving.backend_tfserving import TFServingBackend
-
-        return TFServingBackend(settings)
-    raise ValueError(f"unknown backend {settings.backend!r}")

@@ -6,7 +6,7 @@ bound. Here every connection must send its request head within
 ``http_header_timeout_s`` (counted from the connection or from the previous
 response) and each part of its body within ``http_body_timeout_s``, else it
 gets 408 and is closed; and at most ``max_connections`` are open: more are
-answered 503 at once and closed. (gRPC has its own limits: serving/grpc_api.py.)
+answered 503 at once and closed. (gRPC has its own limits: serving/api/grpc/server.py.)
 """
 
 from __future__ import annotations

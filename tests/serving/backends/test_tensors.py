@@ -12,7 +12,7 @@ from tensorflow_serving.apis import predict_pb2 as official_predict_pb2
 
 from serving.gen.tensorflow.core.framework import tensor_pb2
 from serving.gen.tensorflow_serving.apis import predict_pb2
-from serving.tensors import from_tensor_proto, to_tensor_proto
+from serving.backends.tensors import from_tensor_proto, to_tensor_proto
 
 rng = np.random.default_rng(0)
 ARRAYS = [

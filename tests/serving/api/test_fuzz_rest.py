@@ -46,13 +46,13 @@ gateway's start (1000 examples per operation: ~4 minutes).
 
 A bigger campaign locally::
 
-    FUZZ_REST_MAX_EXAMPLES=2000 FUZZ_REST_SEED=$RANDOM .venv/bin/pytest tests/test_fuzz_rest.py
+    FUZZ_REST_MAX_EXAMPLES=2000 FUZZ_REST_SEED=$RANDOM .venv/bin/pytest tests/serving/api/test_fuzz_rest.py
 
 or the CLI against a running gateway (same config; the images_b64 exclusion
 above is pytest-only, so the CLI reports those ST202 cases, which are expected)::
 
     .venv/bin/python -m serving &
-    .venv/bin/python -c "from tests.test_fuzz_rest import CONFIG_TOML; print(CONFIG_TOML)" > /tmp/st.toml
+    .venv/bin/python -c "from tests.serving.api.test_fuzz_rest import CONFIG_TOML; print(CONFIG_TOML)" > /tmp/st.toml
     .venv/bin/schemathesis --config-file /tmp/st.toml run http://127.0.0.1:8000/openapi.json \\
         --max-examples 2000 --workers 2 --continue-on-failure    # or: schemathesis fuzz ... --max-time 600
 """

@@ -27,7 +27,7 @@ import yaml
 
 from serving.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE = "docker-compose.yml"
 GPU = "docker-compose.gpu.yml"
 COMPOSE_FILES = [BASE, GPU]
@@ -331,7 +331,7 @@ def test_prometheus_scrapes_compose_services_on_their_metrics_paths(compose):
     rest_api_port = flags(services(compose)["tfserving"]["command"])["rest_api_port"]
     monitoring = (ROOT / "serving/tfserving/monitoring.config").read_text()
     monitoring_path = (re.findall(r'\bpath:\s*"([^"]+)"', monitoring) or ["/monitoring/prometheus/metrics"])[0]
-    assert '@app.get("/metrics"' in (ROOT / "serving/rest.py").read_text()
+    assert '@app.get("/metrics"' in (ROOT / "serving/api/rest/app.py").read_text()
     expected = {f"gateway:{DEFAULTS['rest_port']}": "/metrics", f"tfserving:{rest_api_port}": monitoring_path}
     seen = {}
     for job in prom["scrape_configs"]:

@@ -40,7 +40,7 @@ from serving.gen.tensorflow_serving.apis import (
 )
 from serving.repository import ModelVersion, read_version
 from serving.settings import Settings
-from serving.tensors import dtype_name, from_tensor_proto, to_tensor_proto
+from serving.backends.tensors import dtype_name, from_tensor_proto, to_tensor_proto
 
 log = logging.getLogger("serving.tfserving")
 State = get_model_status_pb2.ModelVersionStatus.State

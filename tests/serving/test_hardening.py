@@ -25,7 +25,7 @@ from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.settings import Settings
 from tests.gateway import gateway_in_thread, gateway_process, wait_until
-from tests.test_gateway_lifecycle import HeldBackend
+from tests.serving.test_gateway_lifecycle import HeldBackend
 
 PREDICT = "/v1/sentiment:predict"
 

@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway import ROOT, gateway_process
-from tests.test_deploy import host_path, load
+from tests.deploy.test_deploy import host_path, load
 
 ALERTS = ROOT / "deploy" / "alerts.yml"
 ALERTS_TEST = ROOT / "deploy" / "alerts_test.yml"

@@ -262,7 +262,7 @@ def test_grpc_health_is_public_and_unknown_methods_reveal_nothing(grpc_target):
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-# --- End to end through the gateway (needs the wiring in serving/rest.py and serving/grpc_api.py) ---
+# --- End to end through the gateway (needs the wiring in serving/api/rest/app.py and serving/api/grpc/server.py) ---
 
 
 def test_gateway_requires_keys():

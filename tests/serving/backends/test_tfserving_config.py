@@ -3,7 +3,7 @@
 A typo in these files would otherwise only show when the model server starts (or,
 for models.config, at its next poll). ``models.config`` is checked with the official
 ``ModelServerConfig`` from the tensorflow-serving-api package. ``MonitoringConfig``
-and ``BatchingParameters`` are not in that package: tests/protos/ holds copies of
+and ``BatchingParameters`` are not in that package: tests/serving/backends/protos/ holds copies of
 them (same package, names and field numbers), compiled by protoc in a subprocess
 (protoc's runtime and TensorFlow must not share a process) and loaded into a
 private descriptor pool, so they never clash with TensorFlow's own registrations.
@@ -22,7 +22,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = ROOT / "serving" / "tfserving"
 MODELS_DIR = ROOT / "models"  # mounted read-only at /models in the TF Serving container
 PROTO_DIR = Path(__file__).resolve().parent / "protos"
@@ -43,7 +43,7 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="module")
 def tfs(tmp_path_factory) -> dict[str, type]:
-    """Message classes of the test copies in tests/protos/, from a private pool."""
+    """Message classes of the test copies in tests/serving/backends/protos/, from a private pool."""
     out = tmp_path_factory.mktemp("tfserving_protos") / "descriptors.pb"
     # google/protobuf/wrappers.proto ships with grpc_tools; locate it without importing it.
     wkt = Path(importlib.util.find_spec("grpc_tools").submodule_search_locations[0]) / "_proto"

@@ -12,7 +12,7 @@ from training.evaluate import load_version, predict
 from training.export import existing_versions
 from training.models import SPECS
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 TARGETS = {"digits": 0.988, "sentiment_lstm": 0.75, "sentiment_bilstm": 0.75}
 
 

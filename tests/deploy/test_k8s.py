@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from serving.settings import Settings
-from tests.test_deploy import assert_pinned, fake_tfserving, flags, model_states  # noqa: F401  (fake_tfserving: a fixture)
+from tests.deploy.test_deploy import assert_pinned, fake_tfserving, flags, model_states  # noqa: F401  (fake_tfserving: a fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ["dev", "gpu"]
 COMPONENTS = ["prometheus-operator", "grpc-ingress"]
@@ -142,9 +142,9 @@ def probes(c: dict) -> dict[str, dict]:
 
 
 def app_routes() -> set[str]:
-    """The REST paths of the real FastAPI app, else (if it cannot be built here) the decorators in serving/rest.py."""
+    """The REST paths of the real FastAPI app, else (if it cannot be built here) the decorators in serving/api/rest/app.py."""
     try:
-        from serving.rest import create_app
+        from serving.api.rest.app import create_app
 
         core = types.SimpleNamespace(settings=Settings(), record=lambda *a, **k: None)
         return {r.path for r in create_app(core).routes}
@@ -769,7 +769,7 @@ def test_rollout_train_renders_a_valid_job_for_the_model():
 
 # -- images built here -------------------------------------------------------------------
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    from tests.test_deploy import dockerfile
+    from tests.deploy.test_deploy import dockerfile
 
     return dockerfile(path)
 

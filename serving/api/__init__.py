@@ -1,0 +1,1 @@
+"""Protocol adapters over serving.core: REST (FastAPI) and gRPC."""
