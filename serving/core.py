@@ -36,6 +36,7 @@ from serving.metrics import Metrics
 from serving.model_config import STABLE, ModelsConfig
 from serving.repository import ModelVersion
 from serving.settings import Settings
+from training.text import OOV_ID, START_ID
 
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")
@@ -44,7 +45,8 @@ access_log = logging.getLogger("serving.access")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 ENDPOINTS = ["/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
-             "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment"]
+             "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment",
+             "/v2/models/{name}/infer", "ModelInfer"]
 # What makes a text empty: Python's whitespace plus the byte-order mark, i.e. the same set
 # in Python and in the OpenAPI schema's ECMA regex (TEXT_PATTERN), written out so that
 # both read it alike (their \s differ).
@@ -369,14 +371,38 @@ class Classifier:
         for e in encoded:
             if e.tokens:
                 ratio.observe(e.unknown_tokens / e.tokens)
-        probs = await self._predict(batcher, ids, deadline, f"{len(texts)} texts for {v.name}/{v.version}")
-        m.items.labels(name).inc(len(texts))
+        return await self._classify_ids(v, batcher, ids, [(e.tokens, e.unknown_tokens) for e in encoded], deadline)
+
+    async def sentiment_ids(self, ids: np.ndarray, model: str | None = None, version: int | None = None,
+                            deadline: float | None = None, call: Call | None = None, label: str | None = None) -> Result:
+        """Token ids a client made itself ([n, maxlen], the model's vocabulary): checked, not tokenised."""
+        name = model or self.settings.default_sentiment_model
+        v, batcher = self.resolve(name, version, "text", label)
+        n = len(ids)
+        if call:
+            call.version, call.items = v.version, n
+        self._check_count(n, "token id rows")
+        vocab, maxlen = len(v.preprocessor.vocab), v.preprocessor.maxlen
+        if ids.ndim != 2 or ids.shape[1] != maxlen:
+            raise InvalidInput(f"token ids have shape {list(ids.shape)}; {v.name}/{v.version} takes [n, {maxlen}]")
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise InvalidInput(f"token ids must be in 0..{vocab - 1} (the vocabulary of {v.name}/{v.version})")
+        batcher.admit(n)
+        ids = ids.astype(np.int32, copy=False)
+        counts = [(int(t), int(u)) for t, u in zip(np.count_nonzero(ids > START_ID, axis=1), np.count_nonzero(ids == OOV_ID, axis=1))]
+        return await self._classify_ids(v, batcher, ids, counts, deadline)
+
+    async def _classify_ids(self, v: ModelVersion, batcher: Batcher, ids: np.ndarray, counts: list[tuple[int, int]],
+                            deadline: float | None) -> Result:
+        """The model's probabilities for admitted rows of ids; ``counts``: (tokens, unknown tokens) per row."""
+        probs = await self._predict(batcher, ids, deadline, f"{len(ids)} texts for {v.name}/{v.version}")
+        self.metrics.items.labels(v.name).inc(len(ids))
         labels = v.labels
         preds = []
-        for e, row in zip(encoded, probs.tolist()):
+        for (tokens, unknown), row in zip(counts, probs.tolist()):
             k = 0 if row[0] >= row[1] else 1
-            preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), e.tokens, e.unknown_tokens))
-        return Result(name, v.version, preds)
+            preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), tokens, unknown))
+        return Result(v.name, v.version, preds)
 
     # -- digits -----------------------------------------------------------------
     def _check_encoded(self, images: list[bytes], where: str) -> None:
@@ -404,9 +430,12 @@ class Classifier:
         return out
 
     def images_from_b64(self, images_b64: list[str]) -> np.ndarray:
-        data = self._decode_b64(images_b64)
-        self._check_encoded(data, "images_b64")
-        return np.stack([decode_image(d, f"images_b64[{i}]", self.settings.max_image_pixels) for i, d in enumerate(data)])
+        return self.images_from_encoded(self._decode_b64(images_b64), "images_b64")
+
+    def images_from_encoded(self, images: list[bytes], where: str) -> np.ndarray:
+        """PNG/JPEG bytes, checked against the budgets from their headers, then decoded."""
+        self._check_encoded(images, where)
+        return np.stack([decode_image(d, f"{where}[{i}]", self.settings.max_image_pixels) for i, d in enumerate(images)])
 
     def images_from_proto(self, images: list[tuple[str, bytes]]) -> np.ndarray:
         """(kind, bytes) pairs from gRPC: kind 'raw' (784 bytes) or 'encoded' (PNG/JPEG)."""

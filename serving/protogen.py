@@ -47,7 +47,7 @@ def generate(out: Path) -> list[Path]:
         if f.suffix not in (".py", ".pyi"):
             continue
         text = f.read_text()
-        text = re.sub(r"^from ((?:classifier|tensorflow|tensorflow_serving)(?:\.\w+)*) import",
+        text = re.sub(r"^from ((?:classifier|inference|tensorflow|tensorflow_serving)(?:\.\w+)*) import",
                       rf"from {GEN_PACKAGE}.\1 import", text, flags=re.M)
         rel = f.relative_to(out).parts
         if rel[0] in ("tensorflow", "tensorflow_serving") and f.suffix == ".py":

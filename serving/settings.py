@@ -107,8 +107,10 @@ class Settings(BaseSettings):
     # gRPC: the same metadata. public_paths / public_grpc_methods need no key.
     api_keys: str = ""
     api_keys_file: Path | None = None
-    public_paths: list[str] = ["/healthz", "/readyz", "/metrics"]
-    public_grpc_methods: list[str] = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+    public_paths: list[str] = ["/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"]
+    public_grpc_methods: list[str] = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                                      "/inference.GRPCInferenceService/ServerLive",
+                                      "/inference.GRPCInferenceService/ServerReady"]
     # TLS for both servers (off unless both files are given).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -27,6 +27,7 @@ import yaml
 
 from serving.settings import Settings
 from tests.deploy.test_deploy import assert_pinned, fake_tfserving, flags, model_states  # noqa: F401  (fake_tfserving: a fixture)
+from tests.venvs import tool_venv
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -40,7 +41,6 @@ DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 NAMESPACE = "classifier"
 K8S_VERSION = "1.32.0"  # the kubectl this was built with; kubernetes-validate ships 1.25 ... 1.37
 CHECKOV_VERSION = "3.3.30"
-CHECKOV_VENV = ROOT / ".pytest_cache" / "checkov-venv"
 ENV_PREFIX = "CLASSIFIER_"
 DEFAULTS = {name: f.default for name, f in Settings.model_fields.items()}
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -240,22 +240,10 @@ def test_prometheus_rule_is_generated_from_deploy_alerts():
 # -- checkov ---------------------------------------------------------------------
 def checkov_binary() -> str:
     """checkov pins packaging<24 (pytest needs >=24), so it lives in its own venv."""
-    for candidate in (os.environ.get("CHECKOV"), shutil.which("checkov"), str(CHECKOV_VENV / "bin" / "checkov")):
+    for candidate in (os.environ.get("CHECKOV"), shutil.which("checkov")):
         if candidate and Path(candidate).is_file():
             return candidate
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(CHECKOV_VENV)], check=True, capture_output=True, timeout=120)
-        r = subprocess.run([str(CHECKOV_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                            "--disable-pip-version-check", f"checkov=={CHECKOV_VERSION}"],
-                           capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as e:
-        shutil.rmtree(CHECKOV_VENV, ignore_errors=True)
-        pytest.skip(f"could not create a virtual environment for checkov: {e}")
-    if r.returncode != 0:
-        shutil.rmtree(CHECKOV_VENV, ignore_errors=True)
-        pytest.skip(f"could not install checkov=={CHECKOV_VERSION} into {CHECKOV_VENV} (no package index?); "
-                    f"install it anywhere and set CHECKOV=/path/to/checkov:\n{r.stderr[-2000:]}")
-    return str(CHECKOV_VENV / "bin" / "checkov")
+    return str(tool_venv("checkov", [f"checkov=={CHECKOV_VERSION}"]).parent / "checkov")
 
 
 # Findings on files this suite does not own, each with its reason (better: a

@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.repository import read_version, versions_on_disk
-from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
-from tests.tfserving_standin import StandIn
+from tests.gateway import ROOT, wait_until
 
 MODELS = ROOT / "models"
 TEXTS = [
@@ -30,23 +29,6 @@ TEXTS = [
     "The plot made no sense <br /><br />and the ending was awful!",
     "zzzz qqqq wwww",
 ]
-
-
-@pytest.fixture(scope="module", params=["embedded", "tfserving"])
-def gw(request):
-    if request.param == "embedded":
-        with gateway_process() as running:
-            running.standin = None
-            yield running
-        return
-    standin = StandIn(MODELS, ["digits", "sentiment_lstm", "sentiment_bilstm"])
-    standin.start()
-    try:
-        with gateway_process(WITHOUT_TENSORFLOW, backend="tfserving", tfserving_address=standin.address) as running:
-            running.standin = standin
-            yield running
-    finally:
-        standin.stop()
 
 
 @pytest.fixture(scope="module")

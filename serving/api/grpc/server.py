@@ -16,42 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.auth import ApiKeyInterceptor, ApiKeys
-from serving.core import INLINE_IMAGES, Classifier, Result, request_id
-from serving.errors import InvalidInput, Overloaded, ServiceError
+from serving.api.grpc import v2_servicer
+from serving.api.grpc.common import abort, begin_call, parse_message
+from serving.core import INLINE_IMAGES, Classifier, Result
+from serving.errors import ServiceError
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 
 log = logging.getLogger("serving.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
-
-class RateLimitedLog:
-    """At most one line per ``every_s`` seconds; the next one says how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
-        self.logger, self.every, self.next, self.suppressed = logger, every_s, 0.0, 0
-
-    def warning(self, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now < self.next:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += f" ({self.suppressed} similar suppressed in the last {self.every:g}s)"
-        self.next, self.suppressed = now + self.every, 0
-        self.logger.warning(msg, *args)
-
-
-malformed_log = RateLimitedLog(log)
 
 
 def sentiment_response(r: Result) -> pb.SentimentResponse:
@@ -66,19 +45,6 @@ def sentiment_response(r: Result) -> pb.SentimentResponse:
     )
 
 
-async def abort(context, e: ServiceError):
-    """End the call with the error's status and message; the request id and, for an overload,
-    the time to retry after go in the trailing metadata."""
-    trailing = [("x-request-id", request_id.get())]
-    if isinstance(e, Overloaded):
-        trailing.append(("grpc-retry-pushback-ms", str(max(1, int(e.retry_after_s * 1000)))))
-    await context.abort(e.grpc_status, e.message, trailing_metadata=tuple(trailing))
-
-
-def _metadata(context) -> dict[str, str]:
-    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
 class ClassifierServicer:
     """The three RPCs over the core. Requests come in as bytes (see :func:`handlers`)."""
 
@@ -86,20 +52,10 @@ class ClassifierServicer:
         self.core = core
 
     async def _parse(self, cls, data: bytes, method: str):
-        try:
-            return await self.core.offload(cls.FromString, data, heavy=len(data) > self.core.settings.inline_parse_bytes)
-        except (DecodeError, UnicodeDecodeError, ValueError) as e:
-            malformed_log.warning("%s: undecodable %s (%d bytes): %s", method, cls.DESCRIPTOR.name, len(data), e)
-            raise InvalidInput(f"request is not a valid {cls.DESCRIPTOR.full_name} message ({e})") from None
+        return await parse_message(self.core, cls, data, method)
 
     def _begin(self, context) -> float:
-        """Request id and deadline of this call."""
-        md = _metadata(context)
-        rid = md.get("x-request-id", "")
-        rid = rid[:128] if rid and rid.isascii() else uuid.uuid4().hex
-        request_id.set(rid)
-        context.set_trailing_metadata((("x-request-id", rid),))
-        return self.core.deadline(context.time_remaining())
+        return begin_call(self.core, context)
 
     async def _sentiment(self, data: bytes, endpoint: str, deadline: float) -> pb.SentimentResponse:
         with self.core.track("grpc", endpoint) as call:
@@ -228,10 +184,11 @@ class GrpcServer:
         interceptors = [ApiKeyInterceptor(self.keys, core.settings.public_grpc_methods)] if self.keys.enabled else []
         interceptors.append(AdmissionInterceptor(core))
         self.server = grpc.aio.server(options=server_options(core), interceptors=interceptors)
-        self.server.add_generic_rpc_handlers((handlers(ClassifierServicer(core)),))
+        self.server.add_generic_rpc_handlers((handlers(ClassifierServicer(core)),
+                                              v2_servicer.handlers(v2_servicer.InferenceServicer(core))))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+        names = (SERVICE_NAME, v2_servicer.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
         v1alpha = reflection.aio.ReflectionServicer(names)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(v1alpha, self.server)
         self.server.add_generic_rpc_handlers((reflection_v1(v1alpha),))

@@ -244,7 +244,7 @@ def _replay(messages: list, then=None):
     return receive
 
 
-def _validation_message(e: msgspec.MsgspecError) -> str:
+def validation_message(e: msgspec.MsgspecError) -> str:
     """msgspec's "Expected `str`, got `int` - at `$.texts[0]`" -> "texts[0]: expected str, got int"."""
     if isinstance(e, msgspec.DecodeError) and not isinstance(e, msgspec.ValidationError):
         return f"body is not valid JSON ({e})"
@@ -270,6 +270,24 @@ async def until_disconnected(request: Request) -> None:
     """Returns when the client has gone (the body was read already, so only a disconnect comes)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def until_done(request: Request, work):
+    """``work`` unless the client disconnects first; then it is cancelled (queued rows dropped)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        gone.cancel()
+        raise
+    if task.done():
+        gone.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise Cancelled("client disconnected; its queued work was dropped")
 
 
 def _result(r: Result) -> Response:
@@ -326,24 +344,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         try:
             return await core.offload(decoder.decode, body, heavy=len(body) > s.inline_parse_bytes)
         except msgspec.MsgspecError as e:
-            raise InvalidInput(_validation_message(e)) from None
-
-    async def until_done(request: Request, work):
-        """``work`` unless the client disconnects first; then it is cancelled (queued rows dropped)."""
-        task = asyncio.ensure_future(work)
-        gone = asyncio.ensure_future(until_disconnected(request))
-        try:
-            await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            gone.cancel()
-            raise
-        if task.done():
-            gone.cancel()
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise Cancelled("client disconnected; its queued work was dropped")
+            raise InvalidInput(validation_message(e)) from None
 
     sentiment_body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SentimentRequest"}}}}
     digits_body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DigitsRequest"}}}}
@@ -366,7 +367,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
             try:
                 out.append(check_pixels(_decode_image28.decode(raw), f"images[{i}]"))
             except msgspec.ValidationError as e:
-                where, _, msg = _validation_message(e).partition(": ")
+                where, _, msg = validation_message(e).partition(": ")
                 raise InvalidInput(f"images[{i}]{where if where != 'body' else ''}: {msg}") from None
         return np.stack(out)
 
@@ -415,6 +416,10 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
             )
         return {"models": out}
 
+    from serving.api.rest.v2_endpoints import V2InferRequest, add_v2_routes  # it imports this module's helpers
+
+    add_v2_routes(app, core)
+
     @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["ops"])
     async def healthz():
         """The process is alive (answers while draining too)."""
@@ -436,7 +441,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         return Response(core.render_metrics(), media_type=core.metrics.content_type)
 
     # The request bodies' JSON Schema, with the limits the server enforces.
-    (_, components) = msgspec.json.schema_components([SentimentRequest, DigitsRequest],
+    (_, components) = msgspec.json.schema_components([SentimentRequest, DigitsRequest, V2InferRequest],
                                                      ref_template="#/components/schemas/{name}")
     sent = components["SentimentRequest"]["properties"]
     sent["texts"].update(minItems=1, maxItems=s.max_items_per_request)
@@ -464,6 +469,16 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
                 warnings.filterwarnings("ignore", message="Duplicate Operation ID")
                 schema = base_openapi()
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            # V2 paths: the model name is one of the configured models. Their string path
+            # parameters cannot fail FastAPI's validation: no 422 (errors are 400, in one shape).
+            for path, ops in schema["paths"].items():
+                for op in ops.values():
+                    op["responses"].pop("422", None)
+                    for param in op.get("parameters", []):
+                        if path.startswith("/v2/models/") and param["name"] == "name":
+                            param["schema"]["enum"] = list(s.models)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(unused, None)
             for ops in schema["paths"].values():
                 if "head" in ops and "get" in ops and ops["head"].get("operationId") == ops["get"].get("operationId"):
                     ops["head"]["operationId"] = ops["get"]["operationId"].removesuffix("_get") + "_head"

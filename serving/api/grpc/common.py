@@ -1,0 +1,71 @@
+"""What the gateway's gRPC services share: parsing request bytes, the call's id and deadline, errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from google.protobuf.message import DecodeError
+
+from serving.core import Classifier, request_id
+from serving.errors import InvalidInput, Overloaded, ServiceError
+
+log = logging.getLogger("serving.grpc")
+
+
+class RateLimitedLog:
+    """At most one line per ``every_s`` seconds; the next one says how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
+        self.logger, self.every, self.next, self.suppressed = logger, every_s, 0.0, 0
+
+    def warning(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += f" ({self.suppressed} similar suppressed in the last {self.every:g}s)"
+        self.next, self.suppressed = now + self.every, 0
+        self.logger.warning(msg, *args)
+
+
+malformed_log = RateLimitedLog(log)
+
+
+malformed_log = RateLimitedLog(log)
+
+
+async def parse_message(core: Classifier, cls, data: bytes, method: str):
+    """The request message from its bytes (off the event loop when large); INVALID_ARGUMENT
+    with one rate-limited WARNING, no traceback, when they do not parse."""
+    try:
+        return await core.offload(cls.FromString, data, heavy=len(data) > core.settings.inline_parse_bytes)
+    except (DecodeError, UnicodeDecodeError, ValueError) as e:
+        malformed_log.warning("%s: undecodable %s (%d bytes): %s", method, cls.DESCRIPTOR.name, len(data), e)
+        raise InvalidInput(f"request is not a valid {cls.DESCRIPTOR.full_name} message ({e})") from None
+
+
+def begin_call(core: Classifier, context) -> float:
+    """Request id (taken from ``x-request-id`` metadata or made; returned in the trailing metadata)
+    and the event-loop deadline of this call."""
+    md = _metadata(context)
+    rid = md.get("x-request-id", "")
+    rid = rid[:128] if rid and rid.isascii() else uuid.uuid4().hex
+    request_id.set(rid)
+    context.set_trailing_metadata((("x-request-id", rid),))
+    return core.deadline(context.time_remaining())
+
+
+async def abort(context, e: ServiceError):
+    """End the call with the error's status and message; the request id and, for an overload,
+    the time to retry after go in the trailing metadata."""
+    trailing = [("x-request-id", request_id.get())]
+    if isinstance(e, Overloaded):
+        trailing.append(("grpc-retry-pushback-ms", str(max(1, int(e.retry_after_s * 1000)))))
+    await context.abort(e.grpc_status, e.message, trailing_metadata=tuple(trailing))
+
+
+def _metadata(context) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}

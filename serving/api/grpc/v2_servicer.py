@@ -1,0 +1,114 @@
+"""Open Inference Protocol (V2) over gRPC: ``inference.GRPCInferenceService``, from the
+protocol's own .proto (protos/inference/), on the gateway's gRPC port.
+
+Inputs come as ``raw_input_contents`` (what tritonclient and the kserve client send)
+or as typed ``contents``; outputs go back as ``raw_output_contents``, as Triton does.
+What a model takes and returns is in serving/api/v2.py (shared with REST); errors end
+the call with the status code and message of /v1. Requests arrive as bytes and are
+parsed here, as for classifier.v1, so an undecodable message is INVALID_ARGUMENT.
+A server that is not ready answers ServerReady/ModelReady with ``ready: false``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from serving.api.grpc.common import abort, begin_call, parse_message
+from serving.api.v2 import DataPlane, Tensor, from_raw, from_values, to_raw
+from serving.core import Classifier
+from serving.errors import InvalidInput, ServiceError
+from serving.gen.inference import open_inference_grpc_pb2 as pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+# Which typed field of InferTensorContents holds each datatype's values.
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP16": "fp32_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def input_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    out = []
+    for i, t in enumerate(request.inputs):
+        if raw:
+            out.append(from_raw(t.name, t.datatype, list(t.shape), raw[i]))
+        else:
+            field = CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise InvalidInput(f"input {t.name!r}: unknown datatype {t.datatype[:40]!r}")
+            values = list(getattr(t.contents, field))
+            out.append(from_values(t.name, t.datatype, list(t.shape), values))
+    return out
+
+
+class InferenceServicer:
+    def __init__(self, core: Classifier):
+        self.core = core
+        self.plane = DataPlane(core)
+
+    async def ServerLive(self, data: bytes, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, data: bytes, context):
+        return pb.ServerReadyResponse(ready=self.core.ready()[0])
+
+    async def ServerMetadata(self, data: bytes, context):
+        return pb.ServerMetadataResponse(**self.plane.server_metadata())
+
+    async def ModelReady(self, data: bytes, context):
+        begin_call(self.core, context)
+        try:
+            request = await parse_message(self.core, pb.ModelReadyRequest, data, "ModelReady")
+            return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
+        except ServiceError as e:
+            await abort(context, e)
+
+    async def ModelMetadata(self, data: bytes, context):
+        begin_call(self.core, context)
+        try:
+            request = await parse_message(self.core, pb.ModelMetadataRequest, data, "ModelMetadata")
+            m = self.plane.model_metadata(request.name, request.version)
+        except ServiceError as e:
+            await abort(context, e)
+        T = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=m["name"], versions=m["versions"], platform=m["platform"],
+            inputs=[T(**t) for t in m["inputs"]], outputs=[T(**t) for t in m["outputs"]],
+        )
+
+    async def ModelInfer(self, data: bytes, context):
+        deadline = begin_call(self.core, context)
+        core = self.core
+        try:
+            with core.track("grpc", "ModelInfer") as call:
+                request = await parse_message(core, pb.ModelInferRequest, data, "ModelInfer")
+                call.model = request.model_name
+                tensors = await core.offload(input_tensors, request, heavy=len(data) > core.settings.inline_parse_bytes)
+                wanted = [o.name for o in request.outputs] or None
+                r = await self.plane.infer(request.model_name, request.model_version, tensors, wanted, deadline, call)
+        except ServiceError as e:
+            await abort(context, e)
+        response = pb.ModelInferResponse(model_name=r.model, model_version=str(r.version), id=request.id)
+        for t in r.outputs:
+            response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+            response.raw_output_contents.append(to_raw(t))
+        return response
+
+
+def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """inference.GRPCInferenceService with bytes in (parsed by the servicer) and messages out."""
+    unary = lambda fn, cls: grpc.unary_unary_rpc_method_handler(fn, response_serializer=cls.SerializeToString)  # noqa: E731
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "ServerLive": unary(servicer.ServerLive, pb.ServerLiveResponse),
+        "ServerReady": unary(servicer.ServerReady, pb.ServerReadyResponse),
+        "ServerMetadata": unary(servicer.ServerMetadata, pb.ServerMetadataResponse),
+        "ModelReady": unary(servicer.ModelReady, pb.ModelReadyResponse),
+        "ModelMetadata": unary(servicer.ModelMetadata, pb.ModelMetadataResponse),
+        "ModelInfer": unary(servicer.ModelInfer, pb.ModelInferResponse),
+    })

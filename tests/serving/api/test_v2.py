@@ -1,0 +1,322 @@
+"""The Open Inference Protocol (V2) endpoints, REST and gRPC, on both backends: the same
+answers as /v1 for every kind of input, the binary tensor extension, metadata, health,
+and errors as the protocol specifies them with /v1's messages.
+
+Real gateways (`python -m serving`, embedded and TF Serving backends, the fixture of
+tests/serving/test_gateway.py); requests built here by hand from the protocol's
+specification. tests/serving/api/test_v2_clients.py runs the real tritonclient and
+kserve clients against it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.gen.inference import open_inference_grpc_pb2 as v2
+from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from serving.repository import read_version, versions_on_disk
+from tests.serving.test_gateway import MODELS, TEXTS
+
+TOKEN_MODEL = "sentiment_lstm"
+
+
+@pytest.fixture(scope="module")
+def stub(gw):
+    with grpc.insecure_channel(gw.grpc) as channel:
+        yield v2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def digits(data_dir):
+    with np.load(data_dir / "mnist.npz") as f:
+        return f["x_test"][:6]
+
+
+def v1(gw, path, body):
+    r = httpx.post(gw.rest + path, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def infer(gw, model, body, version=None, **kw):
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    return httpx.post(gw.rest + path, json=body, timeout=30, **kw)
+
+
+def outputs(body: dict) -> dict:
+    return {o["name"]: np.array(o["data"]).reshape(o["shape"]) if o["datatype"] != "BYTES" else o["data"]
+            for o in body["outputs"]}
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bytes_tensor(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def unbytes(raw: bytes) -> list[bytes]:
+    out, i = [], 0
+    while i < len(raw):
+        (n,) = struct.unpack_from("<I", raw, i)
+        out.append(raw[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+# -- REST, JSON ------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["sentiment_lstm", "sentiment_bilstm"])
+def test_rest_text_input_answers_as_v1(gw, model):
+    want = v1(gw, "/v1/sentiment:predict", {"texts": TEXTS, "model": model})
+    r = infer(gw, model, {"id": "req-7", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(TEXTS)], "data": TEXTS}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == model and body["model_version"] == str(want["model"]["version"]) and body["id"] == "req-7"
+    out = outputs(body)
+    assert out["probabilities"].shape == (len(TEXTS), 2)
+    np.testing.assert_allclose(out["probabilities"], [[p["probabilities"]["negative"], p["probabilities"]["positive"]]
+                                                      for p in want["predictions"]], atol=1e-6)
+    assert out["label"] == [p["label"] for p in want["predictions"]]
+
+
+def test_rest_token_ids_give_the_same_answer_as_the_texts_they_encode(gw):
+    mv = read_version(MODELS, TOKEN_MODEL, versions_on_disk(MODELS, TOKEN_MODEL)[-1])
+    ids = mv.preprocessor.encode_batch(TEXTS)
+    by_text = outputs(infer(gw, TOKEN_MODEL, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(TEXTS), 1],
+                                                          "data": [[t] for t in TEXTS]}]}).json())
+    r = infer(gw, TOKEN_MODEL, {"inputs": [{"name": "token_ids", "datatype": "INT32", "shape": list(ids.shape),
+                                            "data": ids.tolist()}]})
+    assert r.status_code == 200, r.text
+    by_ids = outputs(r.json())
+    np.testing.assert_allclose(by_ids["probabilities"], by_text["probabilities"], atol=1e-6)
+    assert by_ids["label"] == by_text["label"]
+    # INT64 ids, flat data, only the label asked for
+    r = infer(gw, TOKEN_MODEL, {"inputs": [{"name": "token_ids", "datatype": "INT64", "shape": list(ids.shape),
+                                            "data": ids.reshape(-1).tolist()}], "outputs": [{"name": "label"}]})
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["label"] and r.json()["outputs"][0]["data"] == by_text["label"]
+
+
+def test_rest_digits_pixels_and_encoded_images_answer_as_v1(gw, digits):
+    want = v1(gw, "/v1/digits:predict", {"images": digits.tolist()})
+    expected = np.array([p["probabilities"] for p in want["predictions"]])
+    for datatype, data in (("UINT8", digits.tolist()), ("FP32", digits.astype(np.float32).reshape(-1).tolist())):
+        r = infer(gw, "digits", {"inputs": [{"name": "image", "datatype": datatype, "shape": list(digits.shape), "data": data}]})
+        assert r.status_code == 200, r.text
+        out = outputs(r.json())
+        np.testing.assert_allclose(out["probabilities"], expected, atol=1e-6)
+        assert out["label"].tolist() == [p["label"] for p in want["predictions"]]
+        assert r.json()["outputs"][1]["datatype"] == "INT64"
+    b64 = [base64.b64encode(png(255 - d)).decode() for d in digits]  # black on white, as photographed digits are
+    want_b64 = v1(gw, "/v1/digits:predict", {"images_b64": b64})
+    r = infer(gw, "digits", {"inputs": [{"name": "image_encoded", "datatype": "BYTES", "shape": [len(b64)], "data": b64}]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(outputs(r.json())["probabilities"], [p["probabilities"] for p in want_b64["predictions"]], atol=1e-6)
+
+
+# -- REST, binary tensor extension --------------------------------------------------------------
+def test_rest_binary_tensors_in_and_out(gw, digits):
+    texts = [t.encode() for t in TEXTS]
+    header = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)],
+                          "parameters": {"binary_data_size": len(bytes_tensor(texts))}}],
+              "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}, {"name": "label"}]}
+    head = json.dumps(header).encode()
+    r = httpx.post(gw.rest + f"/v2/models/{TOKEN_MODEL}/infer", content=head + bytes_tensor(texts), timeout=30,
+                   headers={"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:n])
+    probs_meta, label_meta = meta["outputs"]
+    size = probs_meta["parameters"]["binary_data_size"]
+    probs = np.frombuffer(r.content[n:n + size], dtype="<f4").reshape(probs_meta["shape"])
+    assert len(r.content) == n + size and "data" not in probs_meta
+    want = v1(gw, "/v1/sentiment:predict", {"texts": TEXTS, "model": TOKEN_MODEL})
+    np.testing.assert_allclose(probs, [list(p["probabilities"].values()) for p in want["predictions"]], atol=1e-6)
+    assert label_meta["data"] == [p["label"] for p in want["predictions"]]
+    # Everything binary (request parameter), digits as raw uint8 pixels.
+    header = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(digits.shape),
+                          "parameters": {"binary_data_size": digits.size}}], "parameters": {"binary_data_output": True}}
+    head = json.dumps(header).encode()
+    r = httpx.post(gw.rest + "/v2/models/digits/versions/1/infer", content=head + digits.astype(np.uint8).tobytes(),
+                   headers={"inference-header-content-length": str(len(head))}, timeout=30)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    probs_meta, label_meta = json.loads(r.content[:n])["outputs"]
+    a = n + probs_meta["parameters"]["binary_data_size"]
+    labels = np.frombuffer(r.content[a:a + label_meta["parameters"]["binary_data_size"]], dtype="<i8")
+    want = v1(gw, "/v1/digits:predict", {"images": digits.tolist()})
+    assert labels.tolist() == [p["label"] for p in want["predictions"]]
+
+
+# -- gRPC ----------------------------------------------------------------------------------------
+def test_grpc_model_infer_raw_and_typed_contents_answer_as_v1(gw, stub, digits):
+    want = v1(gw, "/v1/sentiment:predict", {"texts": TEXTS, "model": "sentiment_bilstm"})
+    expected = [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in want["predictions"]]
+    raw = v2.ModelInferRequest(model_name="sentiment_bilstm", id="g-1")
+    raw.inputs.add(name="text", datatype="BYTES", shape=[len(TEXTS)])
+    raw.raw_input_contents.append(bytes_tensor([t.encode() for t in TEXTS]))
+    typed = v2.ModelInferRequest(model_name="sentiment_bilstm", model_version="stable")
+    typed.inputs.add(name="text", datatype="BYTES", shape=[len(TEXTS)]).contents.bytes_contents.extend(t.encode() for t in TEXTS)
+    for request in (raw, typed):
+        r = stub.ModelInfer(request)
+        assert (r.model_name, r.model_version) == ("sentiment_bilstm", str(want["model"]["version"]))
+        assert [o.name for o in r.outputs] == ["probabilities", "label"] and len(r.raw_output_contents) == 2
+        np.testing.assert_allclose(np.frombuffer(r.raw_output_contents[0], "<f4").reshape(list(r.outputs[0].shape)), expected, atol=1e-6)
+        assert [x.decode() for x in unbytes(r.raw_output_contents[1])] == [p["label"] for p in want["predictions"]]
+    assert stub.ModelInfer(raw).id == "g-1"
+    want = v1(gw, "/v1/digits:predict", {"images": digits.tolist()})
+    request = v2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="image", datatype="FP32", shape=list(digits.shape)).contents.fp32_contents.extend(digits.reshape(-1).tolist())
+    request.outputs.add(name="label")
+    r = stub.ModelInfer(request)
+    assert [o.name for o in r.outputs] == ["label"]
+    assert np.frombuffer(r.raw_output_contents[0], "<i8").tolist() == [p["label"] for p in want["predictions"]]
+
+
+def test_grpc_health_and_metadata(gw, stub):
+    assert stub.ServerLive(v2.ServerLiveRequest()).live
+    assert stub.ServerReady(v2.ServerReadyRequest()).ready
+    assert stub.ModelReady(v2.ModelReadyRequest(name="digits")).ready
+    assert stub.ModelReady(v2.ModelReadyRequest(name="digits", version="canary")).ready
+    meta = stub.ServerMetadata(v2.ServerMetadataRequest())
+    assert meta.name == "classifier-gateway" and "binary_tensor_data" in meta.extensions
+    m = stub.ModelMetadata(v2.ModelMetadataRequest(name="sentiment_lstm"))
+    assert [(t.name, t.datatype, list(t.shape)) for t in m.inputs] == [("text", "BYTES", [-1]), ("token_ids", "INT32", [-1, 20])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in m.outputs] == [("probabilities", "FP32", [-1, 2]), ("label", "BYTES", [-1])]
+    assert list(m.versions) == [str(v) for v in versions_on_disk(MODELS, "sentiment_lstm")]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelMetadata(v2.ModelMetadataRequest(name="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown model 'nope'" in e.value.details()
+
+
+def test_rest_health_and_metadata(gw):
+    assert httpx.get(gw.rest + "/v2/health/live").json() == {"live": True}
+    assert httpx.get(gw.rest + "/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(gw.rest + "/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
+    assert httpx.get(gw.rest + "/v2/models/digits/versions/1/ready").status_code == 200
+    server = httpx.get(gw.rest + "/v2").json()
+    assert server["name"] == "classifier-gateway" and server["extensions"] == ["binary_tensor_data"]
+    m = httpx.get(gw.rest + "/v2/models/digits").json()
+    assert m["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]},
+                           {"name": "image_encoded", "datatype": "BYTES", "shape": [-1]}]
+    assert m["outputs"][1] == {"name": "label", "datatype": "INT64", "shape": [-1]}
+    assert httpx.get(gw.rest + "/v2/models/digits/versions/stable").json()["versions"] == ["1"]
+    r = httpx.get(gw.rest + "/v2/models/digits/versions/7")
+    assert r.status_code == 404 and r.json() == {"error": "model 'digits' has no version 7; loaded versions: [1]"}
+
+
+# -- errors: the protocol's shape, /v1's status codes and messages --------------------------------
+def v1_error(gw, body):
+    r = httpx.post(gw.rest + "/v1/sentiment:predict", json=body, timeout=30)
+    return r.status_code, r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("case", ["unknown model", "too many", "too long", "empty", "bad label"])
+def test_errors_carry_v1_status_and_message_on_rest_and_grpc(gw, stub, case):
+    model, texts, version = TOKEN_MODEL, ["fine"], None
+    if case == "unknown model":
+        model = "nope"
+    elif case == "too many":
+        texts = ["fine"] * 1025
+    elif case == "too long":
+        texts = ["x" * 20_001]
+    elif case == "empty":
+        texts = ["ok", "  "]
+    else:
+        version = "beta"
+    v1_body = {"texts": texts, "model": model} | ({"version_label": version} if version else {})
+    status, message = v1_error(gw, v1_body)
+    if case == "unknown model":  # /v1 lists the models of its kind (the path says which), V2 all of them
+        assert message == "unknown model 'nope'; text models: ['sentiment_bilstm', 'sentiment_lstm']"
+        message = "unknown model 'nope'; models: ['digits', 'sentiment_bilstm', 'sentiment_lstm']"
+    r = infer(gw, model, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}, version)
+    assert (r.status_code, r.json()) == (status, {"error": message})
+    request = v2.ModelInferRequest(model_name=model, model_version=version or "")
+    request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)]).contents.bytes_contents.extend(t.encode() for t in texts)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(request)
+    assert e.value.details() == message
+    assert e.value.code() == {404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+                              400: grpc.StatusCode.INVALID_ARGUMENT}[status]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"inputs": [{"name": "words", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, "takes input 'text' (BYTES) or 'token_ids'"),
+    ({"inputs": [{"name": "text", "datatype": "INT32", "shape": [1], "data": [1]}]}, "input 'text' must be BYTES, not INT32"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}, "shape [2] holds 2 elements, the data has 1"),
+    ({"inputs": [{"name": "token_ids", "datatype": "INT32", "shape": [1, 19], "data": [0] * 19}]}, "expected [n, 20]"),
+    ({"inputs": [{"name": "token_ids", "datatype": "INT32", "shape": [1, 20], "data": [1000] + [0] * 19}]}, "token ids must be in 0..999"),
+    ({"inputs": [{"name": "token_ids", "datatype": "INT32", "shape": [1, 20], "data": [1.5] + [0] * 19}]}, "INT32 data must be integers"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "outputs": [{"name": "logits"}]}, "has no output 'logits'"),
+    ({"inputs": [{"name": "text", "datatype": "STRING", "shape": [1], "data": ["a"]}]}, "unknown datatype 'STRING'"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1], "data": ["a"]}]}, "must be a list of non-negative integers"),
+    ({"inputs": []}, "inputs: expected array of length >= 1"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1]}]}, "has neither data nor parameters.binary_data_size"),
+])
+def test_rest_bad_tensors_are_400_naming_the_rule(gw, body, message):
+    r = infer(gw, TOKEN_MODEL, body)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def test_bad_binary_data_and_images_are_400(gw, stub):
+    head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 10}}]}).encode()
+    r = httpx.post(gw.rest + f"/v2/models/{TOKEN_MODEL}/infer", content=head + b"\x09\x00\x00\x00abc",
+                   headers={"inference-header-content-length": str(len(head))})
+    assert r.status_code == 400 and "runs past the binary data" in r.json()["error"]
+    r = httpx.post(gw.rest + f"/v2/models/{TOKEN_MODEL}/infer", content=head + b"\x09\x00\x00\x00abcdef",
+                   headers={"inference-header-content-length": str(len(head))})
+    assert r.status_code == 400 and "runs past the end of the data" in r.json()["error"]
+    r = httpx.post(gw.rest + f"/v2/models/{TOKEN_MODEL}/infer", content=head, headers={"inference-header-content-length": "999"})
+    assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"]
+    request = v2.ModelInferRequest(model_name=TOKEN_MODEL)
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(bytes_tensor([b"\xff\xfe"]))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details() == "text[0] is not valid UTF-8"
+    request = v2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 28, 27])
+    request.raw_input_contents.append(bytes(28 * 27))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(request)
+    assert "input 'image' has shape [1, 28, 27]; expected [n, 28, 28]" in e.value.details()
+    request = v2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="image_encoded", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"not a png")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image_encoded[0]" in e.value.details()
+    with grpc.insecure_channel(gw.grpc) as channel, pytest.raises(grpc.RpcError) as e:  # bytes that are no message
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid inference.ModelInferRequest" in e.value.details()
+
+
+def counted(gw, protocol: str, endpoint: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(gw.rest + "/metrics").text):
+        if family.name == "classifier_requests":
+            return sum(s.value for s in family.samples if s.name == "classifier_requests_total"
+                       and s.labels["protocol"] == protocol and s.labels["endpoint"] == endpoint
+                       and s.labels["model"] == "digits" and s.labels["outcome"] == "ok")
+    return 0.0
+
+
+def test_v2_infer_is_counted_in_the_metrics(gw, stub):
+    before = counted(gw, "rest", "/v2/models/{name}/infer"), counted(gw, "grpc", "ModelInfer")
+    infer(gw, "digits", {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]})
+    request = v2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 28, 28])
+    request.raw_input_contents.append(bytes(784))
+    stub.ModelInfer(request)
+    assert (counted(gw, "rest", "/v2/models/{name}/infer"), counted(gw, "grpc", "ModelInfer")) == (before[0] + 1, before[1] + 1)
