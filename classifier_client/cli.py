@@ -6,7 +6,8 @@
 Sentiment goes over the bidirectional stream (StreamClassifySentiment) in chunks, a window of
 chunks in flight per stream; digits (and ``--unary`` / ``--rest``) over unary calls. Output rows
 (jsonl or csv) are in input order; ``--resume`` continues an interrupted run from its output file.
-Exit status: 0 done, 1 the server refused (the message says why) or retries ran out, 2 bad usage or input.
+Exit status: 0 done, 1 the server refused (the message says why), could not be reached or retries ran out,
+2 bad usage or input.
 """
 
 from __future__ import annotations
@@ -169,6 +170,24 @@ def evaluate(kind: str, truth: list, predicted: list) -> str:
     return "\n".join(lines)
 
 
+def _failure(a, e: ClientError, answered: bool) -> str:
+    """The error line(s) of a failed run. UNAVAILABLE before any answer is no server's verdict:
+    none was reached (connection refused, name not resolved, TLS handshake failed), and gRPC
+    reports a TLS mismatch only as 'connections to all backends failing', so say what to check."""
+    if e.code.name != "UNAVAILABLE" or answered:
+        return f"classifier-client: the server refused: {e.code.name}: {e.message}"
+    targets = ", ".join(a.target or ["http://127.0.0.1:8000" if a.rest else "127.0.0.1:50051"])
+    line = f"classifier-client: could not reach the gateway at {targets}: {e.code.name}: {e.message}"
+    if a.rest:
+        return line  # httpx names the cause (certificate verify failed, connection refused, ...)
+    if a.ca:
+        return line + ("\nclassifier-client: over TLS: check that --ca is the CA that signed the gateway's "
+                       "certificate and that the certificate names the target's host")
+    if a.tls:
+        return line + "\nclassifier-client: --tls trusts the system's CAs only: for a private CA, give --ca CA.pem"
+    return line + "\nclassifier-client: if the gateway serves TLS, add --ca CA.pem (or --tls)"
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     try:
@@ -210,7 +229,7 @@ def main(argv=None) -> int:
         asyncio.run(_run(a, records, start, writer, progress, stats_out))
     except ClientError as e:
         code = 1
-        error = f"classifier-client: the server refused: {e.code.name}: {e.message}"
+        error = _failure(a, e, answered=progress.done > start)
     except (InputError, OSError) as e:
         code = 2
         error = f"classifier-client: {e}"
