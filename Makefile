@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ bench-overload: setup
 # The gateway's own CPU cost per text with the TF Serving backend (against the stand-in).
 bench-tfserving: setup
 	$(PY) bench/tfserving_cost.py
+
+# The Locust step ramp against a gateway on each backend (embedded; TF Serving stand-in): knee and p50/p99.
+bench-capacity: setup
+	$(PY) bench/capacity.py
 
 # The CLI over the gRPC stream on the full IMDB test split vs the raw batched model call.
 bench-client: setup
