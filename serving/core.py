@@ -15,8 +15,6 @@ readiness fails at once and, after ``drain_settle_s``, new work is refused.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextvars
 import gc
 import logging
@@ -31,7 +29,7 @@ import numpy as np
 from serving.backends import Backend
 from serving.batching import Batcher
 from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
-from serving.images import decode_image, from_raw_bytes, image_pixels
+from serving.images import decode_b64, decode_image, from_raw_bytes, image_pixels
 from serving.metrics import Metrics
 from serving.model_config import STABLE, ModelsConfig
 from serving.repository import ModelVersion
@@ -417,20 +415,8 @@ class Classifier:
                     f"{where}[0..{i}] add up to {total} pixels > max_request_pixels={s.max_request_pixels}"
                 )
 
-    def _decode_b64(self, images_b64: list[str]) -> list[bytes]:
-        limit = self.settings.max_image_bytes
-        out = []
-        for i, s in enumerate(images_b64):
-            if len(s) > limit * 4 // 3 + 4:
-                raise PayloadTooLarge(f"images_b64[{i}] is over max_image_bytes={limit}")
-            try:
-                out.append(base64.b64decode(s, validate=True))
-            except (binascii.Error, ValueError):
-                raise InvalidInput(f"images_b64[{i}] is not valid base64") from None
-        return out
-
     def images_from_b64(self, images_b64: list[str]) -> np.ndarray:
-        return self.images_from_encoded(self._decode_b64(images_b64), "images_b64")
+        return self.images_from_encoded(decode_b64(images_b64, "images_b64", self.settings.max_image_bytes), "images_b64")
 
     def images_from_encoded(self, images: list[bytes], where: str) -> np.ndarray:
         """PNG/JPEG bytes, checked against the budgets from their headers, then decoded."""

@@ -16,6 +16,8 @@ Two inputs:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 
 import numpy as np
@@ -24,6 +26,21 @@ from serving.errors import InvalidInput, PayloadTooLarge
 
 SIZE = 28
 BOX = 20
+
+
+def decode_b64(items: list, where: str, max_bytes: int) -> list[bytes]:
+    """Base64 strings -> bytes; each at most ``max_bytes`` decoded (checked before decoding)."""
+    out = []
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise InvalidInput(f"{where}[{i}] must be a base64 string, got {type(s).__name__}")
+        if len(s) > max_bytes * 4 // 3 + 4:
+            raise PayloadTooLarge(f"{where}[{i}] is over max_image_bytes={max_bytes}")
+        try:
+            out.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"{where}[{i}] is not valid base64") from None
+    return out
 
 
 def check_pixels(img, where: str) -> np.ndarray:

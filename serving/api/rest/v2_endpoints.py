@@ -20,8 +20,6 @@ A Triton-style ``parameters.timeout`` (microseconds) shortens the deadline.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from typing import Annotated, Any
 
@@ -34,6 +32,7 @@ from serving.api.rest.app import ERROR_DOCS, until_done, validation_message
 from serving.api.v2 import DataPlane, InferResponse, Tensor, from_raw, from_values, to_raw
 from serving.core import Classifier
 from serving.errors import InvalidInput, Overloaded, ServiceError, UnsupportedMediaType
+from serving.images import decode_b64
 
 INFER = "/v2/models/{name}/infer"
 HEADER_LENGTH = "inference-header-content-length"
@@ -138,7 +137,7 @@ def _check_content_type(request: Request) -> None:
         raise UnsupportedMediaType(f"content-encoding {encoding!r} is not supported; send the body uncompressed")
 
 
-def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest, list[Tensor]]:
+def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int) -> tuple[V2InferRequest, list[Tensor]]:
     """The request and its input tensors, from JSON or JSON + binary tensors."""
     binary = b""
     if header_length is not None:
@@ -165,29 +164,16 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest,
                 values = _decode_any.decode(t.data)
             except msgspec.MsgspecError as e:  # pragma: no cover - already valid JSON as a whole
                 raise InvalidInput(f"inputs[{i}].data: {e}") from None
-            if t.datatype == "BYTES" and t.name == "image_encoded":
-                values = _b64_elements(t.name, values)
+            if t.datatype == "BYTES" and t.name == "image_encoded":  # JSON carries image bytes as base64
+                if not isinstance(values, list):
+                    raise InvalidInput(f"input {t.name!r}: data must be a list of base64 strings")
+                values = decode_b64(values, "image_encoded", max_image_bytes)
             tensors.append(from_values(t.name, t.datatype, t.shape, values))
         else:
             raise InvalidInput(f"input {t.name!r} has neither data nor parameters.binary_data_size")
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data after the JSON are not claimed by any input")
     return req, tensors
-
-
-def _b64_elements(name: str, values) -> list:
-    """JSON can only carry image bytes as text: base64, as /v1's images_b64."""
-    if not isinstance(values, list):
-        raise InvalidInput(f"input {name!r}: data must be a list of base64 strings")
-    out = []
-    for i, x in enumerate(values):
-        if not isinstance(x, str):
-            raise InvalidInput(f"input {name!r}: data[{i}] must be a base64 string")
-        try:
-            out.append(base64.b64decode(x, validate=True))
-        except (binascii.Error, ValueError):
-            raise InvalidInput(f"input {name!r}: data[{i}] is not valid base64") from None
-    return out
 
 
 def render_infer(req: V2InferRequest, r: InferResponse) -> Response:
@@ -285,7 +271,7 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
                 _check_content_type(request)
                 body = await request.body()
                 req, tensors = await core.offload(parse_infer, body, request.headers.get(HEADER_LENGTH),
-                                                  heavy=len(body) > s.inline_parse_bytes)
+                                                  s.max_image_bytes, heavy=len(body) > s.inline_parse_bytes)
                 timeout_us = (req.parameters or {}).get("timeout")
                 if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
                     deadline = min(deadline, core.deadline(timeout_us / 1e6))
