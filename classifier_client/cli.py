@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="", help="model name (default: the gateway's default of the kind)")
     g.add_argument("--version", type=int, default=0, help="pin a version number")
     g.add_argument("--version-label", default="", help='a version label from models.config ("stable", "canary")')
+    g.add_argument("--whole-text", action="store_true", help="sentiment: score every 20-token window of each text "
+                   "and combine them, instead of the last 20 tokens (slower: one row per window)")
     g = common.add_argument_group("input and output")
     g.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "csv", "dir"], help="input format")
     g.add_argument("--field", help="jsonl field / csv column of the text (default text) or image (default image)")
@@ -119,7 +121,7 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
 
         client = AsyncRestClient(a.target or ["http://127.0.0.1:8000"], model=a.model, version=a.version,
                                  version_label=a.version_label, api_key=a.api_key, headers=_headers(a.header),
-                                 ca=a.ca, timeout_s=a.deadline, retries=a.retries)
+                                 ca=a.ca, timeout_s=a.deadline, retries=a.retries, whole_text=a.whole_text)
         call = client.sentiment if kind == "sentiment" else client.digits
         stats_out.append(None)
         try:
@@ -130,7 +132,8 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
             await client.close()
         return
     o = Options(targets=a.target or ["127.0.0.1:50051"], tls=a.tls, ca=a.ca, api_key=a.api_key, headers=_headers(a.header),
-                model=a.model, version=a.version, version_label=a.version_label, chunk_size=a.chunk_size,
+                model=a.model, version=a.version, version_label=a.version_label, whole_text=a.whole_text,
+                chunk_size=a.chunk_size,
                 window=a.window, streams=a.streams, deadline_s=a.deadline, retries=a.retries)
     async with AsyncClient(options=o) as client:
         stats_out.append(client.stats)
@@ -150,6 +153,7 @@ class _Json:
         def __init__(self, d):
             self.__dict__.update(d)
             self.tokens, self.unknown_tokens = d.get("tokens", 0), d.get("unknown_tokens", 0)
+            self.windows = d.get("windows", 1)
 
     def __init__(self, d):
         self.predictions = [self._P(p) for p in d["predictions"]]

@@ -44,6 +44,7 @@ class Options:
     model: str = ""
     version: int = 0
     version_label: str = ""
+    whole_text: bool = False  # sentiment: score every window of each text (server option whole_text)
     chunk_size: int = 512
     window: int = 4  # chunks in flight per stream (or unary calls in flight)
     streams: int = 0  # streams at once; 0 = one per target, at least 2
@@ -87,7 +88,8 @@ class Options:
         return grpc.ssl_channel_credentials(Path(self.ca).read_bytes() if self.ca else None)
 
     def sentiment_request(self, texts) -> pb.SentimentRequest:
-        return pb.SentimentRequest(texts=texts, model=self.model, version=self.version, version_label=self.version_label)
+        return pb.SentimentRequest(texts=texts, model=self.model, version=self.version, version_label=self.version_label,
+                                   whole_text=self.whole_text)
 
     def digits_request(self, images) -> pb.DigitsRequest:
         return pb.DigitsRequest(images=[as_image(i) for i in images], model=self.model, version=self.version,

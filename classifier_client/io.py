@@ -136,7 +136,7 @@ def normalise_label(kind: str, value):
 
 def columns(kind: str) -> list[str]:
     if kind == "sentiment":
-        return ["index", "label", "score", "negative", "positive", "tokens", "unknown_tokens"]
+        return ["index", "label", "score", "negative", "positive", "tokens", "unknown_tokens", "windows"]
     return ["index", "id", "label", "score"] + [f"p{d}" for d in range(10)]
 
 
@@ -150,7 +150,7 @@ def rows_of(kind: str, start: int, response, ids: list | None = None) -> list[di
         if kind == "sentiment":
             rows.append({"index": start + i, "label": p.label, "score": _f(p.score),
                          "negative": _f(p.probabilities["negative"]), "positive": _f(p.probabilities["positive"]),
-                         "tokens": p.tokens, "unknown_tokens": p.unknown_tokens})
+                         "tokens": p.tokens, "unknown_tokens": p.unknown_tokens, "windows": p.windows or 1})
         else:
             row = {"index": start + i, "id": ids[start + i] if ids else "", "label": p.label, "score": _f(p.score)}
             row.update({f"p{d}": _f(v) for d, v in enumerate(p.probabilities)})

@@ -18,7 +18,7 @@ import grpc
 from classifier_client.errors import HTTP_TO_GRPC, ClientError, backoff_s
 
 
-def _body(kind: str, items: Sequence, model: str, version: int, version_label: str) -> dict:
+def _body(kind: str, items: Sequence, model: str, version: int, version_label: str, whole_text: bool = False) -> dict:
     body: dict = {}
     if kind == "sentiment":
         body["texts"] = list(items)
@@ -30,6 +30,8 @@ def _body(kind: str, items: Sequence, model: str, version: int, version_label: s
         body["version"] = version
     if version_label:
         body["version_label"] = version_label
+    if whole_text and kind == "sentiment":
+        body["whole_text"] = True
     return body
 
 
@@ -51,9 +53,10 @@ class _Base:
     def __init__(self, urls: str | Sequence[str] = "http://127.0.0.1:8000", *, model: str = "", version: int = 0,
                  version_label: str = "", api_key: str | None = None, headers: Sequence[tuple[str, str]] = (),
                  ca: str | None = None, timeout_s: float = 30.0, retries: int = 10, backoff_base_s: float = 0.1,
-                 backoff_cap_s: float = 5.0):
+                 backoff_cap_s: float = 5.0, whole_text: bool = False):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.model, self.version, self.version_label = model, version, version_label
+        self.whole_text = whole_text
         self.headers = dict(headers)
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
@@ -75,7 +78,7 @@ class RestClient(_Base):
     def _post(self, kind: str, items: Sequence) -> dict:
         import httpx
 
-        body, failures = _body(kind, items, self.model, self.version, self.version_label), 0
+        body, failures = _body(kind, items, self.model, self.version, self.version_label, self.whole_text), 0
         while True:
             try:
                 r = self.http.post(self._url(kind), json=body)
@@ -116,7 +119,7 @@ class AsyncRestClient(_Base):
     async def _post(self, kind: str, items: Sequence) -> dict:
         import httpx
 
-        body, failures = _body(kind, items, self.model, self.version, self.version_label), 0
+        body, failures = _body(kind, items, self.model, self.version, self.version_label, self.whole_text), 0
         while True:
             try:
                 r = await self.http.post(self._url(kind), json=body)

@@ -64,6 +64,7 @@ class SentimentPrediction:
     probabilities: dict[str, float]
     tokens: int
     unknown_tokens: int
+    windows: int = 1  # rows scored for this text (whole-text mode: its windows)
 
 
 @dataclass
@@ -90,6 +91,16 @@ class Call:
     version: int | None = None
     items: int = 0
     outcome: str = "ok"
+
+
+def combine_windows(probs: np.ndarray, windows: list[int]) -> np.ndarray:
+    """Each text's probabilities from its windows' rows (consecutive in ``probs``): the mean
+    log-probability per class, normalised (a normalised geometric mean)."""
+    logs = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0))
+    starts = np.concatenate([[0], np.cumsum(windows)[:-1]]).astype(np.int64)
+    mean = np.add.reduceat(logs, starts, axis=0) / np.asarray(windows, dtype=np.float64)[:, None]
+    out = np.exp(mean - mean.max(axis=1, keepdims=True))
+    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class Classifier:
@@ -334,9 +345,8 @@ class Classifier:
             ) from None
 
     # -- sentiment ------------------------------------------------------------
-    def _encode_texts(self, v: ModelVersion, texts: list) -> list:
+    def _check_texts(self, texts: list) -> None:
         limit = self.settings.max_text_chars
-        encoded = []
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidInput(f"texts[{i}] must be a string, got {type(t).__name__}")
@@ -344,32 +354,65 @@ class Classifier:
                 raise PayloadTooLarge(f"texts[{i}] is too long: {len(t)} characters > max_text_chars={limit}")
             if not t.strip(BLANK):
                 raise InvalidInput(f"texts[{i}] is empty")
-            encoded.append(v.preprocessor.encode(t))
-        return encoded
+
+    def _encode_texts(self, v: ModelVersion, texts: list) -> list:
+        self._check_texts(texts)
+        return [v.preprocessor.encode(t) for t in texts]
+
+    def _window_texts(self, v: ModelVersion, texts: list) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
+        """Whole-text mode: every text's windows as rows, (tokens, unknown tokens) of each whole
+        text, and how many windows each has (stride from the version's card, else maxlen)."""
+        self._check_texts(texts)
+        prep, cap = v.preprocessor, self.settings.max_windows_per_text
+        stride = (v.card.get("whole_text") or {}).get("stride") or prep.maxlen
+        rows, counts, sizes = [], [], []
+        for t in texts:
+            ids = prep.token_ids(t)
+            w = prep.windows_of(ids, stride, cap)
+            rows.extend(w)
+            counts.append((len(ids) - 1, ids.count(OOV_ID)))
+            sizes.append(len(w))
+        return np.array(rows, dtype=np.int32).reshape(len(rows), prep.maxlen), counts, sizes
 
     async def sentiment(self, texts: list[str], model: str | None = None, version: int | None = None,
-                        deadline: float | None = None, call: Call | None = None, label: str | None = None) -> Result:
+                        deadline: float | None = None, call: Call | None = None, label: str | None = None,
+                        whole_text: bool = False) -> Result:
+        """``whole_text``: score every window of each text (see :meth:`_window_texts`) and combine
+        them by mean log-probability; the default scores the last ``maxlen`` tokens, as in training."""
         name = model or self.settings.default_sentiment_model
         v, batcher = self.resolve(name, version, "text", label)
         if call:
             call.version, call.items = v.version, len(texts)
         self._check_count(len(texts), "texts")
         batcher.admit(len(texts))
+        reserved = len(texts)
         try:
             t0 = time.perf_counter()
-            heavy = len(texts) > INLINE_TEXTS or sum(map(len, texts)) > INLINE_CHARS
-            encoded = await self.offload(self._encode_texts, v, texts, heavy=heavy)
-            ids = np.array([e.ids for e in encoded], dtype=np.int32)
+            heavy = whole_text or len(texts) > INLINE_TEXTS or sum(map(len, texts)) > INLINE_CHARS
+            if whole_text:
+                ids, counts, sizes = await self.offload(self._window_texts, v, texts, heavy=heavy)
+                limit = self.settings.max_windows_per_request
+                if len(ids) > limit:
+                    raise PayloadTooLarge(f"too many windows: {len(texts)} texts make {len(ids)} windows > "
+                                          f"max_windows_per_request={limit}; send fewer or shorter texts")
+                batcher.admit(len(ids) - reserved)
+                reserved = len(ids)
+            else:
+                encoded = await self.offload(self._encode_texts, v, texts, heavy=heavy)
+                ids = np.array([e.ids for e in encoded], dtype=np.int32)
+                counts, sizes = [(e.tokens, e.unknown_tokens) for e in encoded], None
         except BaseException:
-            batcher.release(len(texts))
+            batcher.release(reserved)
             raise
         m = self.metrics
         m.preprocess_seconds.labels(name).observe(time.perf_counter() - t0)
         ratio = m.unknown_ratio.labels(name)
-        for e in encoded:
-            if e.tokens:
-                ratio.observe(e.unknown_tokens / e.tokens)
-        return await self._classify_ids(v, batcher, ids, [(e.tokens, e.unknown_tokens) for e in encoded], deadline)
+        for tokens, unknown in counts:
+            if tokens:
+                ratio.observe(unknown / tokens)
+        if sizes is not None:
+            m.windows.labels(name).inc(len(ids))
+        return await self._classify_ids(v, batcher, ids, counts, deadline, sizes)
 
     async def sentiment_ids(self, ids: np.ndarray, model: str | None = None, version: int | None = None,
                             deadline: float | None = None, call: Call | None = None, label: str | None = None) -> Result:
@@ -391,15 +434,19 @@ class Classifier:
         return await self._classify_ids(v, batcher, ids, counts, deadline)
 
     async def _classify_ids(self, v: ModelVersion, batcher: Batcher, ids: np.ndarray, counts: list[tuple[int, int]],
-                            deadline: float | None) -> Result:
-        """The model's probabilities for admitted rows of ids; ``counts``: (tokens, unknown tokens) per row."""
-        probs = await self._predict(batcher, ids, deadline, f"{len(ids)} texts for {v.name}/{v.version}")
-        self.metrics.items.labels(v.name).inc(len(ids))
+                            deadline: float | None, windows: list[int] | None = None) -> Result:
+        """The model's probabilities for admitted rows of ids; ``counts``: (tokens, unknown tokens)
+        per text; ``windows``: rows per text, combined by mean log-probability (None: one each)."""
+        n = len(counts)
+        probs = await self._predict(batcher, ids, deadline, f"{n} texts for {v.name}/{v.version}")
+        self.metrics.items.labels(v.name).inc(n)
+        if windows is not None:
+            probs = combine_windows(probs, windows)
         labels = v.labels
         preds = []
-        for (tokens, unknown), row in zip(counts, probs.tolist()):
+        for (tokens, unknown), row, w in zip(counts, probs.tolist(), windows or [1] * n):
             k = 0 if row[0] >= row[1] else 1
-            preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), tokens, unknown))
+            preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), tokens, unknown, w))
         return Result(v.name, v.version, preds)
 
     # -- digits -----------------------------------------------------------------

@@ -39,6 +39,7 @@ class Metrics:
             labels, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.items = Counter("classifier_items", "Texts or images classified", ["model"], registry=r)
+        self.windows = Counter("classifier_whole_text_windows", "Windows scored for whole-text requests", ["model"], registry=r)
         self.preprocess_seconds = Histogram(
             "classifier_preprocess_duration_seconds", "Validation + preprocessing time per request", ["model"],
             buckets=LATENCY_BUCKETS, registry=r,

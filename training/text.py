@@ -214,6 +214,32 @@ class TextPreprocessor:
             ids[:0] = [PAD_ID] * (self.maxlen - len(ids))
         return Encoded(ids, len(toks), unknown)
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of every kept token of the whole text, the start id first (no cut, no padding)."""
+        index = self.vocab.index
+        return [START_ID] + [index.get(t, OOV_ID) for t in tokenize(text, self.stopwords)]
+
+    def windows(self, text: str, stride: int | None = None, max_windows: int | None = None) -> list[list[int]]:
+        """The whole text as ``maxlen``-id windows, for whole-text scoring: the ids of every
+        kept token (the start id first), windows ``stride`` ids apart (default ``maxlen``: no
+        overlap), ending with the last window, which is exactly :meth:`encode`'s ids; the
+        first window starts at the start id (padded 'pre' like a short text when the text is
+        shorter than ``maxlen``). In reading order; with ``max_windows``, only the last ones."""
+        return self.windows_of(self.token_ids(text), stride, max_windows)
+
+    def windows_of(self, ids: Sequence[int], stride: int | None = None, max_windows: int | None = None) -> list[list[int]]:
+        """:meth:`windows` of ids from :meth:`token_ids`."""
+        maxlen = self.maxlen
+        stride = stride or maxlen
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        ends = list(range(len(ids), maxlen, -stride))
+        if not ends or ends[-1] != maxlen:
+            ends.append(min(maxlen, len(ids)))
+        if max_windows is not None:
+            ends = ends[:max_windows]
+        return [pad_sequence(ids[max(0, e - maxlen):e], maxlen) for e in reversed(ends)]
+
     def encode_batch(self, texts: Sequence[str]):
         """int32 array [len(texts), maxlen], ready for the ``token_ids`` input."""
         import numpy as np

@@ -17,6 +17,8 @@ Inputs (exactly one per request):
 
 Outputs: ``probabilities`` FP32 ``[n, classes]`` and ``label`` (BYTES ``[n]`` for the
 sentiment models, INT64 ``[n]`` for digits); all of them unless the request names some.
+Request parameter ``whole_text: true`` (sentiment, ``text`` input): every window of each
+text is scored and combined as on /v1; output ``windows`` INT32 ``[n]`` says how many.
 
 Versions are strings in this protocol: a number, or a version label from
 models.config (``stable``, ``canary``); none means the default version, as on ``/v1``.
@@ -246,8 +248,12 @@ class DataPlane:
         }
 
     async def infer(self, name: str, version: str | None, inputs: list[Tensor], outputs: list[str] | None,
-                    deadline: float | None = None, call: Call | None = None) -> InferResponse:
+                    deadline: float | None = None, call: Call | None = None, parameters: dict | None = None) -> InferResponse:
+        """``parameters``: the request's; ``whole_text`` (bool) scores every window of each text."""
         core = self.core
+        whole_text = (parameters or {}).get("whole_text", False)
+        if not isinstance(whole_text, bool):
+            raise InvalidInput(f"parameter whole_text must be true or false, got {whole_text!r:.40}")
         versions = core.models().get(name)
         if versions is None:
             raise NotFound(f"unknown model {name[:100]!r}; models: {sorted(core.models())}")
@@ -261,12 +267,14 @@ class DataPlane:
             raise InvalidInput(f"give exactly one input, one of {expected}; got {given}")
         t = inputs[0]
         if kind == "text":
-            r = await self._sentiment(name, number, label, t, deadline, call)
+            r = await self._sentiment(name, number, label, t, deadline, call, whole_text)
+        elif whole_text:
+            raise InvalidInput(f"whole_text applies to sentiment models, not {name!r}")
         else:
             r = await self._digits(name, number, label, t, deadline, call)
-        return InferResponse(r.model, r.version, self._outputs(r, kind, outputs))
+        return InferResponse(r.model, r.version, self._outputs(r, kind, outputs, whole_text))
 
-    async def _sentiment(self, name, number, label, t: Tensor, deadline, call) -> Result:
+    async def _sentiment(self, name, number, label, t: Tensor, deadline, call, whole_text: bool) -> Result:
         core = self.core
         if t.name == "text":
             self._expect(t, {"BYTES"}, t.shape[:1] + (1,) if len(t.shape) == 2 else None, "[n] or [n, 1]")
@@ -276,8 +284,10 @@ class DataPlane:
                     texts.append(b.decode("utf-8"))
                 except UnicodeDecodeError:
                     raise InvalidInput(f"text[{i}] is not valid UTF-8") from None
-            return await core.sentiment(texts, name, number, deadline, call, label)
+            return await core.sentiment(texts, name, number, deadline, call, label, whole_text)
         if t.name == "token_ids":
+            if whole_text:
+                raise InvalidInput("whole_text needs the 'text' input: token ids are already one window each")
             v, _ = core.resolve(name, number, "text", label)
             maxlen = v.preprocessor.maxlen
             self._expect(t, INTEGER_TYPES, (t.shape[0] if t.shape else 0, maxlen), f"[n, {maxlen}]", rank=2)
@@ -315,7 +325,7 @@ class DataPlane:
             raise InvalidInput(f"input {t.name!r} has shape {list(t.shape)}; expected {shape_doc}")
 
     @staticmethod
-    def _outputs(r: Result, kind: str, requested: list[str] | None) -> list[Tensor]:
+    def _outputs(r: Result, kind: str, requested: list[str] | None, whole_text: bool = False) -> list[Tensor]:
         n = len(r.predictions)
         if kind == "text":
             probs = np.array([list(p.probabilities.values()) for p in r.predictions], dtype=np.float32).reshape(n, -1)
@@ -324,6 +334,8 @@ class DataPlane:
             probs = np.array([p.probabilities for p in r.predictions], dtype=np.float32).reshape(n, -1)
             labels = Tensor("label", "INT64", (n,), np.array([p.label for p in r.predictions], dtype=np.int64))
         available = {"probabilities": Tensor("probabilities", "FP32", probs.shape, probs.reshape(-1)), "label": labels}
+        if whole_text:  # how many windows each text's answer combines
+            available["windows"] = Tensor("windows", "INT32", (n,), np.array([p.windows for p in r.predictions], dtype=np.int32))
         if not requested:
             return list(available.values())
         for name in requested:

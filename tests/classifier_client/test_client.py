@@ -238,3 +238,18 @@ def test_imports_without_server_dependencies():
             "assert classifier_client.cli.main(['sentiment', '--help']) == 0")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "usage: classifier-client sentiment" in p.stdout, p.stderr
+
+
+def test_whole_text_option_over_grpc_and_rest(gateway, reviews, tmp_path):
+    """--whole-text: the server's whole-text answers, windows column included, on both protocols."""
+    small = head(reviews, 20, tmp_path / "small.jsonl")
+    texts = [json.loads(line)["text"] for line in small.read_text().splitlines()]
+    want = httpx.post(gateway.rest + "/v1/sentiment:predict", json={"texts": texts, "whole_text": True}, timeout=60).json()
+    for extra in ([], ["--rest", "--target", gateway.rest]):
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        target = [] if extra else ["--target", gateway.grpc]
+        run_cli("sentiment", small, *target, *extra, "--whole-text", "-o", out, "--chunk-size", "7", "-q")
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["windows"] for r in rows] == [p["windows"] for p in want["predictions"]]
+        assert max(r["windows"] for r in rows) > 1
+        assert [r["positive"] for r in rows] == pytest.approx([p["probabilities"]["positive"] for p in want["predictions"]], abs=1e-5)

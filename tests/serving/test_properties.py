@@ -135,6 +135,24 @@ def test_tail_fast_path_equals_the_full_pipeline(prep: TextPreprocessor, text: s
 
 
 @fixed_seed(200)
+@given(prep=preps, text=texts, stride=st.integers(1, 25), cap=st.one_of(st.none(), st.integers(1, 5)))
+def test_windows_end_with_the_encoding_and_cover_the_whole_text(prep, text, stride, cap):
+    """Whole-text windows: maxlen ids each, the last is exactly encode()'s, the first starts at
+    the start id, consecutive windows end ``stride`` ids apart (the first may overlap more),
+    and ``max_windows`` keeps the last ones."""
+    ids = prep.token_ids(text)
+    windows = prep.windows(text, stride)
+    assert all(len(w) == prep.maxlen for w in windows)
+    assert windows[-1] == prep.encode(text).ids == prep.ids_full(text)
+    assert windows[0] == pad_sequence(ids[:prep.maxlen], prep.maxlen)
+    ends = [len(ids) - k * stride for k in range(len(windows) - 1)]
+    assert [w for w in windows[1:][::-1]] == [pad_sequence(ids[max(0, e - prep.maxlen):e], prep.maxlen) for e in ends]
+    assert len(windows) == 1 + max(0, -(-(len(ids) - prep.maxlen) // stride))
+    if cap is not None:
+        assert prep.windows(text, stride, cap) == windows[-cap:]
+
+
+@fixed_seed(200)
 @given(
     prep=preps,
     prefix=texts,

@@ -38,7 +38,8 @@ def sentiment_response(r: Result) -> pb.SentimentResponse:
         model=pb.ModelRef(name=r.model, version=r.version),
         predictions=[
             pb.SentimentPrediction(
-                label=p.label, score=p.score, probabilities=p.probabilities, tokens=p.tokens, unknown_tokens=p.unknown_tokens
+                label=p.label, score=p.score, probabilities=p.probabilities, tokens=p.tokens,
+                unknown_tokens=p.unknown_tokens, windows=p.windows,
             )
             for p in r.predictions
         ],
@@ -63,7 +64,7 @@ class ClassifierServicer:
             request = await self._parse(pb.SentimentRequest, data, endpoint)
             call.model = request.model or self.core.settings.default_sentiment_model
             r = await self.core.sentiment(list(request.texts), call.model, request.version or None, deadline, call,
-                                          request.version_label or None)
+                                          request.version_label or None, request.whole_text)
         return sentiment_response(r)
 
     async def ClassifySentiment(self, data: bytes, context):

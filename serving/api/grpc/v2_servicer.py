@@ -91,7 +91,10 @@ class InferenceServicer:
                 call.model = request.model_name
                 tensors = await core.offload(input_tensors, request, heavy=len(data) > core.settings.inline_parse_bytes)
                 wanted = [o.name for o in request.outputs] or None
-                r = await self.plane.infer(request.model_name, request.model_version, tensors, wanted, deadline, call)
+                parameters = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in request.parameters.items()
+                              if v.WhichOneof("parameter_choice")}
+                r = await self.plane.infer(request.model_name, request.model_version, tensors, wanted, deadline, call,
+                                           parameters)
         except ServiceError as e:
             await abort(context, e)
         response = pb.ModelInferResponse(model_name=r.model, model_version=str(r.version), id=request.id)

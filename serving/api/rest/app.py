@@ -72,6 +72,9 @@ class SentimentRequest(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(description="sentiment_lstm (default) or sentiment_bilstm")] | None = None
     version: Version | None = None
     version_label: Annotated[str, msgspec.Meta(description=LABEL_DOC)] | None = None
+    whole_text: Annotated[bool, msgspec.Meta(description=(
+        "Score every 20-token window of each text and combine them (mean log-probability) instead of the "
+        "last 20 tokens only; each window counts as a row against the queue limits"))] = False
 
 
 Pixel = Annotated[float, msgspec.Meta(ge=0, le=255)]
@@ -111,6 +114,7 @@ class SentimentPredictionOut(BaseModel):
     probabilities: dict[str, float]
     tokens: int
     unknown_tokens: int
+    windows: int
 
 
 class SentimentResponse(BaseModel):
@@ -358,7 +362,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
             req = await decode(request, "text", _decode_sentiment)
             call.model = req.model or s.default_sentiment_model
             r = await until_done(request, core.sentiment(req.texts, req.model, _version(req.version), deadline, call,
-                                                          _label(req)))
+                                                          _label(req), req.whole_text))
         return _result(r)
 
     def pixels(images: list[msgspec.Raw]):

@@ -276,7 +276,7 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
                 if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
                     deadline = min(deadline, core.deadline(timeout_us / 1e6))
                 wanted = [o.name for o in req.outputs] if req.outputs else None
-                r = await until_done(request, plane.infer(name, version, tensors, wanted, deadline, call))
+                r = await until_done(request, plane.infer(name, version, tensors, wanted, deadline, call, req.parameters))
                 return await core.offload(render_infer, req, r, heavy=len(tensors[0].data) > 64)
         except ServiceError as e:
             return v2_error(e)

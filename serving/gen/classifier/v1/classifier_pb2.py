@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lassifier/v1/classifier.proto\x12\rclassifier.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"X\n\x10SentimentRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\"\xdf\x01\n\x13SentimentPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12L\n\rprobabilities\x18\x03 \x03(\x0b\x32\x35.classifier.v1.SentimentPrediction.ProbabilitiesEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x16\n\x0eunknown_tokens\x18\x05 \x01(\x05\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"t\n\x11SentimentResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x37\n\x0bpredictions\x18\x02 \x03(\x0b\x32\".classifier.v1.SentimentPrediction\"1\n\x05Image\x12\r\n\x03raw\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"l\n\rDigitsRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.classifier.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\"F\n\x0f\x44igitPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"m\n\x0e\x44igitsResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x33\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1e.classifier.v1.DigitPrediction2\x95\x02\n\nClassifier\x12V\n\x11\x43lassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse\x12M\n\x0e\x43lassifyDigits\x12\x1c.classifier.v1.DigitsRequest\x1a\x1d.classifier.v1.DigitsResponse\x12`\n\x17StreamClassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lassifier/v1/classifier.proto\x12\rclassifier.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"l\n\x10SentimentRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\x12\x12\n\nwhole_text\x18\x05 \x01(\x08\"\xf0\x01\n\x13SentimentPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12L\n\rprobabilities\x18\x03 \x03(\x0b\x32\x35.classifier.v1.SentimentPrediction.ProbabilitiesEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x16\n\x0eunknown_tokens\x18\x05 \x01(\x05\x12\x0f\n\x07windows\x18\x06 \x01(\x05\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"t\n\x11SentimentResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x37\n\x0bpredictions\x18\x02 \x03(\x0b\x32\".classifier.v1.SentimentPrediction\"1\n\x05Image\x12\r\n\x03raw\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"l\n\rDigitsRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.classifier.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\"F\n\x0f\x44igitPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"m\n\x0e\x44igitsResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x33\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1e.classifier.v1.DigitPrediction2\x95\x02\n\nClassifier\x12V\n\x11\x43lassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse\x12M\n\x0e\x43lassifyDigits\x12\x1c.classifier.v1.DigitsRequest\x1a\x1d.classifier.v1.DigitsResponse\x12`\n\x17StreamClassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREF']._serialized_start=49
   _globals['_MODELREF']._serialized_end=90
   _globals['_SENTIMENTREQUEST']._serialized_start=92
-  _globals['_SENTIMENTREQUEST']._serialized_end=180
-  _globals['_SENTIMENTPREDICTION']._serialized_start=183
-  _globals['_SENTIMENTPREDICTION']._serialized_end=406
-  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_start=354
-  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_end=406
-  _globals['_SENTIMENTRESPONSE']._serialized_start=408
-  _globals['_SENTIMENTRESPONSE']._serialized_end=524
-  _globals['_IMAGE']._serialized_start=526
-  _globals['_IMAGE']._serialized_end=575
-  _globals['_DIGITSREQUEST']._serialized_start=577
-  _globals['_DIGITSREQUEST']._serialized_end=685
-  _globals['_DIGITPREDICTION']._serialized_start=687
-  _globals['_DIGITPREDICTION']._serialized_end=757
-  _globals['_DIGITSRESPONSE']._serialized_start=759
-  _globals['_DIGITSRESPONSE']._serialized_end=868
-  _globals['_CLASSIFIER']._serialized_start=871
-  _globals['_CLASSIFIER']._serialized_end=1148
+  _globals['_SENTIMENTREQUEST']._serialized_end=200
+  _globals['_SENTIMENTPREDICTION']._serialized_start=203
+  _globals['_SENTIMENTPREDICTION']._serialized_end=443
+  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_start=391
+  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_end=443
+  _globals['_SENTIMENTRESPONSE']._serialized_start=445
+  _globals['_SENTIMENTRESPONSE']._serialized_end=561
+  _globals['_IMAGE']._serialized_start=563
+  _globals['_IMAGE']._serialized_end=612
+  _globals['_DIGITSREQUEST']._serialized_start=614
+  _globals['_DIGITSREQUEST']._serialized_end=722
+  _globals['_DIGITPREDICTION']._serialized_start=724
+  _globals['_DIGITPREDICTION']._serialized_end=794
+  _globals['_DIGITSRESPONSE']._serialized_start=796
+  _globals['_DIGITSRESPONSE']._serialized_end=905
+  _globals['_CLASSIFIER']._serialized_start=908
+  _globals['_CLASSIFIER']._serialized_end=1185
 # @@protoc_insertion_point(module_scope)

@@ -15,19 +15,21 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SentimentRequest(_message.Message):
-    __slots__ = ("texts", "model", "version", "version_label")
+    __slots__ = ("texts", "model", "version", "version_label", "whole_text")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_TEXT_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     model: str
     version: int
     version_label: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ...) -> None: ...
+    whole_text: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., whole_text: _Optional[bool] = ...) -> None: ...
 
 class SentimentPrediction(_message.Message):
-    __slots__ = ("label", "score", "probabilities", "tokens", "unknown_tokens")
+    __slots__ = ("label", "score", "probabilities", "tokens", "unknown_tokens", "windows")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,12 +42,14 @@ class SentimentPrediction(_message.Message):
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     label: str
     score: float
     probabilities: _containers.ScalarMap[str, float]
     tokens: int
     unknown_tokens: int
-    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., unknown_tokens: _Optional[int] = ...) -> None: ...
+    windows: int
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., unknown_tokens: _Optional[int] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class SentimentResponse(_message.Message):
     __slots__ = ("model", "predictions")

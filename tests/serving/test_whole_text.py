@@ -1,0 +1,153 @@
+"""Whole-text scoring (request option ``whole_text``) on both backends and every protocol:
+each text's windows, scored by the SavedModel one window at a time here, combined by mean
+log-probability, give exactly the gateway's answer; the default mode is unchanged; the
+window limits and the metric hold.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tensorflow as tf
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.gen.classifier.v1 import classifier_pb2 as pb
+from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from serving.gen.inference import open_inference_grpc_pb2 as v2
+from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from serving.repository import read_version
+from tests.gateway import gateway_process
+from tests.serving.conftest import MODELS
+
+MODEL = "sentiment_bilstm"
+
+
+@pytest.fixture(scope="module")
+def texts(data_dir) -> list[str]:
+    """Reviews of many lengths (1 to 30+ windows), and short texts."""
+    with gzip.open(data_dir / "imdb_test.jsonl.gz", "rt", encoding="utf-8") as f:
+        reviews = [json.loads(line)["text"] for _, line in zip(range(400), f)]
+    reviews.sort(key=len)
+    picked = reviews[::50] + [reviews[-1] * 3]  # the last one: over 32 windows, so the cap applies
+    return picked + ["Great.", "not good at all, awful acting"]
+
+
+def served_version(gw, model=MODEL):
+    return httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["ok"], "model": model}).json()["model"]["version"]
+
+
+def one_by_one(model: str, version: int, texts: list[str], max_windows: int = 32) -> tuple[np.ndarray, list[int]]:
+    """Every window through the SavedModel on its own, combined here: the reference."""
+    mv = read_version(MODELS, model, version)
+    stride = (mv.card.get("whole_text") or {}).get("stride") or mv.preprocessor.maxlen
+    sig = tf.saved_model.load(str(MODELS / model / str(version))).signatures["serving_default"]
+    key = next(iter(sig.structured_input_signature[1]))
+    out, counts = [], []
+    for t in texts:
+        windows = mv.preprocessor.windows(t, stride, max_windows)
+        logs = [np.log(sig(**{key: tf.constant([w], dtype=tf.int32)})["probabilities"].numpy()[0].astype(np.float64))
+                for w in windows]
+        mean = np.mean(logs, axis=0)
+        p = np.exp(mean - mean.max())
+        out.append(p / p.sum())
+        counts.append(len(windows))
+    return np.array(out), counts
+
+
+@pytest.fixture(scope="module")
+def reference(gw, texts):
+    version = served_version(gw)
+    return version, *one_by_one(MODEL, version, texts)
+
+
+def test_rest_whole_text_equals_the_windows_scored_one_by_one(gw, texts, reference):
+    version, expected, counts = reference
+    r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": texts, "model": MODEL, "whole_text": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["windows"] for p in preds] == counts and max(counts) == 32 and min(counts) == 1
+    np.testing.assert_allclose([[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in preds],
+                               expected, atol=2e-5)
+    assert [p["label"] for p in preds] == ["positive" if e[1] > e[0] else "negative" for e in expected]
+    default = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": texts, "model": MODEL}, timeout=60).json()
+    assert {p["windows"] for p in default["predictions"]} == {1}
+    # a text with one window scores the same either way
+    short = [i for i, c in enumerate(counts) if c == 1]
+    assert short
+    for i in short:
+        assert preds[i]["probabilities"] == pytest.approx(default["predictions"][i]["probabilities"], abs=2e-5)
+
+
+def test_grpc_and_v2_whole_text_agree_with_rest(gw, texts, reference):
+    _, expected, counts = reference
+    with grpc.insecure_channel(gw.grpc) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        g = stub.ClassifySentiment(pb.SentimentRequest(texts=texts, model=MODEL, whole_text=True))
+        streamed = [p for a in stub.StreamClassifySentiment(iter([pb.SentimentRequest(texts=texts[:3], model=MODEL, whole_text=True),
+                                                                   pb.SentimentRequest(texts=texts[3:], model=MODEL, whole_text=True)]))
+                    for p in a.predictions]
+        request = v2.ModelInferRequest(model_name=MODEL)
+        request.parameters["whole_text"].bool_param = True
+        request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)]).contents.bytes_contents.extend(t.encode() for t in texts)
+        g2 = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    for preds in (g.predictions, streamed):
+        assert [p.windows for p in preds] == counts
+        np.testing.assert_allclose([[p.probabilities["negative"], p.probabilities["positive"]] for p in preds], expected, atol=2e-5)
+    outputs = {o.name: raw for o, raw in zip(g2.outputs, g2.raw_output_contents)}
+    np.testing.assert_allclose(np.frombuffer(outputs["probabilities"], "<f4").reshape(-1, 2), expected, atol=2e-5)
+    assert np.frombuffer(outputs["windows"], "<i4").tolist() == counts
+    r = httpx.post(gw.rest + f"/v2/models/{MODEL}/infer", timeout=60, json={
+        "parameters": {"whole_text": True}, "outputs": [{"name": "windows"}, {"name": "probabilities"}],
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]})
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert list(out) == ["windows", "probabilities"] and out["windows"]["data"] == counts
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(-1, 2), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"inputs": [{"name": "token_ids", "datatype": "INT32", "shape": [1, 20], "data": [0] * 20}],
+      "parameters": {"whole_text": True}}, "whole_text needs the 'text' input"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ok"]}],
+      "parameters": {"whole_text": "yes"}}, "parameter whole_text must be true or false"),
+])
+def test_v2_whole_text_misuse_is_400(gw, body, message):
+    r = httpx.post(gw.rest + f"/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    r = httpx.post(gw.rest + "/v2/models/digits/infer", json={
+        "parameters": {"whole_text": True}, "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]})
+    assert r.status_code == 400 and "whole_text applies to sentiment models" in r.json()["error"]
+
+
+def windows_counted(rest: str, model: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(rest + "/metrics").text):
+        if family.name == "classifier_whole_text_windows":
+            return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["model"] == model)
+    return 0.0
+
+
+def test_window_limits_and_metric(texts):
+    """max_windows_per_text keeps the last windows; a request over max_windows_per_request is 413."""
+    long_text = texts[-3]
+    with gateway_process(models=f'["{MODEL}"]', max_windows_per_text=2, max_windows_per_request=5, drain_settle_s=0) as gw:
+        version = served_version(gw)
+        expected, counts = one_by_one(MODEL, version, [long_text], max_windows=2)
+        before = windows_counted(gw.rest, MODEL)
+        r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": [long_text, "Great."], "model": MODEL, "whole_text": True})
+        assert r.status_code == 200, r.text
+        p = r.json()["predictions"]
+        assert [x["windows"] for x in p] == [2, 1] and counts == [2]
+        assert [p[0]["probabilities"]["negative"], p[0]["probabilities"]["positive"]] == pytest.approx(expected[0], abs=2e-5)
+        assert windows_counted(gw.rest, MODEL) == before + 3
+        r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": [long_text] * 3, "model": MODEL, "whole_text": True})
+        assert r.status_code == 413
+        assert r.json()["error"]["message"] == ("too many windows: 3 texts make 6 windows > max_windows_per_request=5; "
+                                                "send fewer or shorter texts")
+        # refused work leaves nothing reserved: the next request goes through
+        ok = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": [long_text] * 2, "model": MODEL, "whole_text": True})
+        assert ok.status_code == 200
