@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ bench-tfserving: setup
 # The Locust step ramp against a gateway on each backend (embedded; TF Serving stand-in): knee and p50/p99.
 bench-capacity: setup
 	$(PY) bench/capacity.py
+
+# Whole-text scoring vs the default (last 20 tokens) through the gateway, and the raw model on the same windows.
+bench-whole-text: setup
+	$(PY) bench/whole_text.py --json bench/results/whole_text.json
 
 # The CLI over the gRPC stream on the full IMDB test split vs the raw batched model call.
 bench-client: setup
