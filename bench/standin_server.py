@@ -19,7 +19,7 @@ from tests.tfserving_standin import StandIn  # noqa: E402
 
 if __name__ == "__main__":
     port, models = int(sys.argv[1]), sys.argv[2:] or ["digits", "sentiment_lstm", "sentiment_bilstm"]
-    standin = StandIn(ROOT / "models", models)
+    standin = StandIn(ROOT / "models", models, config=ROOT / "serving" / "tfserving" / "models.config")
     standin.start(port)
     print(f"stand-in on {standin.address}", flush=True)
     threading.Event().wait()

@@ -15,6 +15,22 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+MODELS_CONFIG = ROOT / "serving" / "tfserving" / "models.config"
+
+
+def served_versions(model: str) -> list[int]:
+    """The versions of a shipped model that models.config serves (its version policy)."""
+    from serving.model_config import ModelsConfig
+    from training.layout import existing_versions
+
+    return ModelsConfig(MODELS_CONFIG).policy(model).choose(existing_versions(ROOT / "models" / model))
+
+
+def stable_version(model: str) -> int:
+    """The version a request without a version gets: the 'stable' label of models.config."""
+    from serving.model_config import ModelsConfig
+
+    return ModelsConfig(MODELS_CONFIG).labels(model).get("stable") or served_versions(model)[-1]
 
 
 def free_port() -> int:

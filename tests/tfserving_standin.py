@@ -41,8 +41,18 @@ def load(path: Path):
 
 
 class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, base_path: Path, models: list[str], labels: dict[str, dict[str, int]] | None = None):
-        self.loaded = {name: {v: load(base_path / name / str(v)) for v in existing_versions(base_path / name)} for name in models}
+    def __init__(self, base_path: Path, models: list[str], labels: dict[str, dict[str, int]] | None = None,
+                 config: Path | None = None):
+        """Serves every version on disk, or, with ``config`` (a models.config), the versions its
+        policy lists and its labels, as TF Serving does with --model_config_file."""
+        chosen = {name: existing_versions(base_path / name) for name in models}
+        if config is not None:
+            from serving.model_config import ModelsConfig
+
+            cfg = ModelsConfig(config)
+            chosen = {name: cfg.policy(name).choose(versions) for name, versions in chosen.items()}
+            labels = labels or {name: cfg.labels(name) for name in models}
+        self.loaded = {name: {v: load(base_path / name / str(v)) for v in versions} for name, versions in chosen.items()}
         self.labels = labels or {}
         self.delay_s = 0.0
         # What GetModelStatus reports, per model or (model, version): AVAILABLE unless a test says otherwise.

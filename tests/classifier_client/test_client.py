@@ -57,10 +57,10 @@ def full_run(gateway, reviews, tmp_path_factory):
 
 
 def card_accuracy() -> float:
-    from serving.repository import versions_on_disk
+    from tests.gateway import stable_version
     from training.layout import ASSETS_EXTRA, CARD_FILE
 
-    v = versions_on_disk(ROOT / "models", "sentiment_lstm")[-1]
+    v = stable_version("sentiment_lstm")
     return json.loads((ROOT / "models" / "sentiment_lstm" / str(v) / ASSETS_EXTRA / CARD_FILE).read_text())["test_accuracy"]
 
 

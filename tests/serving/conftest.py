@@ -4,7 +4,7 @@ stand-in (tests/tfserving_standin.py; ``gw.standin``, None for the embedded one)
 
 import pytest
 
-from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process
+from tests.gateway import MODELS_CONFIG, ROOT, WITHOUT_TENSORFLOW, gateway_process
 from tests.tfserving_standin import StandIn
 
 MODELS = ROOT / "models"
@@ -17,7 +17,7 @@ def gw(request):
             running.standin = None
             yield running
         return
-    standin = StandIn(MODELS, ["digits", "sentiment_lstm", "sentiment_bilstm"])
+    standin = StandIn(MODELS, ["digits", "sentiment_lstm", "sentiment_bilstm"], config=MODELS_CONFIG)
     standin.start()
     try:
         with gateway_process(WITHOUT_TENSORFLOW, backend="tfserving", tfserving_address=standin.address) as running:

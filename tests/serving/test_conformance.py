@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from tests.gateway import ROOT, gateway_process, wait_until
+from tests.gateway import ROOT, gateway_process, stable_version, wait_until
 
 SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 LOGS = ROOT / ".pytest_cache"
@@ -250,7 +250,7 @@ def test_rest_request_id_is_echoed_and_logged(gw):
     assert r.headers["x-request-id"] == "abc-123"
     record = access_record(gw, "abc-123")
     assert {k: record.get(k) for k in ("protocol", "endpoint", "outcome", "model", "version", "items")} == {
-        "protocol": "rest", "endpoint": SENTIMENT, "outcome": "ok", "model": "sentiment_lstm", "version": 1, "items": 1,
+        "protocol": "rest", "endpoint": SENTIMENT, "outcome": "ok", "model": "sentiment_lstm", "version": stable_version("sentiment_lstm"), "items": 1,
     }
     assert isinstance(record["latency_ms"], (int, float)) and record["latency_ms"] >= 0
 
@@ -269,7 +269,7 @@ def test_grpc_request_id_is_returned_in_trailing_metadata_and_logged(gw):
     record = access_record(gw, "grpc-req-456")
     assert {k: record.get(k) for k in ("protocol", "endpoint", "outcome", "model", "version", "items")} == {
         "protocol": "grpc", "endpoint": "ClassifySentiment", "outcome": "ok", "model": "sentiment_lstm",
-        "version": 1, "items": 2,
+        "version": stable_version("sentiment_lstm"), "items": 2,
     }
     assert isinstance(record["latency_ms"], (int, float))
 

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.repository import read_version, versions_on_disk
-from tests.gateway import ROOT, wait_until
+from serving.repository import read_version
+from tests.gateway import ROOT, stable_version, wait_until
 
 MODELS = ROOT / "models"
 TEXTS = [
@@ -43,7 +43,7 @@ def rest(gw, path, body):
 
 def direct_probabilities(name: str, x: np.ndarray) -> tuple[int, np.ndarray]:
     """The SavedModel called directly, with no gateway in between."""
-    version = versions_on_disk(MODELS, name)[-1]
+    version = stable_version(name)
     sig = tf.saved_model.load(str(MODELS / name / str(version))).signatures["serving_default"]
     key = next(iter(sig.structured_input_signature[1]))
     return version, sig(**{key: tf.constant(x)})["probabilities"].numpy()
@@ -55,7 +55,7 @@ def test_sentiment_rest_grpc_and_direct_call_agree(gw, stub, model):
     assert r.status_code == 200, r.text
     body = r.json()
     g = stub.ClassifySentiment(pb.SentimentRequest(texts=TEXTS, model=model))
-    mv = read_version(MODELS, model, versions_on_disk(MODELS, model)[-1])
+    mv = read_version(MODELS, model, stable_version(model))
     version, expected = direct_probabilities(model, mv.preprocessor.encode_batch(TEXTS))
     assert body["model"] == {"name": model, "version": version}
     assert (g.model.name, g.model.version) == (model, version)
@@ -272,7 +272,7 @@ def test_metrics_are_exposed(gw):
     bad = ("classifier_requests_total", (*labels, ("outcome", "INVALID_ARGUMENT"), ("protocol", "rest")))
     assert m[ok] >= 1 and m[bad] >= 1
     versions = {dict(k[1])["model"]: dict(k[1])["version"] for k, v in m.items() if k[0] == "classifier_model_version_info" and v == 1}
-    assert versions == {n: str(versions_on_disk(MODELS, n)[-1]) for n in ("digits", "sentiment_lstm", "sentiment_bilstm")}
+    assert versions == {n: str(stable_version(n)) for n in ("digits", "sentiment_lstm", "sentiment_bilstm")}
 
 
 def test_models_listing(gw):

@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.inference import open_inference_grpc_pb2 as v2
 from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from serving.repository import read_version, versions_on_disk
+from serving.repository import read_version
+from tests.gateway import served_versions, stable_version
 from tests.serving.test_gateway import MODELS, TEXTS
 
 TOKEN_MODEL = "sentiment_lstm"
@@ -93,7 +94,7 @@ def test_rest_text_input_answers_as_v1(gw, model):
 
 
 def test_rest_token_ids_give_the_same_answer_as_the_texts_they_encode(gw):
-    mv = read_version(MODELS, TOKEN_MODEL, versions_on_disk(MODELS, TOKEN_MODEL)[-1])
+    mv = read_version(MODELS, TOKEN_MODEL, stable_version(TOKEN_MODEL))
     ids = mv.preprocessor.encode_batch(TEXTS)
     by_text = outputs(infer(gw, TOKEN_MODEL, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(TEXTS), 1],
                                                           "data": [[t] for t in TEXTS]}]}).json())
@@ -196,7 +197,7 @@ def test_grpc_health_and_metadata(gw, stub):
     m = stub.ModelMetadata(v2.ModelMetadataRequest(name="sentiment_lstm"))
     assert [(t.name, t.datatype, list(t.shape)) for t in m.inputs] == [("text", "BYTES", [-1]), ("token_ids", "INT32", [-1, 20])]
     assert [(t.name, t.datatype, list(t.shape)) for t in m.outputs] == [("probabilities", "FP32", [-1, 2]), ("label", "BYTES", [-1])]
-    assert list(m.versions) == [str(v) for v in versions_on_disk(MODELS, "sentiment_lstm")]
+    assert list(m.versions) == [str(v) for v in served_versions("sentiment_lstm")]
     with pytest.raises(grpc.RpcError) as e:
         stub.ModelMetadata(v2.ModelMetadataRequest(name="nope"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown model 'nope'" in e.value.details()
@@ -213,9 +214,9 @@ def test_rest_health_and_metadata(gw):
     assert m["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]},
                            {"name": "image_encoded", "datatype": "BYTES", "shape": [-1]}]
     assert m["outputs"][1] == {"name": "label", "datatype": "INT64", "shape": [-1]}
-    assert httpx.get(gw.rest + "/v2/models/digits/versions/stable").json()["versions"] == ["1"]
+    assert httpx.get(gw.rest + "/v2/models/digits/versions/stable").json()["versions"] == [str(stable_version("digits"))]
     r = httpx.get(gw.rest + "/v2/models/digits/versions/7")
-    assert r.status_code == 404 and r.json() == {"error": "model 'digits' has no version 7; loaded versions: [1]"}
+    assert r.status_code == 404 and r.json() == {"error": f"model 'digits' has no version 7; loaded versions: {served_versions('digits')}"}
 
 
 # -- errors: the protocol's shape, /v1's status codes and messages --------------------------------

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.repository import read_version, versions_on_disk
-from tests.gateway import ROOT, gateway_process
+from serving.repository import read_version
+from tests.gateway import ROOT, gateway_process, stable_version
 from tests.serving.api.test_v2 import png
 from tests.serving.test_gateway import MODELS, TEXTS
 from tests.venvs import tool_venv
@@ -34,7 +34,7 @@ def results(data_dir, tmp_path_factory):
     python = tool_venv("v2clients", CLIENTS)
     with np.load(data_dir / "mnist.npz") as f:
         digits = f["x_test"][:5]
-    mv = read_version(MODELS, "sentiment_lstm", versions_on_disk(MODELS, "sentiment_lstm")[-1])
+    mv = read_version(MODELS, "sentiment_lstm", stable_version("sentiment_lstm"))
     data = {"texts": TEXTS, "token_ids": mv.preprocessor.encode_batch(TEXTS).tolist(), "digits": digits.tolist(),
             "pngs_b64": [base64.b64encode(png(255 - d)).decode() for d in digits]}
     path = tmp_path_factory.mktemp("v2clients") / "input.json"
