@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all bench-text clean
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 bench-text clean
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,12 @@ train-sentiment_lstm: setup
 train-sentiment_bilstm: setup
 	$(PY) -m training sentiment_bilstm
 train-all: train-digits train-sentiment_lstm train-sentiment_bilstm
+# Version 2 (issue 11): window training for the text models (training/windows.py),
+# shift augmentation + cosine schedule for digits; card figures from training/metrics.py.
+train-v2: setup
+	$(PY) -m training digits --epochs 20 --batch-size 128 --shift 2 --lr-schedule cosine --metrics --version 2
+	$(PY) -m training sentiment_lstm --epochs 4 --batch-size 128 --windows r3s1 --whole-text-stride 20 --version 2
+	$(PY) -m training sentiment_bilstm --epochs 5 --batch-size 64 --windows r3s1 --lr-schedule cosine --whole-text-stride 20 --version 2
 
 bench-text: setup
 	$(PY) bench/text_preprocessing.py

@@ -21,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="use only the first N train and test examples (smoke runs)")
     p.add_argument("--version", type=int, help="version to export (default: the next free one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--windows", metavar="SCHEME", help="text models: training windows per review (training/windows.py): "
+                   "'tail' (default, version 1), r<N>, s<M> or r<N>s<M>, e.g. r3s1 = tail + 3 random windows + 1 short one")
+    p.add_argument("--shift", type=int, default=0, help="digits: random shift augmentation of up to N pixels (default 0: none)")
+    p.add_argument("--lr-schedule", choices=["plateau", "cosine"], help="default: plateau (halve on a validation-loss plateau)")
+    p.add_argument("--whole-text-stride", type=int, help="text models: record whole-text scoring with this window stride "
+                   "in the card (implies --metrics)")
+    p.add_argument("--metrics", action="store_true", help="measure training.metrics' figures through the exported signature into the card")
     a = p.parse_args(argv)
 
     from training.data import DataNotFoundError
@@ -30,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         card = run(
             a.model, a.epochs, a.batch_size, a.data_dir, a.out, a.seed, a.val_fraction, a.limit, a.version,
-            verbose=0 if a.quiet else 1,
+            verbose=0 if a.quiet else 1, windows=a.windows, shift=a.shift, lr_schedule=a.lr_schedule,
+            whole_text_stride=a.whole_text_stride, measure=a.metrics,
         )
     except (DataNotFoundError, VersionExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,12 +1,15 @@
 """Evaluate exported SavedModels through their serving signature.
 
     python -m training.evaluate [--models models] [--data-dir D] [--limit N]
+    python -m training.evaluate --metrics [--version 1] [--strides 20,10]
 
 For every model under the repository (latest version unless ``--version``), it
 loads the SavedModel the way a server would (``tf.saved_model.load`` and the
 ``serving_default`` signature), tokenises with the version's own
 ``assets.extra/`` vocabulary, and measures accuracy on the full test split
-next to the accuracy recorded in the model card.
+next to the accuracy recorded in the model card. With ``--metrics`` it prints every
+figure of :mod:`training.metrics` (last-20, whole-text per stride, short-text proxy,
+accuracy by length, ECE) on the validation hold-out and the full test split.
 """
 
 from __future__ import annotations
@@ -72,6 +75,28 @@ def evaluate(path: Path, data_dir=None, limit: int | None = None) -> dict:
     return result
 
 
+def full_metrics(path: Path, data_dir=None, strides=(20, 10), val_fraction: float = 0.1, limit: int | None = None) -> dict:
+    """training.metrics' figures for one exported version, on the validation part of the
+    training split (the same seeded hold-out as in training: the card's seed) and the test split."""
+    from training.metrics import version_metrics
+
+    name = path.parent.name
+    spec = SPECS[name]
+    _, card, prep = load_version(path)
+    ds = datasets.load_mnist(data_dir) if spec.kind == "image" else datasets.load_imdb(data_dir)
+    x_all, y_all = ds.train.x, ds.train.y
+    _, va = datasets.split_validation(len(y_all), val_fraction, card.get("seed", 1337))
+    if spec.kind == "image":
+        val = (np.asarray(x_all[va], np.float32), y_all[va])
+        test = (np.asarray(ds.test.x[:limit] if limit else ds.test.x, np.float32), ds.test.y[:limit] if limit else ds.test.y)
+    else:
+        val = ([x_all[i] for i in va], y_all[va])
+        test = (ds.test.x[:limit] if limit else ds.test.x, ds.test.y[:limit] if limit else ds.test.y)
+    t0 = time.perf_counter()
+    m = version_metrics(path, name, prep, val, test, strides)
+    return {"model": name, "version": int(path.name), "metrics": m, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="models", help="model repository root")
@@ -79,6 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--version", type=int, help="this version instead of the latest")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, help="only the first N test examples")
+    p.add_argument("--metrics", action="store_true", help="all model-card figures (training.metrics) on the validation and test splits")
+    p.add_argument("--strides", default="20,10", help="whole-text strides measured with --metrics (default: 20,10)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
     a = p.parse_args(argv)
     root = Path(a.models)
     status = 0
@@ -90,7 +118,12 @@ def main(argv=None) -> int:
             continue
         path = root / name / str(a.version or versions[-1])
         try:
-            print(json.dumps(evaluate(path, a.data_dir, a.limit)), flush=True)
+            if a.metrics:
+                strides = tuple(int(s) for s in a.strides.split(","))
+                out = full_metrics(path, a.data_dir, strides, a.val_fraction, a.limit)
+            else:
+                out = evaluate(path, a.data_dir, a.limit)
+            print(json.dumps(out), flush=True)
         except (datasets.DataNotFoundError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             status = 2

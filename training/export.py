@@ -66,8 +66,13 @@ def export_model(
     warmup_inputs: np.ndarray,
     preprocessor: TextPreprocessor | None = None,
     version: int | None = None,
+    measure=None,
 ) -> Path:
-    """Write ``<out_dir>/<name>/<version>/`` and return its path."""
+    """Write ``<out_dir>/<name>/<version>/`` and return its path.
+
+    ``measure``, if given, is called with the path of the written (not yet renamed)
+    SavedModel and returns a dict merged into the card: figures measured through the
+    exported serving signature itself."""
     spec = SPECS[name]
     base = Path(out_dir) / name
     version = next_version(base) if version is None else int(version)
@@ -97,6 +102,8 @@ def export_model(
         extra.mkdir()
         if preprocessor is not None:
             preprocessor.save(extra)
+        if measure is not None:
+            card = {**card, **measure(tmp)}
         card = {**card, "model": name, "version": version, "signature": signature_summary(name)}
         (extra / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         dtype = np.dtype(spec.input_dtype)

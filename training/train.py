@@ -19,6 +19,8 @@ import numpy as np
 
 from training import data as datasets
 from training.text import STOPWORDS, TextPreprocessor, Vocabulary
+from training.windows import SCHEME_COMPARISON, WindowScheme
+from training.windows import sample as sample_windows
 
 
 @dataclass
@@ -32,6 +34,9 @@ class Prepared:
     sources: dict[str, str]
     preprocessor: TextPreprocessor | None = None
     info: dict = field(default_factory=dict)
+    # Raw validation/test inputs (texts, or 0-255 images) for training.metrics.
+    val_raw: tuple | None = None
+    test_raw: tuple | None = None
 
 
 def prepare(
@@ -41,8 +46,12 @@ def prepare(
     seed: int = 1337,
     limit: int | None = None,
     stopwords: frozenset[str] = STOPWORDS,
+    windows: str | None = None,
 ) -> Prepared:
-    """Load the data of ``name`` and turn it into model inputs."""
+    """Load the data of ``name`` and turn it into model inputs.
+
+    ``windows`` (text models): the training-data scheme of :mod:`training.windows`
+    (None or "tail": each review's last 20 tokens only, as version 1)."""
     from training.models import SPECS
 
     spec = SPECS[name]
@@ -55,21 +64,62 @@ def prepare(
     if spec.kind == "image":
         f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731 - raw 0-255, scaled in the model
         x_all, x_test = f32(x_all), f32(x_test)
-        return Prepared(x_all[tr], y_all[tr], x_all[va], y_all[va], x_test, y_test, ds.sources)
+        return Prepared(
+            x_all[tr], y_all[tr], x_all[va], y_all[va], x_test, y_test, ds.sources,
+            val_raw=(x_all[va], y_all[va]), test_raw=(x_test, y_test),
+        )
     vocab = Vocabulary.build((x_all[i] for i in tr), stopwords=stopwords)
     prep = TextPreprocessor(vocab, stopwords=stopwords)
     enc = prep.encode_batch
     x_enc = enc(x_all)
     x_test_enc = enc(x_test)
     oov = float(np.mean(x_test_enc == 2) / max(np.mean(x_test_enc > 0), 1e-9))
+    info = {"test_oov_ratio_in_window": round(oov, 4)}
+    x_train, y_train = x_enc[tr], y_all[tr]
+    scheme = WindowScheme.parse(windows)
+    if scheme.name != "tail":
+        x_train, y_train = sample_windows(prep, [x_all[i] for i in tr], y_all[tr], scheme, seed)
+        info["training_windows"] = {
+            **scheme.describe(), "train_reviews": int(len(tr)), "train_windows": int(len(y_train)),
+            "scheme_comparison": SCHEME_COMPARISON,
+        }
     return Prepared(
-        x_enc[tr], y_all[tr], x_enc[va], y_all[va], x_test_enc, y_test, ds.sources, prep,
-        {"test_oov_ratio_in_window": round(oov, 4)},
+        x_train, y_train, x_enc[va], y_all[va], x_test_enc, y_test, ds.sources, prep, info,
+        val_raw=([x_all[i] for i in va], y_all[va]), test_raw=(x_test, y_test),
     )
 
 
-def fit(name: str, prep: Prepared, epochs: int, batch_size: int, verbose: int = 1):
-    """Train; return (model with the best epoch's weights, history dict, timings)."""
+def shift_images(x: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Each image moved by a random (dy, dx) in [-max_shift, max_shift]^2, zero-filled."""
+    n, h, w = x.shape
+    p = max_shift
+    padded = np.zeros((n, h + 2 * p, w + 2 * p), dtype=x.dtype)
+    padded[:, p : p + h, p : p + w] = x
+    dy = rng.integers(0, 2 * p + 1, n)
+    dx = rng.integers(0, 2 * p + 1, n)
+    rows = dy[:, None] + np.arange(h)[None, :]  # [n, h]
+    cols = dx[:, None] + np.arange(w)[None, :]  # [n, w]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def fit(
+    name: str,
+    prep: Prepared,
+    epochs: int,
+    batch_size: int,
+    verbose: int = 1,
+    shift: int = 0,
+    lr_schedule: str | None = None,
+    seed: int = 1337,
+):
+    """Train; return (model with the best epoch's weights, history dict, timings).
+
+    ``shift`` > 0 (images): every epoch sees each training image moved by a random
+    offset of up to ``shift`` pixels in each direction. ``lr_schedule="cosine"``:
+    the learning rate follows a cosine from the model's rate down to 1e-5 over
+    ``epochs`` instead of being halved on a validation-loss plateau."""
+    import math
+
     import keras
 
     from training.models import build
@@ -99,15 +149,46 @@ def fit(name: str, prep: Prepared, epochs: int, batch_size: int, verbose: int = 
                 self.model.set_weights(self.weights)
 
     keep = KeepBest()
-    history = model.fit(
-        prep.x_train,
-        prep.y_train,
-        validation_data=(prep.x_val, prep.y_val),
-        epochs=epochs,
-        batch_size=batch_size,
+    if lr_schedule == "cosine":
+        from training.models import SPECS
+
+        lr0, lr_min = SPECS[name].learning_rate, 1e-5
+        lr_cb = keras.callbacks.LearningRateScheduler(
+            lambda e, lr: lr_min + 0.5 * (lr0 - lr_min) * (1 + math.cos(math.pi * e / max(epochs, 1)))
+        )
+    elif lr_schedule in (None, "plateau"):
         # Halve the learning rate when validation loss stalls; KeepBest restores
         # the best epoch's weights at the end whatever happens after it.
-        callbacks=[keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=2, min_lr=1e-5), keep],
+        lr_cb = keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=2, min_lr=1e-5)
+    else:
+        raise ValueError(f"unknown learning-rate schedule {lr_schedule!r}")
+    if shift:
+        x_tr, y_tr = prep.x_train, prep.y_train
+
+        class Shifted(keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__()
+                self.rng = np.random.default_rng(seed)
+                self.order = self.rng.permutation(len(y_tr))
+
+            def __len__(self):
+                return math.ceil(len(y_tr) / batch_size)
+
+            def __getitem__(self, i):
+                idx = self.order[i * batch_size : (i + 1) * batch_size]
+                return shift_images(x_tr[idx], self.rng, shift), y_tr[idx]
+
+            def on_epoch_end(self):
+                self.order = self.rng.permutation(len(y_tr))
+
+        train_args = {"x": Shifted()}
+    else:
+        train_args = {"x": prep.x_train, "y": prep.y_train, "batch_size": batch_size}
+    history = model.fit(
+        **train_args,
+        validation_data=(prep.x_val, prep.y_val),
+        epochs=epochs,
+        callbacks=[lr_cb, keep],
         verbose=verbose,
     )
     return model, history.history, keep
@@ -134,8 +215,17 @@ def run(
     limit: int | None = None,
     version: int | None = None,
     verbose: int = 1,
+    windows: str | None = None,
+    shift: int = 0,
+    lr_schedule: str | None = None,
+    whole_text_stride: int | None = None,
+    measure: bool = False,
 ) -> dict:
-    """Train, evaluate on the test split and export; return the model card."""
+    """Train, evaluate on the test split and export; return the model card.
+
+    ``measure`` (implied by ``whole_text_stride``): add training.metrics' figures,
+    measured through the exported signature, to the card; text models then also
+    get ``"whole_text": {"stride": S, "combine": "mean_log_probability"}``."""
     import keras
     import tensorflow as tf
 
@@ -147,8 +237,8 @@ def run(
     batch_size = batch_size or spec.default_batch_size
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
-    prep = prepare(name, data_dir, val_fraction, seed, limit)
-    model, history, keep = fit(name, prep, epochs, batch_size, verbose)
+    prep = prepare(name, data_dir, val_fraction, seed, limit, windows=windows)
+    model, history, keep = fit(name, prep, epochs, batch_size, verbose, shift, lr_schedule, seed)
     train_seconds = time.perf_counter() - started
     test_loss, test_acc = model.evaluate(prep.x_test, prep.y_test, batch_size=512, verbose=0)
     card = {
@@ -176,10 +266,38 @@ def run(
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": f"python -m training {name} --epochs {epochs} --batch-size {batch_size} --seed {seed}"
-        + (f" --limit {limit}" if limit else ""),
+        + (f" --limit {limit}" if limit else "")
+        + (f" --windows {WindowScheme.parse(windows).name}" if windows and WindowScheme.parse(windows).name != "tail" else "")
+        + (f" --shift {shift}" if shift else "")
+        + (f" --lr-schedule {lr_schedule}" if lr_schedule and lr_schedule != "plateau" else "")
+        + (f" --whole-text-stride {whole_text_stride}" if whole_text_stride else "")
+        + (" --metrics" if measure and not whole_text_stride else "")
+        + (f" --version {version}" if version is not None else ""),
         **prep.info,
     }
-    path = export_model(model, name, out, card, prep.x_test[:32], prep.preprocessor, version)
+    if shift:
+        card["augmentation"] = {"random_shift_pixels": shift, "fill": 0, "per": "image and epoch"}
+    if lr_schedule and lr_schedule != "plateau":
+        card["learning_rate_schedule"] = {"name": lr_schedule, "from": spec.learning_rate, "to": 1e-5, "epochs": epochs}
+    measure_fn = None
+    if measure or whole_text_stride:
+        from training.metrics import version_metrics
+
+        stride = whole_text_stride or 20
+        val_strides = sorted({stride, 20, 10}, reverse=True)
+
+        def measure_fn(path):
+            t0 = time.perf_counter()
+            m = version_metrics(path, name, prep.preprocessor, prep.val_raw, prep.test_raw, val_strides, (stride,))
+            extra = {"metrics": m, "metrics_seconds": round(time.perf_counter() - t0, 1)}
+            if spec.kind == "text":
+                from training.metrics import WHOLE_TEXT_STRIDE_CHOICE
+
+                extra["whole_text"] = {"stride": stride, "combine": "mean_log_probability"}
+                extra["whole_text_stride_choice"] = WHOLE_TEXT_STRIDE_CHOICE
+            return extra
+
+    path = export_model(model, name, out, card, prep.x_test[:32], prep.preprocessor, version, measure_fn)
     card = json.loads((path / "assets.extra" / "model_card.json").read_text())
     card["path"] = str(path)
     return card
