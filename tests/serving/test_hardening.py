@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.settings import Settings
-from tests.gateway import gateway_in_thread, gateway_process, wait_until
+from tests.gateway import gateway_in_thread, gateway_process, stable_version, wait_until
 from tests.serving.test_gateway_lifecycle import HeldBackend
 
 PREDICT = "/v1/sentiment:predict"
@@ -199,7 +199,7 @@ def held():
     with gateway_in_thread(settings, backend) as g:
         wait_until(lambda: httpx.get(g.rest + "/readyz").status_code == 200, 60)
         g.backend = backend
-        g.batcher = lambda: g.core._batchers[("sentiment_lstm", max(backend.versions()["sentiment_lstm"]))]
+        g.batcher = lambda: g.core._batchers[("sentiment_lstm", stable_version("sentiment_lstm"))]
         yield g
         backend.may_predict.set()
 
@@ -216,7 +216,7 @@ async def _until(predicate, timeout: float = 10):
 
 
 def test_overload_is_refused_before_tokenising_with_retry_after(held):
-    v = max(held.backend.versions()["sentiment_lstm"])
+    v = stable_version("sentiment_lstm")
     prep = held.backend.versions()["sentiment_lstm"][v].preprocessor
     encoded = []
     original = prep.encode
