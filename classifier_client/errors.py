@@ -52,3 +52,11 @@ def backoff_s(attempt: int, base: float, cap: float, pushback: float | None = No
     if pushback is not None:
         delay = max(delay, pushback * random.uniform(1.0, 1.2))
     return delay
+
+
+def retry_delay(err: ClientError, failures: int, retries: int, base: float, cap: float) -> float:
+    """Seconds to wait before attempt ``failures + 1``; raises ``err`` when it is not retryable or
+    ``retries`` consecutive failures have been used up."""
+    if not err.retryable or failures > retries:
+        raise err from None
+    return backoff_s(failures, base, cap, err.pushback_s)

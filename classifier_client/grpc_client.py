@@ -25,7 +25,7 @@ from typing import AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from classifier_client.errors import RETRYABLE, ClientError, backoff_s, pushback_from
+from classifier_client.errors import RETRYABLE, ClientError, backoff_s, pushback_from, retry_delay
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 
 SERVICE = "/classifier.v1.Classifier/"
@@ -157,10 +157,9 @@ class Client:
             except grpc.RpcError as e:
                 err = ClientError.from_rpc(e)
                 failures += 1
-                if not err.retryable or failures > o.retries:
-                    raise err from None
+                delay = retry_delay(err, failures, o.retries, o.backoff_base_s, o.backoff_cap_s)
                 self.stats.retries[err.code.name] += 1
-                time.sleep(backoff_s(failures, o.backoff_base_s, o.backoff_cap_s, err.pushback_s))
+                time.sleep(delay)
 
     def sentiment(self, texts: Sequence[str]) -> pb.SentimentResponse:
         return self._call("ClassifySentiment", self.options.sentiment_request(texts))
@@ -236,11 +235,10 @@ class AsyncClient:
             except grpc.RpcError as e:
                 err = ClientError.from_rpc(e)
                 failures += 1
-                if not err.retryable or failures > o.retries:
-                    raise err from None
+                delay = retry_delay(err, failures, o.retries, o.backoff_base_s, o.backoff_cap_s)
                 self.stats.retries[err.code.name] += 1
                 self.stats.last_error = str(err)
-                await asyncio.sleep(backoff_s(failures, o.backoff_base_s, o.backoff_cap_s, err.pushback_s))
+                await asyncio.sleep(delay)
 
     async def sentiment(self, texts: Sequence[str]) -> pb.SentimentResponse:
         return await self._call("ClassifySentiment", self.options.sentiment_request(texts))

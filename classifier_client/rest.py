@@ -15,7 +15,7 @@ from typing import Sequence
 
 import grpc
 
-from classifier_client.errors import HTTP_TO_GRPC, ClientError, backoff_s
+from classifier_client.errors import HTTP_TO_GRPC, ClientError, retry_delay
 
 
 def _body(kind: str, items: Sequence, model: str, version: int, version_label: str, whole_text: bool = False) -> dict:
@@ -88,9 +88,7 @@ class RestClient(_Base):
             except httpx.TransportError as e:
                 err = ClientError(grpc.StatusCode.UNAVAILABLE, str(e))
             failures += 1
-            if not err.retryable or failures > self.retries:
-                raise err
-            time.sleep(backoff_s(failures, self.base, self.cap, err.pushback_s))
+            time.sleep(retry_delay(err, failures, self.retries, self.base, self.cap))
 
     def sentiment(self, texts: Sequence[str]) -> dict:
         return self._post("sentiment", texts)
@@ -129,9 +127,7 @@ class AsyncRestClient(_Base):
             except httpx.TransportError as e:
                 err = ClientError(grpc.StatusCode.UNAVAILABLE, str(e))
             failures += 1
-            if not err.retryable or failures > self.retries:
-                raise err
-            await asyncio.sleep(backoff_s(failures, self.base, self.cap, err.pushback_s))
+            await asyncio.sleep(retry_delay(err, failures, self.retries, self.base, self.cap))
 
     async def sentiment(self, texts: Sequence[str]) -> dict:
         return await self._post("sentiment", texts)

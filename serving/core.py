@@ -34,6 +34,7 @@ from serving.metrics import Metrics
 from serving.model_config import STABLE, ModelsConfig
 from serving.repository import ModelVersion
 from serving.settings import Settings
+from training.metrics import combine_mean_log_prob, log_probs_to_probs
 from training.text import OOV_ID, START_ID
 
 log = logging.getLogger("serving.core")
@@ -79,6 +80,7 @@ class Result:
     model: str
     version: int
     predictions: list
+    probabilities: np.ndarray | None = None  # [n, classes] float32: the predictions' probabilities, as one array
 
 
 @dataclass
@@ -94,13 +96,11 @@ class Call:
 
 
 def combine_windows(probs: np.ndarray, windows: list[int]) -> np.ndarray:
-    """Each text's probabilities from its windows' rows (consecutive in ``probs``): the mean
-    log-probability per class, normalised (a normalised geometric mean)."""
-    logs = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0))
-    starts = np.concatenate([[0], np.cumsum(windows)[:-1]]).astype(np.int64)
-    mean = np.add.reduceat(logs, starts, axis=0) / np.asarray(windows, dtype=np.float64)[:, None]
-    out = np.exp(mean - mean.max(axis=1, keepdims=True))
-    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
+    """Each text's probabilities from its windows' rows (consecutive in ``probs``, ``windows[i]``
+    of text i): the mean log-probability per class, normalised, exactly as the model cards'
+    whole-text figures are measured (training.metrics)."""
+    owners = np.repeat(np.arange(len(windows)), windows)
+    return log_probs_to_probs(combine_mean_log_prob(probs, owners, len(windows))).astype(np.float32)
 
 
 class Classifier:
@@ -284,6 +284,16 @@ class Classifier:
         available = [n for n, v in versions.items() if v.state == "AVAILABLE"]
         return max(available or versions)
 
+    def version_number(self, name: str, versions: dict[int, ModelVersion], version: int | None, label: str | None) -> int:
+        """The version a request means: its label's (models.config), else its own, else the default
+        (0 or None; see :meth:`default_version`). Not checked against the loaded ``versions``."""
+        if label:
+            labels = self.models_config.labels(name)
+            if label not in labels:
+                raise NotFound(f"model {name!r} has no version label {label[:100]!r}; labels: {sorted(labels)}")
+            return labels[label]
+        return version or self.default_version(name, versions)
+
     def resolve(self, name: str, version: int | None, kind: str, label: str | None = None) -> tuple[ModelVersion, Batcher]:
         self.check_accepting()
         versions = self.backend.versions().get(name)
@@ -294,24 +304,16 @@ class Classifier:
             raise Unavailable(f"model {name!r} has no version to serve")
         if label and version:
             raise InvalidInput("give version or version_label, not both")
-        if label:
-            labels = self.models_config.labels(name)
-            if label not in labels:
-                raise NotFound(f"model {name!r} has no version label {label[:100]!r}; labels: {sorted(labels)}")
-            version = labels[label]
-            if version not in versions:
-                raise Unavailable(f"model {name!r} label {label!r} points to version {version}, which is not loaded; "
+        number = self.version_number(name, versions, version, label)
+        if number not in versions:
+            if label:
+                raise Unavailable(f"model {name!r} label {label!r} points to version {number}, which is not loaded; "
                                   f"loaded versions: {sorted(versions)}")
-        if version is None or version == 0:
-            version = self.default_version(name, versions)
-            if version not in versions:
-                raise Unavailable(f"model {name!r}: the {STABLE!r} label points to version {version}, which is not "
+            if not version:
+                raise Unavailable(f"model {name!r}: the {STABLE!r} label points to version {number}, which is not "
                                   f"loaded; loaded versions: {sorted(versions)}")
-            v = versions[version]
-        elif version not in versions:
-            raise NotFound(f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}")
-        else:
-            v = versions[version]
+            raise NotFound(f"model {name!r} has no version {number}; loaded versions: {sorted(versions)}")
+        v = versions[number]
         if v.kind != kind:
             raise InvalidInput(f"model {name!r} classifies {'texts' if v.kind == 'text' else 'images'}, not {kind}s")
         if v.state != "AVAILABLE" or not self._load_task or not self._load_task.done():
@@ -447,7 +449,7 @@ class Classifier:
         for (tokens, unknown), row, w in zip(counts, probs.tolist(), windows or [1] * n):
             k = 0 if row[0] >= row[1] else 1
             preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), tokens, unknown, w))
-        return Result(v.name, v.version, preds)
+        return Result(v.name, v.version, preds, probs)
 
     # -- digits -----------------------------------------------------------------
     def _check_encoded(self, images: list[bytes], where: str) -> None:
@@ -505,7 +507,6 @@ class Classifier:
         probs = await self._predict(batcher, pixels, deadline, f"{n} images for {v.name}/{v.version}")
         self.metrics.items.labels(name).inc(len(pixels))
         preds = []
-        for row in probs.tolist():
-            k = int(np.argmax(row))
+        for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
             preds.append(DigitPrediction(k, row[k], row))
-        return Result(name, v.version, preds)
+        return Result(name, v.version, preds, probs)

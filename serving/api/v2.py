@@ -26,6 +26,7 @@ models.config (``stable``, ``canary``); none means the default version, as on ``
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import struct
 from dataclasses import dataclass, field
@@ -167,7 +168,9 @@ def to_raw(t: Tensor) -> bytes:
     return serialize_bytes(t.data) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
 
 
+@functools.cache
 def _package_version() -> str:
+    """Read from the installed distribution's metadata once (it does not change while serving)."""
     try:
         return importlib.metadata.version("classifier-service")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
@@ -199,15 +202,9 @@ class DataPlane:
         number, label = self.parse_version(version)
         if number == 0:
             raise NotFound(f"model {name!r} has no version 0; loaded versions: {sorted(versions)}")
-        if label is not None:
-            labels = self.core.models_config.labels(name)
-            if label not in labels:
-                raise NotFound(f"model {name!r} has no version label {label[:100]!r}; labels: {sorted(labels)}")
-            number = labels[label]
-        if number is None:
-            if not versions:
-                raise NotFound(f"model {name!r} has no version")
-            number = self.core.default_version(name, versions)
+        if number is None and label is None and not versions:
+            raise NotFound(f"model {name!r} has no version")
+        number = self.core.version_number(name, versions, number, label)
         if number not in versions:
             raise NotFound(f"model {name!r} has no version {number}; loaded versions: {sorted(versions)}")
         return versions[number]
@@ -254,13 +251,11 @@ class DataPlane:
         whole_text = (parameters or {}).get("whole_text", False)
         if not isinstance(whole_text, bool):
             raise InvalidInput(f"parameter whole_text must be true or false, got {whole_text!r:.40}")
-        versions = core.models().get(name)
-        if versions is None:
-            raise NotFound(f"unknown model {name[:100]!r}; models: {sorted(core.models())}")
         number, label = self.parse_version(version)
-        if number == 0:
-            self.model_version(name, version)  # NotFound, as for every version that does not exist
-        kind = self.kind(name)
+        versions = core.models().get(name)
+        if versions is None or number == 0:
+            self.model_version(name, version)  # NotFound naming the models, or the versions
+        kind = next((v.kind for v in versions.values()), None)
         if len(inputs) != 1:
             given = [t.name for t in inputs]
             expected = ["text", "token_ids"] if kind == "text" else ["image", "image_encoded"]
@@ -327,12 +322,11 @@ class DataPlane:
     @staticmethod
     def _outputs(r: Result, kind: str, requested: list[str] | None, whole_text: bool = False) -> list[Tensor]:
         n = len(r.predictions)
+        probs = np.asarray(r.probabilities, dtype=np.float32)
         if kind == "text":
-            probs = np.array([list(p.probabilities.values()) for p in r.predictions], dtype=np.float32).reshape(n, -1)
             labels = Tensor("label", "BYTES", (n,), [p.label.encode() for p in r.predictions])
         else:
-            probs = np.array([p.probabilities for p in r.predictions], dtype=np.float32).reshape(n, -1)
-            labels = Tensor("label", "INT64", (n,), np.array([p.label for p in r.predictions], dtype=np.int64))
+            labels = Tensor("label", "INT64", (n,), probs.argmax(1).astype(np.int64))
         available = {"probabilities": Tensor("probabilities", "FP32", probs.shape, probs.reshape(-1)), "label": labels}
         if whole_text:  # how many windows each text's answer combines
             available["windows"] = Tensor("windows", "INT32", (n,), np.array([p.windows for p in r.predictions], dtype=np.int32))

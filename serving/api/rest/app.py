@@ -150,11 +150,13 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+def retry_headers(e: ServiceError) -> dict | None:
+    """``Retry-After`` (whole seconds, at least 1) for an overload, else none."""
+    return {"retry-after": str(max(1, math.ceil(e.retry_after_s)))} if isinstance(e, Overloaded) else None
+
+
 def _error(e: ServiceError) -> Response:
-    headers = None
-    if isinstance(e, Overloaded):
-        headers = {"retry-after": str(max(1, math.ceil(e.retry_after_s)))}
-    return error_response(e.http_status, e.code, e.message, headers)
+    return error_response(e.http_status, e.code, e.message, retry_headers(e))
 
 
 ERROR_DOCS = {
@@ -260,11 +262,13 @@ def validation_message(e: msgspec.MsgspecError) -> str:
     return f"{where}: {message}" if where else f"body: {message}"
 
 
-def _check_content_type(request: Request) -> None:
+def check_content_type(request: Request, accepted: tuple[str, ...] = ("application/json",),
+                       hint: str = "send application/json") -> None:
+    """415 unless the body is one of the ``accepted`` media types (none given: JSON), uncompressed."""
     h = request.headers
     ctype = h.get("content-type")
-    if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(f"content-type {ctype.split(';')[0]!r} is not supported; send application/json")
+    if ctype is not None and ctype.split(";")[0].strip().lower() not in accepted:
+        raise UnsupportedMediaType(f"content-type {ctype.split(';')[0]!r} is not supported; {hint}")
     encoding = h.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaType(f"content-encoding {encoding!r} is not supported; send the body uncompressed")
@@ -343,7 +347,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
     async def decode(request: Request, kind: str, decoder: msgspec.json.Decoder):
         """Admission before work, then the body, decoded strictly (off the loop when large)."""
         core.precheck(kind)
-        _check_content_type(request)
+        check_content_type(request)
         body = await request.body()
         try:
             return await core.offload(decoder.decode, body, heavy=len(body) > s.inline_parse_bytes)

@@ -20,7 +20,6 @@ A Triton-style ``parameters.timeout`` (microseconds) shortens the deadline.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 import msgspec
@@ -28,10 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from serving.api.rest.app import ERROR_DOCS, until_done, validation_message
+from serving.api.rest.app import ERROR_DOCS, check_content_type, retry_headers, until_done, validation_message
 from serving.api.v2 import DataPlane, InferResponse, Tensor, from_raw, from_values, to_raw
 from serving.core import Classifier
-from serving.errors import InvalidInput, Overloaded, ServiceError, UnsupportedMediaType
+from serving.errors import InvalidInput, ServiceError
 from serving.images import decode_b64
 
 INFER = "/v2/models/{name}/infer"
@@ -117,24 +116,12 @@ class V2ModelReady(BaseModel):
 
 
 def v2_error(e: ServiceError) -> Response:
-    headers = {"retry-after": str(max(1, math.ceil(e.retry_after_s)))} if isinstance(e, Overloaded) else None
     return Response(_json.encode({"error": e.message}), status_code=e.http_status, media_type="application/json",
-                    headers=headers)
+                    headers=retry_headers(e))
 
 
 def _json_response(body, status: int = 200) -> Response:
     return Response(_json.encode(body), status_code=status, media_type="application/json")
-
-
-def _check_content_type(request: Request) -> None:
-    h = request.headers
-    ctype = h.get("content-type")
-    if ctype is not None and ctype.split(";")[0].strip().lower() not in ("application/json", "application/octet-stream"):
-        raise UnsupportedMediaType(f"content-type {ctype.split(';')[0]!r} is not supported; send application/json "
-                                   f"(application/octet-stream with binary tensors)")
-    encoding = h.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise UnsupportedMediaType(f"content-encoding {encoding!r} is not supported; send the body uncompressed")
 
 
 def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int) -> tuple[V2InferRequest, list[Tensor]]:
@@ -268,7 +255,8 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
                 if kind is None:
                     plane.model_version(name, version)  # NotFound naming the models
                 core.precheck(kind)
-                _check_content_type(request)
+                check_content_type(request, ("application/json", "application/octet-stream"),
+                                   "send application/json (application/octet-stream with binary tensors)")
                 body = await request.body()
                 req, tensors = await core.offload(parse_infer, body, request.headers.get(HEADER_LENGTH),
                                                   s.max_image_bytes, heavy=len(body) > s.inline_parse_bytes)
