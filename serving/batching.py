@@ -2,9 +2,12 @@
 
 Each :class:`Batcher` owns a queue of entries (rows, future, arrival, deadline)
 and one worker task. The worker takes the oldest entries up to
-``max_batch_size`` rows, waits at most ``max_batch_wait`` after the *oldest*
-entry arrived for more rows to join (entries that already waited while the
-backend was busy go at once), calls the blocking backend in a worker thread
+``max_batch_size`` rows. Batching is adaptive: when no batch of this model is
+in flight, whatever is queued goes at once (a lone request pays no batching
+delay); while batches are in flight, rows collect in the queue and the next
+free slot takes them, waiting at most ``max_batch_wait`` after the *oldest*
+entry arrived for more to join (``wait_when_idle=True``: that wait applies
+when idle too, the fixed-delay batching of earlier versions), calls the blocking backend in a worker thread
 (never on the event loop), and splits the result back to each request in
 order. Up to ``max_concurrent`` batches are in flight at once (1 suits an
 in-process model that already uses every core; a remote TF Serving keeps its
@@ -52,6 +55,7 @@ class Batcher:
         max_queue_wait_s: float = float("inf"),
         on_drop: Callable[[int, str], None] | None = None,
         tag: Callable[[], str] | None = None,
+        wait_when_idle: bool = False,
     ):
         self.name = name
         self.fn = fn
@@ -60,6 +64,7 @@ class Batcher:
         self.max_queue_items = max_queue_items
         self.max_queue_wait = max_queue_wait_s
         self.max_concurrent = max_concurrent
+        self.wait_when_idle = wait_when_idle
         self.executor = executor
         self.on_batch = on_batch or (lambda rows, seconds: None)
         self.on_depth = on_depth or (lambda depth: None)
@@ -197,9 +202,11 @@ class Batcher:
             if head is None:
                 self._slots.release()
                 continue
-            # Wait for more rows, but never past max_wait after the oldest entry arrived.
+            # Nothing in flight: go now. Otherwise (or wait_when_idle) wait for more rows,
+            # but never past max_wait after the oldest entry arrived.
             deadline = head.t + self.max_wait
-            while self._queued_rows < self.max_batch_size:
+            idle = self._in_flight_rows == 0 and not self.wait_when_idle
+            while not idle and self._queued_rows < self.max_batch_size:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

@@ -155,6 +155,7 @@ class Classifier:
                 max_concurrent=s.concurrent_batches(),
                 max_queue_wait_s=s.max_queue_wait_s,
                 tag=request_id.get,
+                wait_when_idle=s.batch_wait_when_idle,
             )
             m.queue_limit.labels(name).set(s.max_queue_items)
             b.start()

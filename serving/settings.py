@@ -133,7 +133,11 @@ class Settings(BaseSettings):
 
     # Dynamic batching (per model version)
     max_batch_size: int = Field(256, ge=1)
+    # Adaptive batching: a model with no batch in flight gets what is queued at once; while
+    # it is busy, rows collect and wait at most max_batch_wait_us for more to join.
+    # batch_wait_when_idle=true waits max_batch_wait_us even when the model is idle (fixed delay).
     max_batch_wait_us: int = Field(2000, ge=0)
+    batch_wait_when_idle: bool = False
     max_queue_items: int = Field(8192, ge=1)
     # Batches in flight at once per model version; 0 = by backend (embedded 1: the
     # in-process model already uses every core; tfserving 4: keep TF Serving's

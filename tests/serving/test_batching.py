@@ -42,6 +42,54 @@ def test_concurrent_requests_share_a_call_and_get_their_own_rows_back():
     assert calls == [7]
 
 
+def test_an_idle_model_gets_a_lone_request_at_once_and_a_busy_one_collects_rows():
+    """Adaptive batching: with nothing in flight the first request is dispatched at once, even
+    with a 60 s batching wait; rows arriving while that call runs go together in the next call,
+    as soon as the model is free (it is idle again then), not after the wait."""
+    calls, started, release = [], threading.Event(), threading.Event()
+
+    def model(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+        return x
+
+    async def main():
+        b = Batcher("m", model, max_batch_size=8, max_batch_wait_s=60, max_queue_items=100,
+                    executor=ThreadPoolExecutor(1))
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.zeros((1, 2), np.float32)))
+        assert await asyncio.to_thread(started.wait, 10), "a lone request waited for the batching delay"
+        rest = [asyncio.ensure_future(b.submit(np.full((n, 2), n, np.float32))) for n in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        assert calls == [1]  # the model is busy: the three wait in the queue
+        release.set()
+        outs = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        await b.stop()
+        return outs
+
+    outs = run(main())
+    assert calls == [1, 6]
+    assert [len(o) for o in outs] == [1, 1, 2, 3]
+
+
+def test_wait_when_idle_keeps_the_fixed_batching_delay():
+    calls = []
+
+    async def main():
+        b = make(lambda x: x, calls, max_batch_wait_s=0.2, wait_when_idle=True)
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.zeros((1, 1), np.float32)))
+        await asyncio.sleep(0.05)  # inside the wait: this one joins the first
+        second = asyncio.ensure_future(b.submit(np.zeros((2, 1), np.float32)))
+        await asyncio.gather(first, second)
+        await b.stop()
+
+    run(main())
+    assert calls == [3]
+
+
 def test_large_requests_are_cut_to_max_batch_size_and_reassembled():
     calls = []
 
