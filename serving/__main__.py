@@ -24,7 +24,7 @@ from serving.backends import Backend, make_backend
 from serving.api.rest.connections import guarded_protocol
 from serving.core import Classifier
 from serving.api.grpc.server import GrpcServer
-from serving.api.rest.app import create_app
+from serving.api.rest.hot_path import create_asgi
 from serving.settings import Settings
 
 log = logging.getLogger("serving")
@@ -61,8 +61,8 @@ class Gateway:
         if s.tls_cert_file and s.tls_key_file:
             tls = {"ssl_certfile": str(s.tls_cert_file), "ssl_keyfile": str(s.tls_key_file)}
         config = uvicorn.Config(
-            create_app(self.core, keys), host=s.host, port=s.rest_port, log_config=None, log_level="warning",
-            access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+            create_asgi(self.core, keys), host=s.host, port=s.rest_port, log_config=None, log_level="warning",
+            access_log=False, proxy_headers=False, lifespan="off", timeout_graceful_shutdown=5,
             timeout_keep_alive=s.http_keepalive_timeout_s, http=guarded_protocol(s), **tls,
         )
         self.http = _Server(config, self.request_stop)

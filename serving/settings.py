@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = True
 
+    # POSTs to the two /v1 predict endpoints skip FastAPI's routing (same middlewares, code,
+    # errors; serving/api/rest/hot_path.py); false: every request goes through FastAPI.
+    rest_hot_path: bool = True
+
     # Dynamic batching (per model version)
     max_batch_size: int = Field(256, ge=1)
     # Adaptive batching: a model with no batch in flight gets what is queued at once; while

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import uuid
+import secrets
 import warnings
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated
 
 import msgspec
@@ -226,7 +227,7 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = rid.decode("latin-1")[:128] if rid and rid.isascii() else uuid.uuid4().hex
+        rid = rid.decode("latin-1")[:128] if rid and rid.isascii() else secrets.token_hex(16)
         request_id.set(rid)
         header = (b"x-request-id", rid.encode())
 
@@ -262,40 +263,55 @@ def validation_message(e: msgspec.MsgspecError) -> str:
     return f"{where}: {message}" if where else f"body: {message}"
 
 
-def check_content_type(request: Request, accepted: tuple[str, ...] = ("application/json",),
+def check_content_type(headers: Mapping[str, str], accepted: tuple[str, ...] = ("application/json",),
                        hint: str = "send application/json") -> None:
-    """415 unless the body is one of the ``accepted`` media types (none given: JSON), uncompressed."""
-    h = request.headers
-    ctype = h.get("content-type")
+    """415 unless the body is one of the ``accepted`` media types (none given: JSON), uncompressed.
+    ``headers``: the request's, lower-case names (Starlette's ``request.headers``, or a dict)."""
+    ctype = headers.get("content-type")
     if ctype is not None and ctype.split(";")[0].strip().lower() not in accepted:
         raise UnsupportedMediaType(f"content-type {ctype.split(';')[0]!r} is not supported; {hint}")
-    encoding = h.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaType(f"content-encoding {encoding!r} is not supported; send the body uncompressed")
 
 
-async def until_disconnected(request: Request) -> None:
-    """Returns when the client has gone (the body was read already, so only a disconnect comes)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+async def read_body(receive) -> bytes:
+    """The whole request body from an ASGI ``receive``."""
+    chunks = []
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise Cancelled("client disconnected before sending the whole body")
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def until_done(request: Request, work):
-    """``work`` unless the client disconnects first; then it is cancelled (queued rows dropped)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(until_disconnected(request))
+async def until_done(receive, work):
+    """``await work``, unless the client disconnects first (``receive``, the request's ASGI receive,
+    after the body was read, only returns on a disconnect): then the request's own task is
+    cancelled, its queued rows are dropped, and :class:`Cancelled` is raised. One watcher task
+    per request, no second task for the work."""
+    me = asyncio.current_task()
+    state = {"done": False, "gone": False}
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not state["done"]:
+            state["gone"] = True
+            me.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
-        gone.cancel()
+        if state["gone"] and me.uncancel() == 0:
+            raise Cancelled("client disconnected; its queued work was dropped") from None
         raise
-    if task.done():
-        gone.cancel()
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise Cancelled("client disconnected; its queued work was dropped")
+    finally:
+        state["done"] = True
+        watcher.cancel()
 
 
 def _result(r: Result) -> Response:
@@ -303,6 +319,82 @@ def _result(r: Result) -> Response:
         _json.encode({"model": {"name": r.model, "version": r.version}, "predictions": r.predictions}),
         media_type="application/json",
     )
+
+
+def _pixels(images: list[msgspec.Raw]) -> np.ndarray:
+    out = []
+    for i, raw in enumerate(images):
+        try:
+            out.append(check_pixels(_decode_image28.decode(raw), f"images[{i}]"))
+        except msgspec.ValidationError as e:
+            where, _, msg = validation_message(e).partition(": ")
+            raise InvalidInput(f"images[{i}]{where if where != 'body' else ''}: {msg}") from None
+    return np.stack(out)
+
+
+class V1Predict:
+    """The two /v1 predict endpoints, protocol work only: admission before the body is read,
+    the body decoded strictly (off the loop when large), the core, the JSON answer. Used by
+    FastAPI's routes and by the hot path alike; errors are raised as :class:`ServiceError`.
+
+    Each method takes the request's headers (lower-case names), ``read`` (returns the body)
+    and the ASGI ``receive`` (to notice a client that leaves while its work is queued)."""
+
+    def __init__(self, core: Classifier):
+        self.core, self.settings = core, core.settings
+
+    async def _decode(self, kind: str, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]],
+                      decoder: msgspec.json.Decoder):
+        self.core.precheck(kind)
+        check_content_type(headers)
+        body = await read()
+        try:
+            return await self.core.offload(decoder.decode, body, heavy=len(body) > self.settings.inline_parse_bytes)
+        except msgspec.MsgspecError as e:
+            raise InvalidInput(validation_message(e)) from None
+
+    async def sentiment(self, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]], receive) -> Response:
+        core = self.core
+        deadline = core.deadline()
+        with core.track("rest", SENTIMENT) as call:
+            req = await self._decode("text", headers, read, _decode_sentiment)
+            call.model = req.model or self.settings.default_sentiment_model
+            r = await until_done(receive, core.sentiment(req.texts, req.model, _version(req.version), deadline, call,
+                                                         _label(req), req.whole_text))
+        return _result(r)
+
+    async def digits(self, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]], receive) -> Response:
+        core = self.core
+        deadline = core.deadline()
+        with core.track("rest", DIGITS) as call:
+            req = await self._decode("image", headers, read, _decode_digits)
+            call.model = req.model or "digits"
+            if (req.images is None) == (req.images_b64 is None):
+                raise InvalidInput("give exactly one of images or images_b64")
+            if req.images is not None:
+                n, build, heavy = len(req.images), (lambda: _pixels(req.images)), len(req.images) > INLINE_IMAGES
+            else:
+                n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
+            r = await until_done(receive, core.digits(n, build, req.model, _version(req.version), heavy, deadline,
+                                                      call, _label(req)))
+        return _result(r)
+
+
+def middlewares(core: Classifier, api_keys: ApiKeys | None = None) -> list[tuple[type, dict]]:
+    """The ASGI middlewares every REST request passes, innermost first: body limit, API keys
+    (when configured), CORS (when configured), request id. Shared by the FastAPI app and the hot path."""
+    s = core.settings
+    reject = lambda outcome: lambda path: core.record("rest", path, None, outcome, 0.0)  # noqa: E731
+    out: list[tuple[type, dict]] = [(BodyLimit, {"max_bytes": s.max_body_bytes, "on_reject": reject("PAYLOAD_TOO_LARGE")})]
+    keys = api_keys or ApiKeys.from_settings(s)
+    if keys.enabled:
+        out.append((ApiKeyMiddleware, {"keys": keys, "public_paths": s.public_paths, "on_reject": reject("UNAUTHENTICATED")}))
+    if s.cors_allow_origins:
+        out.append((CORSMiddleware, {
+            "allow_origins": s.cors_allow_origins, "allow_methods": s.cors_allow_methods, "allow_headers": s.cors_allow_headers,
+            "expose_headers": ["x-request-id", "retry-after"], "max_age": s.cors_max_age_s}))
+    out.append((RequestId, {}))
+    return out
 
 
 def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
@@ -317,17 +409,8 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         telemetry=None if s.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
         favicon_url="data:,",
     )
-    reject = lambda outcome: lambda path: core.record("rest", path, None, outcome, 0.0)  # noqa: E731
-    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, on_reject=reject("PAYLOAD_TOO_LARGE"))
-    keys = api_keys or ApiKeys.from_settings(s)
-    if keys.enabled:
-        app.add_middleware(ApiKeyMiddleware, keys=keys, public_paths=s.public_paths, on_reject=reject("UNAUTHENTICATED"))
-    if s.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=s.cors_allow_origins, allow_methods=s.cors_allow_methods,
-            allow_headers=s.cors_allow_headers, expose_headers=["x-request-id", "retry-after"], max_age=s.cors_max_age_s,
-        )
-    app.add_middleware(RequestId)
+    for cls, options in middlewares(core, api_keys):
+        app.add_middleware(cls, **options)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError):
@@ -344,58 +427,24 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, "INTERNAL", f"internal error ({type(e).__name__}); it has been logged")
 
-    async def decode(request: Request, kind: str, decoder: msgspec.json.Decoder):
-        """Admission before work, then the body, decoded strictly (off the loop when large)."""
-        core.precheck(kind)
-        check_content_type(request)
-        body = await request.body()
-        try:
-            return await core.offload(decoder.decode, body, heavy=len(body) > s.inline_parse_bytes)
-        except msgspec.MsgspecError as e:
-            raise InvalidInput(validation_message(e)) from None
-
+    v1 = V1Predict(core)
     sentiment_body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SentimentRequest"}}}}
     digits_body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DigitsRequest"}}}}
 
+    # With rest_hot_path (serving/api/rest/hot_path.py) POSTs to these two paths are served by
+    # the same V1Predict methods without FastAPI's routing; these routes document them (and
+    # serve them when the hot path is off).
     @app.post(SENTIMENT, response_model=SentimentResponse, responses=PREDICT_ERRORS, tags=["predict"],
               openapi_extra={"requestBody": sentiment_body})
     async def predict_sentiment(request: Request):
         """Classify review texts as negative/positive, in input order."""
-        deadline = core.deadline()
-        with core.track("rest", SENTIMENT) as call:
-            req = await decode(request, "text", _decode_sentiment)
-            call.model = req.model or s.default_sentiment_model
-            r = await until_done(request, core.sentiment(req.texts, req.model, _version(req.version), deadline, call,
-                                                          _label(req), req.whole_text))
-        return _result(r)
-
-    def pixels(images: list[msgspec.Raw]):
-        out = []
-        for i, raw in enumerate(images):
-            try:
-                out.append(check_pixels(_decode_image28.decode(raw), f"images[{i}]"))
-            except msgspec.ValidationError as e:
-                where, _, msg = validation_message(e).partition(": ")
-                raise InvalidInput(f"images[{i}]{where if where != 'body' else ''}: {msg}") from None
-        return np.stack(out)
+        return await v1.sentiment(request.headers, request.body, request.receive)
 
     @app.post(DIGITS, response_model=DigitsResponse, responses=PREDICT_ERRORS, tags=["predict"],
               openapi_extra={"requestBody": digits_body})
     async def predict_digits(request: Request):
         """Classify 28x28 images (or PNG/JPEG of any size) as digits 0-9. Give exactly one of images or images_b64."""
-        deadline = core.deadline()
-        with core.track("rest", DIGITS) as call:
-            req = await decode(request, "image", _decode_digits)
-            call.model = req.model or "digits"
-            if (req.images is None) == (req.images_b64 is None):
-                raise InvalidInput("give exactly one of images or images_b64")
-            if req.images is not None:
-                n, build, heavy = len(req.images), (lambda: pixels(req.images)), len(req.images) > INLINE_IMAGES
-            else:
-                n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
-            r = await until_done(request, core.digits(n, build, req.model, _version(req.version), heavy, deadline,
-                                                       call, _label(req)))
-        return _result(r)
+        return await v1.digits(request.headers, request.body, request.receive)
 
     @app.get("/v1/models", tags=["models"], responses={401: {"model": ErrorResponse, "description": ERROR_DOCS[401]}})
     async def list_models():

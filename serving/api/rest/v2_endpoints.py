@@ -255,7 +255,7 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
                 if kind is None:
                     plane.model_version(name, version)  # NotFound naming the models
                 core.precheck(kind)
-                check_content_type(request, ("application/json", "application/octet-stream"),
+                check_content_type(request.headers, ("application/json", "application/octet-stream"),
                                    "send application/json (application/octet-stream with binary tensors)")
                 body = await request.body()
                 req, tensors = await core.offload(parse_infer, body, request.headers.get(HEADER_LENGTH),
@@ -264,7 +264,7 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
                 if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
                     deadline = min(deadline, core.deadline(timeout_us / 1e6))
                 wanted = [o.name for o in req.outputs] if req.outputs else None
-                r = await until_done(request, plane.infer(name, version, tensors, wanted, deadline, call, req.parameters))
+                r = await until_done(request.receive, plane.infer(name, version, tensors, wanted, deadline, call, req.parameters))
                 return await core.offload(render_infer, req, r, heavy=len(tensors[0].data) > 64)
         except ServiceError as e:
             return v2_error(e)
