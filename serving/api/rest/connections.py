@@ -7,6 +7,12 @@ bound. Here every connection must send its request head within
 response) and each part of its body within ``http_body_timeout_s``, else it
 gets 408 and is closed; and at most ``max_connections`` are open: more are
 answered 503 at once and closed. (gRPC has its own limits: serving/api/grpc/server.py.)
+
+One speed-up rides along: uvicorn writes a response's head and its body with one
+``transport.write`` each, i.e. two ``send`` system calls per answer (the largest single
+cost in a profile of the gateway over an instant backend). The response cycle here
+writes through :class:`CoalescingWriter`, which joins what is written in one turn of the
+event loop into one write.
 """
 
 from __future__ import annotations
@@ -46,6 +52,35 @@ def max_open_connections(wanted: int) -> int:
     return min(wanted, allowed)
 
 
+class CoalescingWriter:
+    """A transport as a response cycle sees it (write, close, is_closing): writes made in one
+    turn of the event loop go out as one ``transport.write`` at the end of that turn."""
+
+    __slots__ = ("transport", "loop", "pending")
+
+    def __init__(self, transport, loop):
+        self.transport, self.loop, self.pending = transport, loop, []
+
+    def write(self, data: bytes) -> None:
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(data)
+
+    def flush(self) -> None:
+        if self.pending:
+            data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+            self.pending = []
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     header_s, body_s = settings.http_header_timeout_s, settings.http_body_timeout_s
     limit = max_open_connections(settings.max_connections)
@@ -55,6 +90,7 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     class GuardedHttpProtocol(HttpToolsProtocol):
         _timer = None
         _refused = False
+        _writer: CoalescingWriter | None = None
 
         def connection_made(self, transport):
             if len(self.connections) >= limit:
@@ -77,6 +113,10 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
 
         def on_headers_complete(self):
             super().on_headers_complete()
+            if self.cycle is not None:
+                if self._writer is None:
+                    self._writer = CoalescingWriter(self.transport, self.loop)
+                self.cycle.transport = self._writer
             self._arm(body_s, "request body", "http_body_timeout_s")
 
         def on_body(self, body: bytes):
@@ -98,6 +138,8 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
 
         def _expired(self, what: str, setting: str, seconds: float):
             self._timer = None
+            if self._writer is not None:
+                self._writer.flush()
             if self.transport.is_closing():
                 return
             if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
