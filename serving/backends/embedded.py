@@ -23,6 +23,8 @@ class EmbeddedBackend:
         self.settings = settings
         self._versions: dict[str, dict[int, ModelVersion]] = {}
         self._signatures: dict[tuple[str, int], object] = {}
+        self._loaded: list[object] = []  # the loaded SavedModels (the XLA-wrapped calls need their variables)
+        self._buckets: list[int] = []
         self._reason = "models not loaded yet"
         self._tf = None
         config = ModelsConfig(settings.models_config_file)
@@ -43,10 +45,13 @@ class EmbeddedBackend:
                     v.state, v.error = "FAILED", error
             raise RuntimeError(error) from e
         self._tf = tf
-        if self.settings.tf_intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(self.settings.tf_intra_op_threads)
-        if self.settings.tf_inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(self.settings.tf_inter_op_threads)
+        try:
+            if self.settings.tf_intra_op_threads:
+                tf.config.threading.set_intra_op_parallelism_threads(self.settings.tf_intra_op_threads)
+            if self.settings.tf_inter_op_threads:
+                tf.config.threading.set_inter_op_parallelism_threads(self.settings.tf_inter_op_threads)
+        except RuntimeError as e:  # TensorFlow already ran in this process: its pools are fixed
+            log.warning("TensorFlow thread pools left as they are: %s", e)
         for name, versions in self._versions.items():
             if not versions:
                 self._reason = f"no version of model {name!r} under {self.settings.model_base_path / name}"
@@ -55,7 +60,9 @@ class EmbeddedBackend:
             for v in versions.values():
                 try:
                     t0 = time.perf_counter()
-                    self._signatures[(name, v.version)] = tf.saved_model.load(str(v.path)).signatures["serving_default"]
+                    loaded = tf.saved_model.load(str(v.path))
+                    self._loaded.append(loaded)
+                    self._signatures[(name, v.version)] = self._callable(tf, loaded.signatures["serving_default"], v)
                     v.state = "WARMING"
                     if self.settings.warmup:
                         self._warm(v)
@@ -65,17 +72,31 @@ class EmbeddedBackend:
                     v.state, v.error = "FAILED", f"{type(e).__name__}: {e}"
                     log.exception("loading %s/%s failed", name, v.version)
 
+    def _callable(self, tf, sig, v: ModelVersion):
+        """batch (a tf.Tensor) -> probabilities: the signature, or (tf_jit_compile) the signature
+        through XLA, called on batches padded to the next of ``self._buckets``."""
+        name = v.input_name
+        if not self.settings.tf_jit_compile:
+            return lambda x: sig(**{name: x})["probabilities"]
+        m = self.settings.max_batch_size
+        self._buckets = sorted({min(2**k, m) for k in range(m.bit_length() + 1)})
+        return tf.function(lambda x: sig(**{name: x})["probabilities"], jit_compile=True)
+
     def _warm(self, v: ModelVersion) -> None:
-        """Run the model once at every batch size the batcher may send first."""
+        """Run the model once at every batch size the batcher may send first (with XLA: every
+        padded size, so no request waits for a compilation)."""
         spec = v.signature["inputs"][v.input_name]
-        sizes = sorted({1, 8, 32, self.settings.max_batch_size})
+        sizes = self._buckets or sorted({1, 8, 32, self.settings.max_batch_size})
         for n in sizes:
             self.predict(v.name, v.version, np.zeros((n, *spec["shape"][1:]), dtype=spec["dtype"]))
 
     def predict(self, model: str, version: int, batch: np.ndarray, request_ids: Sequence[str] = ()) -> np.ndarray:
-        sig = self._signatures[(model, version)]
-        v = self._versions[model][version]
-        return sig(**{v.input_name: self._tf.constant(batch)})["probabilities"].numpy()
+        fn = self._signatures[(model, version)]
+        n = len(batch)
+        if self._buckets and n not in self._buckets and n < self._buckets[-1]:
+            size = next(b for b in self._buckets if b > n)
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), dtype=batch.dtype)])
+        return fn(self._tf.constant(batch)).numpy()[:n]
 
     def close(self) -> None:
         pass

@@ -80,7 +80,7 @@ def test_missing_model_keeps_the_service_unready_and_says_which(tmp_path):
 
 def test_full_queue_is_refused_at_once_and_nothing_in_flight_is_lost():
     settings = Settings(models=["sentiment_lstm"], max_queue_items=8, max_batch_size=8, max_items_per_request=8,
-                        max_batch_wait_us=0)
+                        max_batch_wait_us=0, max_concurrent_batches=1)  # one call in the model, the next queued
     backend = HeldBackend(settings)
     backend.may_load.set()
     with gateway_in_thread(settings, backend) as gw:

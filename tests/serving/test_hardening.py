@@ -193,7 +193,8 @@ def test_grpc_idle_connections_are_closed(strict_gw):
 @pytest.fixture
 def held():
     settings = Settings(models=["sentiment_lstm"], max_batch_size=256, max_queue_items=1024, max_batch_wait_us=0,
-                        request_timeout_s=2.0, drain_settle_s=0.2, drain_timeout_s=0.5)
+                        request_timeout_s=2.0, drain_settle_s=0.2, drain_timeout_s=0.5,
+                        max_concurrent_batches=1)  # one call held in the model, the rest queued
     backend = HeldBackend(settings)
     backend.may_load.set()
     with gateway_in_thread(settings, backend) as g:
@@ -320,7 +321,7 @@ def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly():
                     grpc.aio.insecure_channel(g.grpc) as ch:
                 stub = pb_grpc.ClassifierStub(ch)
                 health = health_pb2_grpc.HealthStub(ch)
-                rest_work = [asyncio.create_task(c.post(PREDICT, content=body)) for _ in range(10)]
+                rest_work = [asyncio.create_task(c.post(PREDICT, content=body)) for _ in range(20)]
                 grpc_work = [asyncio.ensure_future(stub.ClassifySentiment(pb.SentimentRequest(texts=texts(1024))))
                              for _ in range(3)]
                 stream = stub.StreamClassifySentiment(iter([pb.SentimentRequest(texts=texts(512))] * 4))
@@ -331,17 +332,15 @@ def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly():
                 await asyncio.sleep(0.2)
                 ready = await c.get("/readyz")
                 serving = (await health.Check(health_pb2.HealthCheckRequest())).status
-                during_settle = await c.post(PREDICT, json={"texts": ["still taken while balancers catch up"]})
-                while True:  # after the settle delay new work is refused
-                    refused = await c.post(PREDICT, json={"texts": ["too late"]})
-                    if refused.status_code != 200:
-                        break
-                    await asyncio.sleep(0.1)
+                # Taken while balancers catch up (queued behind the work, answered when its turn comes).
+                during_settle = asyncio.create_task(c.post(PREDICT, json={"texts": ["still taken while balancers catch up"]}))
+                await asyncio.sleep(settle + 0.2 - (time.monotonic() - t_term))
+                refused = await c.post(PREDICT, json={"texts": ["too late"]})  # after the settle delay: refused
                 refused_after = time.monotonic() - t_term
                 with pytest.raises(grpc.aio.AioRpcError) as grpc_refused:
                     await stub.ClassifySentiment(pb.SentimentRequest(texts=["too late"]))
                 results = await asyncio.gather(*rest_work, *grpc_work, stream_work, return_exceptions=True)
-                return ready, serving, during_settle, refused, refused_after, grpc_refused.value, results
+                return ready, serving, await during_settle, refused, refused_after, grpc_refused.value, results
 
         ready, serving, during_settle, refused, refused_after, grpc_refused, results = asyncio.run(scenario())
         assert ready.status_code == 503 and "draining" in ready.json()["error"]["message"]
@@ -350,11 +349,11 @@ def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly():
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         assert refused_after >= settle
         assert grpc_refused.code() == grpc.StatusCode.UNAVAILABLE
-        assert [getattr(r, "status_code", None) for r in results[:10]] == [200] * 10
-        assert all(isinstance(r, pb.SentimentResponse) and len(r.predictions) == 1024 for r in results[10:13]), results[10:13]
+        assert [getattr(r, "status_code", None) for r in results[:20]] == [200] * 20
+        assert all(isinstance(r, pb.SentimentResponse) and len(r.predictions) == 1024 for r in results[20:23]), results[20:23]
         # An open stream: every chunk it sent before the settle delay ended is answered; then it
         # ends UNAVAILABLE (the client resends the rest elsewhere) unless it finished first.
-        answered, error = results[13]
+        answered, error = results[23]
         assert answered and set(answered) == {512}
         assert (len(answered) == 4 and error is None) or error.code() == grpc.StatusCode.UNAVAILABLE
         assert g.process.wait(timeout=60) == 0
