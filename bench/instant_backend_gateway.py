@@ -35,5 +35,8 @@ class InstantBackend(EmbeddedBackend):
 
 
 if __name__ == "__main__":
+    from serving.logs import setup_logging
+
     s = Settings(host="127.0.0.1", rest_port=int(os.environ["BENCH_REST_PORT"]), grpc_port=0)
+    setup_logging(s)  # as `python -m serving`: the access log line of every request is written too
     uvloop.run(Gateway(s, InstantBackend(s)).run())

@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     access_log: bool = True
+    # Log lines are written in one write per interval (warnings and errors at once).
+    log_flush_interval_s: float = Field(0.1, gt=0, le=5)
 
     # POSTs to the two /v1 predict endpoints skip FastAPI's routing (same middlewares, code,
     # errors; serving/api/rest/hot_path.py); false: every request goes through FastAPI.
