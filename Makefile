@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 bench-text clean
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ bench-tfserving: setup
 bench-capacity: setup
 	$(PY) bench/capacity.py
 
+# TensorFlow runtime options (oneDNN, thread pools, XLA) on the served signatures at batch 1/8/64/256.
+bench-model-options: setup
+	$(PY) bench/model_options.py
+
 # Whole-text scoring vs the default (last 20 tokens) through the gateway, and the raw model on the same windows.
 bench-whole-text: setup
 	$(PY) bench/whole_text.py --json bench/results/whole_text.json
@@ -70,6 +74,10 @@ train-v2: setup
 	$(PY) -m training digits --epochs 20 --batch-size 128 --shift 2 --lr-schedule cosine --metrics --version 2
 	$(PY) -m training sentiment_lstm --epochs 4 --batch-size 128 --windows r3s1 --whole-text-stride 20 --version 2
 	$(PY) -m training sentiment_bilstm --epochs 5 --batch-size 64 --windows r3s1 --lr-schedule cosine --whole-text-stride 20 --version 2
+
+# Version 3 of sentiment_lstm: trained through the whole-text combination (training/review_objective.py).
+train-v3: setup
+	$(PY) -m training sentiment_lstm --objective review --epochs 10 --batch-size 32 --lr-schedule cosine --whole-text-stride 20 --version 3
 
 bench-text: setup
 	$(PY) bench/text_preprocessing.py

@@ -28,7 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--whole-text-stride", type=int, help="text models: record whole-text scoring with this window stride "
                    "in the card (implies --metrics)")
     p.add_argument("--metrics", action="store_true", help="measure training.metrics' figures through the exported signature into the card")
+    p.add_argument("--objective", choices=["window", "review"], default="window",
+                   help="text models: 'window' (default) trains each window alone; 'review' trains through the "
+                   "whole-text combination of every window of a review (training/review_objective.py); "
+                   "--batch-size is then reviews per step")
+    p.add_argument("--tail-weight", type=float, default=1.0, help="--objective review: weight of the last-20 window's loss")
+    p.add_argument("--short-weight", type=float, default=1.0, help="--objective review: weight of the short pieces' loss")
+    p.add_argument("--short", type=int, default=1, help="--objective review: short pieces per review")
     a = p.parse_args(argv)
+    objective = None
+    if a.objective == "review":
+        from training.review_objective import ReviewObjective
+
+        if a.model == "digits" or a.windows:
+            p.error("--objective review is for the text models, without --windows")
+        objective = ReviewObjective(tail_weight=a.tail_weight, short_weight=a.short_weight, short=a.short)
 
     from training.data import DataNotFoundError
     from training.export import VersionExistsError
@@ -38,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         card = run(
             a.model, a.epochs, a.batch_size, a.data_dir, a.out, a.seed, a.val_fraction, a.limit, a.version,
             verbose=0 if a.quiet else 1, windows=a.windows, shift=a.shift, lr_schedule=a.lr_schedule,
-            whole_text_stride=a.whole_text_stride, measure=a.metrics,
+            whole_text_stride=a.whole_text_stride, measure=a.metrics, objective=objective,
         )
     except (DataNotFoundError, VersionExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ vocabulary is built from the training part only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import time
@@ -37,6 +38,7 @@ class Prepared:
     # Raw validation/test inputs (texts, or 0-255 images) for training.metrics.
     val_raw: tuple | None = None
     test_raw: tuple | None = None
+    train_raw: tuple | None = None  # text models: (training-part texts, labels), for training.review_objective
 
 
 def prepare(
@@ -86,6 +88,7 @@ def prepare(
     return Prepared(
         x_train, y_train, x_enc[va], y_all[va], x_test_enc, y_test, ds.sources, prep, info,
         val_raw=([x_all[i] for i in va], y_all[va]), test_raw=(x_test, y_test),
+        train_raw=([x_all[i] for i in tr], y_all[tr]),
     )
 
 
@@ -220,12 +223,15 @@ def run(
     lr_schedule: str | None = None,
     whole_text_stride: int | None = None,
     measure: bool = False,
+    objective=None,
 ) -> dict:
     """Train, evaluate on the test split and export; return the model card.
 
     ``measure`` (implied by ``whole_text_stride``): add training.metrics' figures,
     measured through the exported signature, to the card; text models then also
-    get ``"whole_text": {"stride": S, "combine": "mean_log_probability"}``."""
+    get ``"whole_text": {"stride": S, "combine": "mean_log_probability"}``.
+    ``objective`` (a :class:`training.review_objective.ReviewObjective`, text models):
+    train through the whole-text combination instead of on single windows."""
     import keras
     import tensorflow as tf
 
@@ -238,7 +244,16 @@ def run(
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
     prep = prepare(name, data_dir, val_fraction, seed, limit, windows=windows)
-    model, history, keep = fit(name, prep, epochs, batch_size, verbose, shift, lr_schedule, seed)
+    if objective is not None:
+        from training.review_objective import fit_reviews
+
+        if spec.kind != "text":
+            raise ValueError("the review objective is for the text models")
+        objective = dataclasses.replace(objective, reviews_per_batch=batch_size)  # --batch-size: reviews per step
+        model, history, keep = fit_reviews(name, prep, epochs, objective, lr_schedule, seed, verbose)
+        measure = True
+    else:
+        model, history, keep = fit(name, prep, epochs, batch_size, verbose, shift, lr_schedule, seed)
     train_seconds = time.perf_counter() - started
     test_loss, test_acc = model.evaluate(prep.x_test, prep.y_test, batch_size=512, verbose=0)
     card = {
@@ -268,6 +283,7 @@ def run(
         "command": f"python -m training {name} --epochs {epochs} --batch-size {batch_size} --seed {seed}"
         + (f" --limit {limit}" if limit else "")
         + (f" --windows {WindowScheme.parse(windows).name}" if windows and WindowScheme.parse(windows).name != "tail" else "")
+        + (objective.cli() if objective is not None else "")
         + (f" --shift {shift}" if shift else "")
         + (f" --lr-schedule {lr_schedule}" if lr_schedule and lr_schedule != "plateau" else "")
         + (f" --whole-text-stride {whole_text_stride}" if whole_text_stride else "")
@@ -275,6 +291,9 @@ def run(
         + (f" --version {version}" if version is not None else ""),
         **prep.info,
     }
+    if objective is not None:
+        card["objective"] = {**objective.describe(), "selection": "the epoch with the best mean of validation "
+                             "last-20, whole-text and short-text-proxy accuracy"}
     if shift:
         card["augmentation"] = {"random_shift_pixels": shift, "fill": 0, "per": "image and epoch"}
     if lr_schedule and lr_schedule != "plateau":

@@ -1,0 +1,220 @@
+"""Training for whole-review scoring: the loss of the served combination itself.
+
+Whole-text scoring (the gateway's ``whole_text`` option, ``training.metrics``) scores
+every 20-token window of a review with the same model and takes, per class, the mean
+log-probability over the windows. Training each window on its own with the review's
+label (``training.windows``) teaches the model that every window of a positive review
+is positive, which most are not; the mean of such windows is then dominated by neutral
+ones. Here the model is trained through the combination instead: every step takes a
+batch of whole reviews, scores **all** their windows (exactly the ones the gateway
+scores, ``TextPreprocessor.windows``), combines them by mean log-probability and
+minimises the cross-entropy of the combined prediction, so a window only has to lean
+the right way where it carries evidence. Two per-window terms keep the single-window
+uses right:
+
+- ``tail``: the review's last window alone (the default last-20 mode, version 1's data);
+- ``short``: ``short`` short pieces per review (a sentence of 1-12 kept tokens encoded as
+  a short text, :func:`training.windows.short_window`), for short inputs.
+
+loss = whole + tail_weight * tail + short_weight * short. The architecture, the
+vocabulary and the exported signature are unchanged: this only changes the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from training.windows import short_window
+
+MAX_WINDOWS = 32  # the gateway's default max_windows_per_text: training sees what serving scores
+
+
+@dataclass(frozen=True)
+class ReviewObjective:
+    tail_weight: float = 1.0
+    short_weight: float = 1.0
+    short: int = 1
+    stride: int = 20
+    reviews_per_batch: int = 32
+
+    def cli(self) -> str:
+        """The training CLI's options for this objective (``--batch-size`` is reviews_per_batch)."""
+        return (f" --objective review --tail-weight {self.tail_weight:g} --short-weight {self.short_weight:g}"
+                f" --short {self.short}")
+
+    def describe(self) -> dict:
+        return {
+            "loss": "cross-entropy of the mean log-probability over every window of the review "
+            f"(stride {self.stride}, at most {MAX_WINDOWS} windows, the last ones) "
+            f"+ {self.tail_weight} x cross-entropy of the last window alone "
+            f"+ {self.short_weight} x cross-entropy of {self.short} short piece(s) per review",
+            "reviews_per_batch": self.reviews_per_batch,
+            "short_window": "a sentence of the review with 1-12 kept tokens encoded as a short text "
+            "(start id, padded 'pre'), else 2-8 consecutive kept tokens; drawn anew every epoch",
+        }
+
+
+class ReviewData:
+    """The training reviews as windows, ready to batch."""
+
+    def __init__(self, prep, texts, labels, objective: ReviewObjective):
+        self.prep, self.texts, self.objective = prep, list(texts), objective
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = [prep.token_ids(t) for t in self.texts]
+        self.windows = [
+            np.asarray(prep.windows_of(ids, objective.stride, MAX_WINDOWS), dtype=np.int32) for ids in self.ids
+        ]
+        self.n_windows = np.array([len(w) for w in self.windows])
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batches(self, rng: np.random.Generator):
+        """Yield (x [rows, maxlen], owners [windows], n_reviews, labels, tail_rows, short_labels):
+        x holds every window of the batch's reviews first, then their short pieces."""
+        obj = self.objective
+        order = rng.permutation(len(self))
+        for start in range(0, len(order), obj.reviews_per_batch):
+            idx = order[start : start + obj.reviews_per_batch]
+            wins = [self.windows[i] for i in idx]
+            counts = np.array([len(w) for w in wins])
+            owners = np.repeat(np.arange(len(idx)), counts)
+            tails = np.cumsum(counts) - 1
+            shorts = [
+                short_window(self.prep, self.texts[i], self.ids[i], rng) for i in idx for _ in range(obj.short)
+            ]
+            parts = wins + ([np.asarray(shorts, dtype=np.int32)] if shorts else [])
+            x = np.concatenate(parts).astype(np.int32)
+            yield (
+                x,
+                owners.astype(np.int32),
+                np.int32(len(idx)),
+                self.labels[idx].astype(np.int32),
+                tails.astype(np.int32),
+                np.repeat(self.labels[idx], obj.short).astype(np.int32),
+            )
+
+
+def review_losses(p, owners, n, labels, tails, short_labels):
+    """(whole, tail, short) cross-entropies from the model's probabilities ``p`` of a batch
+    (:meth:`ReviewData.batches`): ``whole`` is that of the mean log-probability over each
+    review's windows, renormalised (exactly the served combination, training.metrics)."""
+    import tensorflow as tf
+
+    n_win = tf.shape(owners)[0]
+    logp = tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))
+    win_logp = logp[:n_win]
+    mean = tf.math.unsorted_segment_mean(win_logp, owners, n)
+    whole = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=mean))
+    tail = -tf.reduce_mean(tf.gather(tf.gather(win_logp, tails), labels, batch_dims=1))
+    short_logp = logp[n_win:]
+    short = tf.cond(
+        tf.shape(short_logp)[0] > 0,
+        lambda: -tf.reduce_mean(tf.gather(short_logp, short_labels, batch_dims=1)),
+        lambda: tf.constant(0.0),
+    )
+    return whole, tail, short
+
+
+def make_train_step(model, optimizer, objective: ReviewObjective):
+    import tensorflow as tf
+
+    tw, sw = float(objective.tail_weight), float(objective.short_weight)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+        ]
+    )
+    def step(x, owners, n, labels, tails, short_labels):
+        with tf.GradientTape() as tape:
+            p = model(x, training=True)
+            whole, tail, short = review_losses(p, owners, n, labels, tails, short_labels)
+            loss = whole + tw * tail + sw * short
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss, whole, tail, short
+
+    return step
+
+
+def fit_reviews(
+    name: str,
+    prep,
+    epochs: int,
+    objective: ReviewObjective,
+    lr_schedule: str | None = None,
+    seed: int = 1337,
+    verbose: int = 1,
+    select: str = "mean",
+):
+    """Train ``name`` with the review objective; keep the epoch with the best validation
+    score (``select="mean"``: the mean of last-20, whole-text and short-proxy accuracy).
+
+    Returns (model with the best epoch's weights, history dict, keep-info object)."""
+    import keras
+
+    from training.metrics import text_metrics
+    from training.models import SPECS, build
+
+    model = build(name)
+    lr0, lr_min = SPECS[name].learning_rate, 1e-5
+    optimizer = keras.optimizers.Adam(lr0)
+    step = make_train_step(model, optimizer, objective)
+    data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], objective)
+    rng = np.random.default_rng(seed)
+    history: dict[str, list[float]] = {}
+    best = {"score": -1.0, "epoch": -1, "weights": None, "metrics": None}
+    epoch_seconds = []
+    for epoch in range(epochs):
+        if lr_schedule == "cosine":
+            optimizer.learning_rate.assign(lr_min + 0.5 * (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / max(epochs, 1))))
+        t0 = time.perf_counter()
+        sums = np.zeros(4)
+        nb = 0
+        for batch in data.batches(rng):
+            sums += np.array([float(v) for v in step(*batch)])
+            nb += 1
+        epoch_seconds.append(time.perf_counter() - t0)
+        m = text_metrics(
+            lambda x: model.predict(x, batch_size=2048, verbose=0), prep.preprocessor,
+            prep.val_raw[0], prep.val_raw[1], (objective.stride,),
+        )
+        val = {
+            "val_last20": m["last20"]["accuracy"],
+            "val_whole_text": m["whole_text"][f"stride_{objective.stride}"]["accuracy"],
+            "val_short_proxy": m["short_text_proxy"]["accuracy"],
+        }
+        score = float(np.mean(list(val.values()))) if select == "mean" else float(val[select])
+        row = dict(zip(("loss", "whole_loss", "tail_loss", "short_loss"), (sums / max(nb, 1)).round(4).tolist()))
+        row.update(val, val_score=round(score, 4), learning_rate=float(optimizer.learning_rate.numpy()))
+        for k, v in row.items():
+            history.setdefault(k, []).append(v)
+        if verbose:
+            print(f"epoch {epoch + 1}/{epochs} {epoch_seconds[-1]:.0f}s", {k: v for k, v in row.items()}, flush=True)
+        if score > best["score"]:
+            best.update(score=score, epoch=epoch, weights=model.get_weights(), metrics=m)
+    if best["weights"] is not None:
+        model.set_weights(best["weights"])
+    val_loss, val_acc = model.evaluate(prep.x_val, prep.y_val, batch_size=2048, verbose=0)
+    return model, history, Kept(best["epoch"], (float(val_acc), float(val_loss)), epoch_seconds, best["score"])
+
+
+@dataclass
+class Kept:
+    """What :func:`training.train.run` reads of the kept epoch (as its KeepBest callback):
+    ``best`` = (validation last-20 accuracy, validation loss) of the kept weights."""
+
+    best_epoch: int
+    best: tuple[float, float]
+    epoch_seconds: list[float]
+    score: float
