@@ -2,6 +2,7 @@
 
     python -m training.experiments [--model sentiment_lstm --epochs 4]
     python -m training.experiments --windows tail,r3,r2s1 [--model sentiment_bilstm --epochs 2]
+    python -m training.experiments --bow-reference   (a bag-of-words reference on the same vocabulary)
 
 Only the last 20 tokens of a review reach the model, so what the tokeniser lets
 into those slots matters most. Each variant builds its own 1,000-id vocabulary
@@ -35,7 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--windows", help="compare these training-window schemes (comma-separated, e.g. tail,r3,r2s1) "
                    "instead of the stop-word variants: validation last-20, whole-text (strides 20 and 10) and short-text proxy")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--bow-reference", action="store_true",
+                   help="a reference instead: logistic regression on log(1 + count) of each vocabulary word "
+                   "of the whole review (full-batch gradient descent), validation and test accuracy")
     a = p.parse_args(argv)
+    if a.bow_reference:
+        print(json.dumps(bow_reference(a.data_dir, a.seed)))
+        return 0
 
     import keras
 
@@ -86,6 +93,34 @@ def main(argv=None) -> int:
         results.append(row)
         print(json.dumps(row), flush=True)
     return 0
+
+
+def bow_reference(data_dir=None, seed: int = 1337, steps: int = 1000, lr: float = 0.5, l2: float = 1e-4) -> dict:
+    """How far the 1,000-word vocabulary carries as a bag of words: logistic regression on
+    log(1 + count) of each word id over the whole review (the same vocabulary, split and
+    tokeniser as the models), trained on the training part only."""
+    from training.train import prepare
+
+    prep = prepare("sentiment_lstm", data_dir, 0.1, seed)
+    p = prep.preprocessor
+    n_ids = len(p.vocab)
+
+    def features(texts):
+        x = np.zeros((len(texts), n_ids), np.float32)
+        for i, t in enumerate(texts):
+            np.add.at(x[i], p.token_ids(t), 1)
+        x[:, :3] = 0  # padding, start, out-of-vocabulary
+        return np.log1p(x)
+
+    (xtr, ytr), (xva, yva), (xte, yte) = [(features(t), np.asarray(y)) for t, y in (prep.train_raw, prep.val_raw, prep.test_raw)]
+    w, b = np.zeros(n_ids, np.float32), 0.0
+    for _ in range(steps):
+        g = 1 / (1 + np.exp(-(xtr @ w + b))) - ytr
+        w -= lr * (xtr.T @ g / len(ytr) + l2 * w)
+        b -= lr * float(g.mean())
+    acc = lambda x, y: round(float(np.mean((x @ w + b > 0) == y)), 4)  # noqa: E731
+    return {"reference": "bag-of-words logistic regression, whole review", "steps": steps,
+            "validation_accuracy": acc(xva, yva), "test_accuracy": acc(xte, yte)}
 
 
 if __name__ == "__main__":

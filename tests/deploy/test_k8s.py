@@ -149,7 +149,7 @@ def app_routes() -> set[str]:
         core = types.SimpleNamespace(settings=Settings(), record=lambda *a, **k: None)
         return {r.path for r in create_app(core).routes}
     except Exception:  # pragma: no cover - the app's constructor changed: fall back to its source
-        src = (ROOT / "serving" / "rest.py").read_text()
+        src = (ROOT / "serving" / "api" / "rest" / "app.py").read_text()
         return set(re.findall(r'@app\.(?:get|post|api_route|head)\(\s*"([^"]+)"', src))
 
 
