@@ -174,8 +174,9 @@ class Batcher:
         self._queued_rows += n
         self.on_depth(self.depth)
         self._wakeup.set()
-        parts = await asyncio.gather(*futures)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(futures) == 1:  # the usual case: no gather (its own future and callbacks) needed
+            return await futures[0]
+        return np.concatenate(await asyncio.gather(*futures))
 
     def _abandoned(self, e: _Entry) -> None:
         """The caller stopped waiting (deadline, disconnect, cancelled RPC): drop rows not yet taken."""

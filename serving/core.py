@@ -149,8 +149,9 @@ class Classifier:
                 f"{name}/{v.version}",
                 lambda x, tags, ver=v.version: self.backend.predict(name, ver, x, request_ids=tags),
                 s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self._executor,
-                on_batch=lambda rows, sec: (m.batch_rows.labels(name).observe(rows), m.backend_seconds.labels(name).observe(sec)),
-                on_depth=lambda d: m.queue_rows.labels(name).set(d),
+                on_batch=lambda rows, sec, r=m.batch_rows.labels(name), b=m.backend_seconds.labels(name): (
+                    r.observe(rows), b.observe(sec)),
+                on_depth=m.queue_rows.labels(name).set,
                 on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),
                 max_concurrent=s.concurrent_batches(),
                 max_queue_wait_s=s.max_queue_wait_s,
@@ -407,14 +408,14 @@ class Classifier:
         except BaseException:
             batcher.release(reserved)
             raise
-        m = self.metrics
-        m.preprocess_seconds.labels(name).observe(time.perf_counter() - t0)
-        ratio = m.unknown_ratio.labels(name)
+        m = self.metrics.of_model(name)
+        m.preprocess_seconds.observe(time.perf_counter() - t0)
+        ratio = m.unknown_ratio
         for tokens, unknown in counts:
             if tokens:
                 ratio.observe(unknown / tokens)
         if sizes is not None:
-            m.windows.labels(name).inc(len(ids))
+            m.windows.inc(len(ids))
         return await self._classify_ids(v, batcher, ids, counts, deadline, sizes)
 
     async def sentiment_ids(self, ids: np.ndarray, model: str | None = None, version: int | None = None,
@@ -442,7 +443,7 @@ class Classifier:
         per text; ``windows``: rows per text, combined by mean log-probability (None: one each)."""
         n = len(counts)
         probs = await self._predict(batcher, ids, deadline, f"{n} texts for {v.name}/{v.version}")
-        self.metrics.items.labels(v.name).inc(n)
+        self.metrics.of_model(v.name).items.inc(n)
         if windows is not None:
             probs = combine_windows(probs, windows)
         labels = v.labels
@@ -504,9 +505,9 @@ class Classifier:
         except BaseException:
             batcher.release(n)
             raise
-        self.metrics.preprocess_seconds.labels(name).observe(time.perf_counter() - t0)
+        self.metrics.of_model(name).preprocess_seconds.observe(time.perf_counter() - t0)
         probs = await self._predict(batcher, pixels, deadline, f"{n} images for {v.name}/{v.version}")
-        self.metrics.items.labels(name).inc(len(pixels))
+        self.metrics.of_model(name).items.inc(len(pixels))
         preds = []
         for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
             preds.append(DigitPrediction(k, row[k], row))

@@ -9,6 +9,8 @@ set: a model name a client asked for that is not configured is recorded as
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector
 from prometheus_client import ProcessCollector, generate_latest
 
@@ -68,6 +70,8 @@ class Metrics:
             "classifier_model_version_info", "Model versions the backend knows (1 = AVAILABLE)",
             ["model", "version", "state"], registry=r,
         )
+        self._series: dict[tuple, tuple] = {}
+        self._models: dict[str, ModelSeries] = {}
         self.ready = Gauge("classifier_ready", "1 when /readyz answers 200, else 0", registry=r)
         self.draining = Gauge("classifier_draining", "1 while the gateway drains before exiting", registry=r)
 
@@ -81,10 +85,30 @@ class Metrics:
         return name if name in self.known_endpoints else "other"
 
     def observe(self, protocol: str, endpoint: str, model: str | None, outcome: str, seconds: float) -> None:
-        """Count and time one finished request (all label values bounded here)."""
+        """Count and time one finished request (all label values bounded here, so the cache of
+        labelled series is bounded too: ``labels()`` costs a few microseconds per call)."""
         labels = (protocol, self.endpoint(endpoint), self.model(model), outcome if outcome in OUTCOMES else "INTERNAL")
-        self.requests.labels(*labels).inc()
-        self.request_seconds.labels(*labels).observe(seconds)
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = (self.requests.labels(*labels), self.request_seconds.labels(*labels))
+        series[0].inc()
+        series[1].observe(seconds)
+
+    def of_model(self, name: str) -> ModelSeries:
+        """The per-model series of a configured model, labelled once."""
+        series = self._models.get(name)
+        if series is None:
+            series = self._models[name] = ModelSeries(
+                self.items.labels(name), self.windows.labels(name), self.preprocess_seconds.labels(name),
+                self.unknown_ratio.labels(name))
+        return series
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelSeries(NamedTuple):
+    items: object
+    windows: object
+    preprocess_seconds: object
+    unknown_ratio: object

@@ -41,7 +41,9 @@ class _V1Endpoints:
         except Exception as e:  # noqa: BLE001 - as the FastAPI app's handler: logged, one JSON shape
             log.exception("unexpected error on %s", scope["path"])
             response = error_response(500, "INTERNAL", f"internal error ({type(e).__name__}); it has been logged")
-        await response(scope, receive, send)
+        # What Response.__call__ sends (these responses have no background tasks), without its layers.
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
 
 
 class HotPath:
