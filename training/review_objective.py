@@ -155,12 +155,13 @@ def fit_reviews(
     lr_schedule: str | None = None,
     seed: int = 1337,
     verbose: int = 1,
-    select: str = "mean",
 ):
     """Train ``name`` with the review objective; keep the epoch with the best validation
-    score (``select="mean"``: the mean of last-20, whole-text and short-proxy accuracy).
+    score, the mean of last-20, whole-text and short-proxy accuracy. ``lr_schedule="cosine"``:
+    the learning rate falls from the model's rate to 1e-5 as in :func:`training.train.fit`;
+    otherwise it stays at the model's rate.
 
-    Returns (model with the best epoch's weights, history dict, keep-info object)."""
+    Returns (model with the best epoch's weights, history dict, :class:`Kept`)."""
     import keras
 
     from training.metrics import text_metrics
@@ -194,13 +195,13 @@ def fit_reviews(
             "val_whole_text": m["whole_text"][f"stride_{objective.stride}"]["accuracy"],
             "val_short_proxy": m["short_text_proxy"]["accuracy"],
         }
-        score = float(np.mean(list(val.values()))) if select == "mean" else float(val[select])
+        score = float(np.mean(list(val.values())))
         row = dict(zip(("loss", "whole_loss", "tail_loss", "short_loss"), (sums / max(nb, 1)).round(4).tolist()))
         row.update(val, val_score=round(score, 4), learning_rate=float(optimizer.learning_rate.numpy()))
         for k, v in row.items():
             history.setdefault(k, []).append(v)
         if verbose:
-            print(f"epoch {epoch + 1}/{epochs} {epoch_seconds[-1]:.0f}s", {k: v for k, v in row.items()}, flush=True)
+            print(f"epoch {epoch + 1}/{epochs} {epoch_seconds[-1]:.0f}s", row, flush=True)
         if score > best["score"]:
             best.update(score=score, epoch=epoch, weights=model.get_weights(), metrics=m)
     if best["weights"] is not None:
