@@ -109,13 +109,12 @@ class BufferedHandler(logging.Handler):
         super().__init__()
         self.stream, self.interval_s, self.flush_level = stream, interval_s, flush_level
         self._pending: list[str] = []
-        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="log-writer", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._pending.append(self.format(record) + "\n")  # list.append is atomic
+            self._pending.append(self.format(record) + "\n")
         except Exception:  # noqa: BLE001 - as logging.StreamHandler: report, never raise
             self.handleError(record)
             return
@@ -123,7 +122,9 @@ class BufferedHandler(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
-        with self._write_lock:
+        # Under the handler's own (reentrant) lock, which logging holds around every emit():
+        # no line can be appended to a list that is being written.
+        with self.lock:
             if not self._pending:
                 return
             lines, self._pending = self._pending, []

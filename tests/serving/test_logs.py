@@ -57,3 +57,21 @@ def test_info_lines_wait_for_the_interval_and_warnings_go_at_once():
     h2.close()
     assert json.loads(slow_out.getvalue().splitlines()[-1])["message"] == "at close"
     h.close()
+
+
+def test_no_line_is_lost_when_threads_log_while_it_writes():
+    import threading
+
+    out = io.StringIO()
+    log, h = logger(out, interval_s=0.001)  # the writer thread runs all the time
+
+    def spam(k):
+        for i in range(2000):
+            log.info("t%d-%d", k, i)
+
+    threads = [threading.Thread(target=spam, args=(k,)) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    h.close()
+    messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
+    assert len(messages) == 8000 and len(set(messages)) == 8000
