@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.gateway import free_port, gateway_process, wait_until  # noqa: E402
+from tests.gateway import free_port, gateway_process, stable_version, wait_until  # noqa: E402
 
 
 def load_texts(n: int) -> list[str]:
@@ -53,58 +53,38 @@ def load_texts(n: int) -> list[str]:
     return load_imdb().test.x[:n]
 
 
-def raw_ceiling(model: str, texts: list[str], seconds: float) -> dict:
+def raw_calls(model: str, texts: list[str], batch: int, seconds: float) -> dict:
+    """The served version's signature called in-process on batches of ``batch`` pre-tokenised
+    texts, one call after another for ``seconds``: texts/s and the latency of one call."""
     import tensorflow as tf
 
     from serving.repository import read_version
 
-    v = read_version(ROOT / "models", model, served_version(model))
-    loaded = tf.saved_model.load(str(v.path))
+    v = read_version(ROOT / "models", model, stable_version(model))
+    loaded = tf.saved_model.load(str(v.path))  # kept while its signature is called
     sig = loaded.signatures["serving_default"]
-    batches = [v.preprocessor.encode_batch(texts[i : i + 256]) for i in range(0, len(texts) - 255, 256)]
+    batches = [v.preprocessor.encode_batch(texts[i : i + batch]) for i in range(0, len(texts) - batch + 1, batch)]
     for b in batches[:3]:
         sig(token_ids=tf.constant(b))
-    lat, n, t0 = [], 0, time.perf_counter()
+    lat, n, i, t0 = [], 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for b in batches:
-            t = time.perf_counter()
-            sig(token_ids=tf.constant(b))["probabilities"].numpy()
-            lat.append(time.perf_counter() - t)
-            n += len(b)
+        b = batches[i % len(batches)]
+        t = time.perf_counter()
+        sig(token_ids=tf.constant(b))["probabilities"].numpy()
+        lat.append(time.perf_counter() - t)
+        n, i = n + len(b), i + 1
     dt = time.perf_counter() - t0
-    return {"texts_per_s": n / dt, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "batch": 256, "version": v.version}
+    return {"texts_per_s": n / dt, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "batch": batch, "version": v.version}
+
+
+def raw_ceiling(model: str, texts: list[str], seconds: float) -> dict:
+    """Batches of 256: the model's own limit."""
+    return raw_calls(model, texts, 256, seconds)
 
 
 def raw_batch1(model: str, texts: list[str], seconds: float) -> dict:
-    """The signature called on one text at a time: the model's own latency for a lone request."""
-    import tensorflow as tf
-
-    from serving.repository import read_version
-
-    v = read_version(ROOT / "models", model, served_version(model))
-    loaded = tf.saved_model.load(str(v.path))
-    sig = loaded.signatures["serving_default"]
-    rows = [v.preprocessor.encode_batch([t]) for t in texts[:512]]
-    for r in rows[:20]:
-        sig(token_ids=tf.constant(r))
-    lat, t0, i = [], time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        t = time.perf_counter()
-        sig(token_ids=tf.constant(rows[i % len(rows)]))["probabilities"].numpy()
-        lat.append(time.perf_counter() - t)
-        i += 1
-    return {"texts_per_s": len(lat) / (time.perf_counter() - t0), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-            "batch": 1, "version": v.version}
-
-
-def served_version(model: str) -> int:
-    """The version the gateway serves by default (models.config's stable label, else the newest)."""
-    from serving.model_config import ModelsConfig
-    from serving.repository import versions_on_disk
-    from serving.settings import Settings
-
-    stable = ModelsConfig(Settings(_env_file=None).models_config_file).labels(model).get("stable")
-    return stable or versions_on_disk(ROOT / "models", model)[-1]
+    """One text at a time: the model's own latency for a lone request."""
+    return raw_calls(model, texts[:512], 1, seconds)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -190,7 +170,7 @@ def grpc_batches(target: str, model: str, texts: list[str], seconds: float, batc
 
 def naive(model: str, bodies_file: str, seconds: float, concurrency: int = 16) -> dict:
     port = free_port()
-    env = {**os.environ, "NAIVE_MODEL_DIR": str(ROOT / "models" / model / str(served_version(model)))}
+    env = {**os.environ, "NAIVE_MODEL_DIR": str(ROOT / "models" / model / str(stable_version(model)))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "naive_app:app", "--port", str(port), "--log-level", "warning"],
         cwd=ROOT / "bench", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

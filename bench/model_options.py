@@ -50,13 +50,10 @@ def inputs(model: str, n: int = 256):
     """n real inputs for the served (stable) version of ``model``, and that version's path."""
     import numpy as np
 
-    from serving.model_config import ModelsConfig
     from serving.repository import read_version
-    from serving.settings import Settings
+    from tests.gateway import stable_version
 
-    s = Settings(_env_file=None)
-    version = ModelsConfig(s.models_config_file).labels(model).get("stable")
-    v = read_version(ROOT / "models", model, version)
+    v = read_version(ROOT / "models", model, stable_version(model))
     if v.kind == "text":
         from training.data import load_imdb
 

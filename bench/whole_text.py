@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.capacity import free_port, process, wait_until  # noqa: E402
 from serving.gen.classifier.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
+from tests.gateway import stable_version  # noqa: E402
 
 
 async def drive(target: str, batches: list[list[str]], model: str, whole_text: bool, seconds: float,
@@ -60,19 +61,10 @@ async def drive(target: str, batches: list[list[str]], model: str, whole_text: b
             "p99_ms": float(np.percentile(latencies, 99)) * 1000}
 
 
-def stable(model: str) -> int:
-    """The version the gateway serves by default (models.config's stable label)."""
-    from serving.model_config import ModelsConfig
-    from serving.repository import versions_on_disk
-
-    labels = ModelsConfig(ROOT / "serving" / "tfserving" / "models.config").labels(model)
-    return labels.get("stable") or versions_on_disk(ROOT / "models", model)[-1]
-
-
 def raw_rows_per_s(model: str, rows: np.ndarray, seconds: float, batch: int = 256) -> float:
     import tensorflow as tf
 
-    path = ROOT / "models" / model / str(stable(model))
+    path = ROOT / "models" / model / str(stable_version(model))
     sig = tf.saved_model.load(str(path)).signatures["serving_default"]
     key = next(iter(sig.structured_input_signature[1]))
     sig(**{key: tf.constant(rows[:batch])})
@@ -111,7 +103,7 @@ def main(argv=None) -> int:
             results[mode] = asyncio.run(drive(target, batches, a.model, whole, a.seconds, a.concurrency))
     from serving.repository import read_version
 
-    mv = read_version(ROOT / "models", a.model, stable(a.model))
+    mv = read_version(ROOT / "models", a.model, stable_version(a.model))
     stride = (mv.card.get("whole_text") or {}).get("stride") or mv.preprocessor.maxlen
     rows = np.array([w for t in reviews for w in mv.preprocessor.windows(t, stride, 32)], dtype=np.int32)
     results["raw SavedModel call, batch 256 (rows = windows)"] = {"windows_per_s": raw_rows_per_s(a.model, rows, a.seconds)}

@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import gc
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,14 @@ access_log = logging.getLogger("serving.access")
 
 # The request id of the request being handled (REST header / gRPC metadata x-request-id).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def begin_request_id(client_value: str | None) -> str:
+    """The request id of a new request, set for its logs: the client's ``x-request-id`` when it is
+    ASCII (cut to 128 characters), else a new random one (32 hex digits)."""
+    rid = client_value[:128] if client_value and client_value.isascii() else secrets.token_hex(16)
+    request_id.set(rid)
+    return rid
 
 ENDPOINTS = ["/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
              "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment",
@@ -505,9 +514,10 @@ class Classifier:
         except BaseException:
             batcher.release(n)
             raise
-        self.metrics.of_model(name).preprocess_seconds.observe(time.perf_counter() - t0)
+        m = self.metrics.of_model(name)
+        m.preprocess_seconds.observe(time.perf_counter() - t0)
         probs = await self._predict(batcher, pixels, deadline, f"{n} images for {v.name}/{v.version}")
-        self.metrics.of_model(name).items.inc(len(pixels))
+        m.items.inc(len(pixels))
         preds = []
         for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
             preds.append(DigitPrediction(k, row[k], row))

@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import threading
-import time
 
 import msgspec
 

@@ -22,7 +22,6 @@ vocabulary and the exported signature are unchanged: this only changes the loss.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -166,9 +165,10 @@ def fit_reviews(
 
     from training.metrics import text_metrics
     from training.models import SPECS, build
+    from training.train import cosine_lr
 
     model = build(name)
-    lr0, lr_min = SPECS[name].learning_rate, 1e-5
+    lr0 = SPECS[name].learning_rate
     optimizer = keras.optimizers.Adam(lr0)
     step = make_train_step(model, optimizer, objective)
     data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], objective)
@@ -178,7 +178,7 @@ def fit_reviews(
     epoch_seconds = []
     for epoch in range(epochs):
         if lr_schedule == "cosine":
-            optimizer.learning_rate.assign(lr_min + 0.5 * (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / max(epochs, 1))))
+            optimizer.learning_rate.assign(cosine_lr(epoch, epochs, lr0))
         t0 = time.perf_counter()
         sums = np.zeros(4)
         nb = 0

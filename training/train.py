@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,11 @@ def shift_images(x: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def cosine_lr(epoch: int, epochs: int, lr0: float, lr_min: float = 1e-5) -> float:
+    """The learning rate of ``epoch`` (from 0) on a cosine from ``lr0`` down to ``lr_min`` over ``epochs``."""
+    return lr_min + 0.5 * (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
 def fit(
     name: str,
     prep: Prepared,
@@ -121,8 +127,6 @@ def fit(
     offset of up to ``shift`` pixels in each direction. ``lr_schedule="cosine"``:
     the learning rate follows a cosine from the model's rate down to 1e-5 over
     ``epochs`` instead of being halved on a validation-loss plateau."""
-    import math
-
     import keras
 
     from training.models import build
@@ -155,10 +159,7 @@ def fit(
     if lr_schedule == "cosine":
         from training.models import SPECS
 
-        lr0, lr_min = SPECS[name].learning_rate, 1e-5
-        lr_cb = keras.callbacks.LearningRateScheduler(
-            lambda e, lr: lr_min + 0.5 * (lr0 - lr_min) * (1 + math.cos(math.pi * e / max(epochs, 1)))
-        )
+        lr_cb = keras.callbacks.LearningRateScheduler(lambda e, lr: cosine_lr(e, epochs, SPECS[name].learning_rate))
     elif lr_schedule in (None, "plateau"):
         # Halve the learning rate when validation loss stalls; KeepBest restores
         # the best epoch's weights at the end whatever happens after it.

@@ -65,12 +65,6 @@ def sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_SPLIT_RE.split(text) if s and s.strip()]
 
 
-def full_ids(prep: TextPreprocessor, text: str) -> list[int]:
-    """Start id + the id of every kept token (the sequence :meth:`TextPreprocessor.windows` cuts)."""
-    index = prep.vocab.index
-    return [START_ID] + [index.get(t, OOV_ID) for t in tokenize(text, prep.stopwords)]
-
-
 def random_window(ids: Sequence[int], rng: np.random.Generator, maxlen: int = MAXLEN) -> list[int] | None:
     """``maxlen`` consecutive ids ending before the tail, or None if the text has no more than the tail."""
     if len(ids) <= maxlen:
@@ -111,7 +105,7 @@ def sample(
     xs: list[list[int]] = []
     ys: list[int] = []
     for text, label in zip(texts, labels):
-        ids = full_ids(prep, text)
+        ids = prep.token_ids(text)
         xs.append(pad_sequence(ids[-prep.maxlen :], prep.maxlen))
         ys.append(int(label))
         for _ in range(scheme.random):

@@ -85,7 +85,7 @@ def check_datatype(name: str, datatype: str) -> None:
         raise InvalidInput(f"input {name!r}: unknown datatype {datatype[:40]!r}; datatypes: {DATATYPES}")
 
 
-def from_raw(name: str, datatype: str, shape, raw: bytes) -> Tensor:
+def from_raw(name: str, datatype: str, shape, raw: bytes | memoryview) -> Tensor:
     """A tensor from its raw little-endian bytes (binary extension / gRPC raw_input_contents)."""
     check_datatype(name, datatype)
     count = element_count(name, shape)
@@ -144,7 +144,7 @@ def _flatten(values):
         yield values
 
 
-def deserialize_bytes(name: str, raw: bytes) -> list[bytes]:
+def deserialize_bytes(name: str, raw: bytes | memoryview) -> list[bytes]:
     """BYTES elements, each a 4-byte little-endian length and its bytes (the protocol's raw form)."""
     out, i, end = [], 0, len(raw)
     view = memoryview(raw)
@@ -261,10 +261,14 @@ class DataPlane:
             expected = ["text", "token_ids"] if kind == "text" else ["image", "image_encoded"]
             raise InvalidInput(f"give exactly one input, one of {expected}; got {given}")
         t = inputs[0]
+        if whole_text and kind != "text":
+            raise InvalidInput(f"whole_text applies to sentiment models, not {name!r}")
+        available = ["probabilities", "label"] + (["windows"] if whole_text else [])
+        for wanted in outputs or ():  # before any work is done
+            if wanted not in available:
+                raise InvalidInput(f"model {name!r} has no output {wanted[:100]!r}; outputs: {available}")
         if kind == "text":
             r = await self._sentiment(name, number, label, t, deadline, call, whole_text)
-        elif whole_text:
-            raise InvalidInput(f"whole_text applies to sentiment models, not {name!r}")
         else:
             r = await self._digits(name, number, label, t, deadline, call)
         return InferResponse(r.model, r.version, self._outputs(r, kind, outputs, whole_text))
@@ -320,7 +324,7 @@ class DataPlane:
             raise InvalidInput(f"input {t.name!r} has shape {list(t.shape)}; expected {shape_doc}")
 
     @staticmethod
-    def _outputs(r: Result, kind: str, requested: list[str] | None, whole_text: bool = False) -> list[Tensor]:
+    def _outputs(r: Result, kind: str, requested: list[str] | None, whole_text: bool) -> list[Tensor]:
         n = len(r.predictions)
         probs = np.asarray(r.probabilities, dtype=np.float32)
         if kind == "text":
@@ -332,8 +336,5 @@ class DataPlane:
             available["windows"] = Tensor("windows", "INT32", (n,), np.array([p.windows for p in r.predictions], dtype=np.int32))
         if not requested:
             return list(available.values())
-        for name in requested:
-            if name not in available:
-                raise InvalidInput(f"model {r.model!r} has no output {name[:100]!r}; outputs: {list(available)}")
-        return [available[name] for name in dict.fromkeys(requested)]
+        return [available[name] for name in dict.fromkeys(requested)]  # names checked by infer()
 

@@ -5,7 +5,7 @@ import pytest
 
 from training.text import MAXLEN, NUM_WORDS, PAD_ID, START_ID, TextPreprocessor, Vocabulary
 from training.train import shift_images
-from training.windows import WindowScheme, full_ids, random_window, sample, short_window
+from training.windows import WindowScheme, random_window, sample, short_window
 
 TEXTS = [
     "Great acting. Loved it! " + " ".join(f"word{i}" for i in range(60)) + ". Truly awful ending.",
@@ -44,7 +44,7 @@ def test_windows_are_valid_ids_tails_included(prep):
         nz = np.flatnonzero(r != PAD_ID)
         assert len(nz) == 0 or (r[nz[0]:] != PAD_ID).all()
     # Long reviews get 3 random windows + 1 short, reviews no longer than the tail only the short one.
-    lens = [len(full_ids(prep, t)) for t in TEXTS]
+    lens = [len(prep.token_ids(t)) for t in TEXTS]
     assert len(x) == sum(1 + (3 if n > MAXLEN else 0) + 1 for n in lens)
     # Deterministic for a seed.
     x2, y2 = sample(prep, TEXTS, LABELS, WindowScheme(3, 1), seed=0)
@@ -58,7 +58,7 @@ def test_tail_scheme_is_version_1_data(prep):
 
 
 def test_random_windows_are_consecutive_runs_before_the_tail(prep):
-    ids = full_ids(prep, TEXTS[0])
+    ids = prep.token_ids(TEXTS[0])
     rng = np.random.default_rng(1)
     for _ in range(50):
         w = random_window(ids, rng)
@@ -66,19 +66,19 @@ def test_random_windows_are_consecutive_runs_before_the_tail(prep):
         starts = [i for i in range(len(ids) - MAXLEN + 1) if ids[i : i + MAXLEN] == w]
         assert starts and min(starts) + MAXLEN < len(ids) + 1
         assert w != ids[-MAXLEN:] or ids.count(ids[-1]) > 1
-    assert random_window(full_ids(prep, "Bad."), rng) is None
+    assert random_window(prep.token_ids("Bad."), rng) is None
 
 
 def test_short_windows_are_padded_pre_like_a_short_text(prep):
     rng = np.random.default_rng(0)
     for text in TEXTS:
-        w = short_window(prep, text, full_ids(prep, text), rng)
+        w = short_window(prep, text, prep.token_ids(text), rng)
         assert len(w) == MAXLEN
         k = w.index(START_ID)
         assert all(v == PAD_ID for v in w[:k]) and all(v != PAD_ID for v in w[k + 1 :])
         assert 1 <= MAXLEN - k - 1 <= 12
     # A sentence on its own encodes exactly like the same text sent alone.
-    assert short_window(prep, "Bad.", full_ids(prep, "Bad."), rng) == prep.encode("Bad.").ids
+    assert short_window(prep, "Bad.", prep.token_ids("Bad."), rng) == prep.encode("Bad.").ids
 
 
 def test_shift_images_moves_within_bounds():

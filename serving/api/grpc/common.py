@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from google.protobuf.message import DecodeError
 
-from serving.core import Classifier, request_id
+from serving.core import Classifier, begin_request_id, request_id
 from serving.errors import InvalidInput, Overloaded, ServiceError
 
 log = logging.getLogger("serving.grpc")
@@ -34,9 +33,6 @@ class RateLimitedLog:
 malformed_log = RateLimitedLog(log)
 
 
-malformed_log = RateLimitedLog(log)
-
-
 async def parse_message(core: Classifier, cls, data: bytes, method: str):
     """The request message from its bytes (off the event loop when large); INVALID_ARGUMENT
     with one rate-limited WARNING, no traceback, when they do not parse."""
@@ -50,10 +46,7 @@ async def parse_message(core: Classifier, cls, data: bytes, method: str):
 def begin_call(core: Classifier, context) -> float:
     """Request id (taken from ``x-request-id`` metadata or made; returned in the trailing metadata)
     and the event-loop deadline of this call."""
-    md = _metadata(context)
-    rid = md.get("x-request-id", "")
-    rid = rid[:128] if rid and rid.isascii() else uuid.uuid4().hex
-    request_id.set(rid)
+    rid = begin_request_id(_metadata(context).get("x-request-id"))
     context.set_trailing_metadata((("x-request-id", rid),))
     return core.deadline(context.time_remaining())
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated
@@ -33,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from serving.auth import ApiKeyMiddleware, ApiKeys
-from serving.core import INLINE_IMAGES, TEXT_PATTERN, Classifier, Result, request_id
+from serving.core import INLINE_IMAGES, TEXT_PATTERN, Classifier, Result, begin_request_id
 from serving.errors import Cancelled, InvalidInput, Overloaded, ServiceError, UnsupportedMediaType
 from serving.images import SIZE, check_pixels
 
@@ -227,8 +226,7 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = rid.decode("latin-1")[:128] if rid and rid.isascii() else secrets.token_hex(16)
-        request_id.set(rid)
+        rid = begin_request_id(rid.decode("latin-1"))
         header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message):

@@ -144,7 +144,7 @@ def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int) ->
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(f"input {t.name!r}: binary_data_size {size!r} runs past the binary data "
                                    f"({len(binary)} bytes after the JSON)")
-            tensors.append(from_raw(t.name, t.datatype, t.shape, bytes(binary[offset:offset + size])))
+            tensors.append(from_raw(t.name, t.datatype, t.shape, binary[offset:offset + size]))  # a view, no copy
             offset += size
         elif len(t.data) and bytes(t.data) != b"null":
             try:
