@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean plots plot-capacity plot-accuracy
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,15 @@ bench-whole-text: setup
 # The CLI over the gRPC stream on the full IMDB test split vs the raw batched model call.
 bench-client: setup
 	$(PY) bench/client.py --json bench/results/client.json
+
+# The README's plots (docs/plots/, bench/plots.py): the step ramp re-run on both backends, then
+# latency against throughput; accuracy by review length of every sentiment version (full test split).
+plots: plot-capacity plot-accuracy
+plot-capacity: setup
+	$(PY) bench/capacity.py
+	$(PY) bench/plots.py capacity
+plot-accuracy: setup
+	$(PY) bench/plots.py accuracy
 
 test: setup
 	$(PY) -m pytest
