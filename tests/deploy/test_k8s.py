@@ -32,7 +32,7 @@ from tests.venvs import tool_venv
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ["dev", "gpu"]
-COMPONENTS = ["prometheus-operator", "grpc-ingress"]
+COMPONENTS = ["prometheus-operator", "grpc-ingress", "grafana-dashboard"]
 ROLLOUT = ROOT / "scripts" / "rollout.sh"
 TFSERVING_CONFIG = ROOT / "serving" / "tfserving"
 MODELS_DOCKERFILE = ROOT / "docker" / "models.Dockerfile"
