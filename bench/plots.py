@@ -82,21 +82,21 @@ def plot_capacity(results: Path, out: Path, backends=BACKENDS) -> dict:
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 4))
     summary = {}
     for (backend, steps), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+        k = knee(steps)
         rps = [s["rps"] for s in steps]
         lat.plot(rps, [s["p50"] for s in steps], "o-", color=color, ms=4, label=f"{backend} p50")
         lat.plot(rps, [s["p99"] for s in steps], "s--", color=color, ms=4, label=f"{backend} p99")
-        thr.plot([s["users"] for s in steps], rps, "o-", color=color, ms=4, label=backend)
+        thr.plot([s["users"] for s in steps], rps, "o-", color=color, ms=4,
+                 label=f"{backend}, knee {k['rps']:.0f} req/s at {k['users']} users" if k else f"{backend}, no knee")
         failed = [s for s in steps if s["failures"]]
         thr.scatter([s["users"] for s in failed], [s["rps"] for s in failed], marker="x", color="red", zorder=3,
                     label="steps with failures" if color == "tab:blue" else None)
-        k = knee(steps)
-        if k:
-            lat.annotate(f"knee {k['rps']:.0f} req/s", (k["rps"], k["p99"]), xytext=(-95, 10),
-                         textcoords="offset points", color=color, fontsize=8, arrowprops={"arrowstyle": "->", "color": color})
-            thr.scatter([k["users"]], [k["rps"]], s=80, facecolors="none", edgecolors=color, zorder=3)
+        if k:  # open circles: the knee step
+            lat.scatter([k["rps"]] * 2, [k["p50"], k["p99"]], s=90, facecolors="none", edgecolors=color, zorder=3)
+            thr.scatter([k["users"]], [k["rps"]], s=90, facecolors="none", edgecolors=color, zorder=3)
         summary[backend] = {"knee": k, "steps": steps}
     lat.axhline(KNEE_P99_MS, color="grey", lw=0.8, ls=":", label="knee bound: p99 500 ms")
-    lat.set(xlabel="throughput, req/s (all request types)", ylabel="latency, ms", title="Latency against throughput")
+    lat.set(xlabel="throughput, req/s (all request types)", ylabel="latency, ms", title="Latency against throughput (circles: knee)")
     lat.legend(fontsize=8)
     thr.set(xlabel="Locust users", ylabel="req/s", title="Throughput against users (circle: knee)")
     thr.legend(fontsize=8)
