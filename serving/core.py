@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from serving.backends import Backend
@@ -36,7 +37,7 @@ from serving.model_config import STABLE, ModelsConfig
 from serving.repository import ModelVersion
 from serving.settings import Settings
 from training.metrics import combine_mean_log_prob, log_probs_to_probs
-from training.text import OOV_ID, START_ID
+from training.text import OOV_ID, PAD_ID, START_ID
 
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")
@@ -67,21 +68,51 @@ INLINE_CHARS = 32_000
 INLINE_IMAGES = 8
 
 
-@dataclass
-class SentimentPrediction:
+# -- results (msgspec structs: the REST adapter encodes them as they are) ----------------
+SLOT_KINDS = {PAD_ID: "pad", START_ID: "start", OOV_ID: "oov"}  # any other id: "word"
+
+
+class Slot(msgspec.Struct):
+    """One of the ``maxlen`` ids the model saw: the id, its word (out-of-vocabulary words as
+    written in the text; ``<pad>``/``<start>`` for those ids) and its kind (pad, start, word, oov)."""
+
+    id: int
+    token: str
+    kind: str
+
+
+def slots(pairs: list[tuple[int, str]]) -> list[Slot]:
+    return [Slot(i, t, SLOT_KINDS.get(i, "word")) for i, t in pairs]
+
+
+class WindowScore(msgspec.Struct):
+    """Whole-text mode: one window of a text, in reading order, and the model's answer for it."""
+
+    slots: list[Slot]
+    label: str
+    probabilities: dict[str, float]
+
+
+class SentimentExplanation(msgspec.Struct, omit_defaults=True):
+    slots: list[Slot]  # what the default path scores: the last maxlen tokens
+    windows: list[WindowScore] | None = None  # whole-text mode: every window scored
+
+
+class SentimentPrediction(msgspec.Struct, omit_defaults=True):
     label: str
     score: float
     probabilities: dict[str, float]
     tokens: int
     unknown_tokens: int
-    windows: int = 1  # rows scored for this text (whole-text mode: its windows)
+    windows: int  # rows scored for this text (1; whole-text mode: its windows)
+    explanation: SentimentExplanation | None = None  # only when asked for (omitted otherwise)
 
 
-@dataclass
-class DigitPrediction:
+class DigitPrediction(msgspec.Struct, omit_defaults=True):
     label: int
     score: float
     probabilities: list[float]
+    image: list[list[float]] | None = None  # explain: the 28x28 pixels the model received
 
 
 @dataclass
@@ -90,6 +121,7 @@ class Result:
     version: int
     predictions: list
     probabilities: np.ndarray | None = None  # [n, classes] float32: the predictions' probabilities, as one array
+    rows: np.ndarray | None = None  # whole-text mode: every window's probabilities, before combining
 
 
 @dataclass
@@ -389,9 +421,11 @@ class Classifier:
 
     async def sentiment(self, texts: list[str], model: str | None = None, version: int | None = None,
                         deadline: float | None = None, call: Call | None = None, label: str | None = None,
-                        whole_text: bool = False) -> Result:
+                        whole_text: bool = False, explain: bool = False) -> Result:
         """``whole_text``: score every window of each text (see :meth:`_window_texts`) and combine
-        them by mean log-probability; the default scores the last ``maxlen`` tokens, as in training."""
+        them by mean log-probability; the default scores the last ``maxlen`` tokens, as in training.
+        ``explain``: each prediction also says which tokens filled the slots (and, whole-text, how
+        each window scored); see :meth:`_explain`."""
         name = model or self.settings.default_sentiment_model
         v, batcher = self.resolve(name, version, "text", label)
         if call:
@@ -425,7 +459,27 @@ class Classifier:
                 ratio.observe(unknown / tokens)
         if sizes is not None:
             m.windows.inc(len(ids))
-        return await self._classify_ids(v, batcher, ids, counts, deadline, sizes)
+        r = await self._classify_ids(v, batcher, ids, counts, deadline, sizes)
+        if explain:
+            await self.offload(self._explain, v, texts, r, sizes, heavy=heavy)
+        return r
+
+    def _explain(self, v: ModelVersion, texts: list[str], r: Result, windows: list[int] | None) -> None:
+        """Attach to each prediction the slots the model saw, from the version's own preprocessor
+        (the same code that made the ids); whole-text: every window's slots and probabilities."""
+        prep, labels = v.preprocessor, v.labels
+        if windows is None:
+            for p, t in zip(r.predictions, texts):
+                p.explanation = SentimentExplanation(slots(prep.explain(t)))
+            return
+        stride = (v.card.get("whole_text") or {}).get("stride") or prep.maxlen
+        rows, start = r.rows.tolist(), 0
+        for p, t, n in zip(r.predictions, texts, windows):
+            scored = []
+            for pairs, row in zip(prep.explain_windows(t, stride, self.settings.max_windows_per_text), rows[start:start + n]):
+                scored.append(WindowScore(slots(pairs), labels[0 if row[0] >= row[1] else 1], dict(zip(labels, row))))
+            start += n
+            p.explanation = SentimentExplanation(scored[-1].slots, scored)
 
     async def sentiment_ids(self, ids: np.ndarray, model: str | None = None, version: int | None = None,
                             deadline: float | None = None, call: Call | None = None, label: str | None = None) -> Result:
@@ -451,16 +505,16 @@ class Classifier:
         """The model's probabilities for admitted rows of ids; ``counts``: (tokens, unknown tokens)
         per text; ``windows``: rows per text, combined by mean log-probability (None: one each)."""
         n = len(counts)
-        probs = await self._predict(batcher, ids, deadline, f"{n} texts for {v.name}/{v.version}")
+        probs = rows = await self._predict(batcher, ids, deadline, f"{n} texts for {v.name}/{v.version}")
         self.metrics.of_model(v.name).items.inc(n)
         if windows is not None:
-            probs = combine_windows(probs, windows)
+            probs = combine_windows(rows, windows)
         labels = v.labels
         preds = []
         for (tokens, unknown), row, w in zip(counts, probs.tolist(), windows or [1] * n):
             k = 0 if row[0] >= row[1] else 1
             preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), tokens, unknown, w))
-        return Result(v.name, v.version, preds, probs)
+        return Result(v.name, v.version, preds, probs, rows if windows is not None else None)
 
     # -- digits -----------------------------------------------------------------
     def _check_encoded(self, images: list[bytes], where: str) -> None:
@@ -499,9 +553,10 @@ class Classifier:
 
     async def digits(self, n: int, build: Callable[[], np.ndarray], model: str | None = None,
                      version: int | None = None, heavy: bool = True, deadline: float | None = None,
-                     call: Call | None = None, label: str | None = None) -> Result:
+                     call: Call | None = None, label: str | None = None, explain: bool = False) -> Result:
         """``build()`` makes the [n, 28, 28] array (validation and decoding included); it runs
-        only for a resolvable model with room in its queue, off the event loop when ``heavy``."""
+        only for a resolvable model with room in its queue, off the event loop when ``heavy``.
+        ``explain``: each prediction also carries the 28x28 pixels the model received."""
         name = model or "digits"
         v, batcher = self.resolve(name, version, "image", label)
         if call:
@@ -521,4 +576,7 @@ class Classifier:
         preds = []
         for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
             preds.append(DigitPrediction(k, row[k], row))
+        if explain:
+            for p, img in zip(preds, pixels.tolist()):
+                p.image = img
         return Result(name, v.version, preds, probs)

@@ -86,14 +86,25 @@ def tokenize(text: str, stopwords: frozenset[str] = STOPWORDS) -> list[str]:
     return [t for t in _TOKEN_RE.findall(normalize(text)) if t not in stopwords]
 
 
-def pad_sequence(ids: Sequence[int], maxlen: int = MAXLEN) -> list[int]:
+def pad_sequence(ids: Sequence, maxlen: int = MAXLEN, value=PAD_ID) -> list:
     """One sequence cut and padded as ``keras.utils.pad_sequences`` does.
 
     padding="pre", truncating="pre", value=0: keep the last ``maxlen`` ids and
-    put the padding in front.
+    put the padding in front. (``value``: the filler, e.g. ``"<pad>"`` for words.)
     """
     ids = list(ids[-maxlen:]) if maxlen else []
-    return [PAD_ID] * (maxlen - len(ids)) + ids
+    return [value] * (maxlen - len(ids)) + ids
+
+
+def window_ends(n: int, maxlen: int, stride: int, max_windows: int | None = None) -> list[int]:
+    """Where each whole-text window of a sequence of ``n`` ids ends (exclusive), last window
+    first: ``stride`` apart from the end, the first one ending at ``min(maxlen, n)``."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    ends = list(range(n, maxlen, -stride))
+    if not ends or ends[-1] != maxlen:
+        ends.append(min(maxlen, n))
+    return ends[:max_windows] if max_windows is not None else ends
 
 
 class Vocabulary:
@@ -230,15 +241,33 @@ class TextPreprocessor:
     def windows_of(self, ids: Sequence[int], stride: int | None = None, max_windows: int | None = None) -> list[list[int]]:
         """:meth:`windows` of ids from :meth:`token_ids`."""
         maxlen = self.maxlen
-        stride = stride or maxlen
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        ends = list(range(len(ids), maxlen, -stride))
-        if not ends or ends[-1] != maxlen:
-            ends.append(min(maxlen, len(ids)))
-        if max_windows is not None:
-            ends = ends[:max_windows]
+        ends = window_ends(len(ids), maxlen, stride or maxlen, max_windows)
         return [pad_sequence(ids[max(0, e - maxlen):e], maxlen) for e in reversed(ends)]
+
+    # -- what the model saw (the gateway's explain option) ---------------------
+    def explain(self, text: str) -> list[tuple[int, str]]:
+        """The ``maxlen`` slots of :meth:`encode`, as (id, token) pairs in order: ``<pad>`` and
+        ``<start>`` for those ids, the word itself for a word (out-of-vocabulary ones too, with
+        id ``OOV_ID``). The ids are exactly ``encode(text).ids``."""
+        toks = self._tail_tokens(text)[-self.maxlen :]
+        if len(toks) < self.maxlen:
+            toks.insert(0, RESERVED_TOKENS[START_ID])
+        return self._slots(pad_sequence(toks, self.maxlen, RESERVED_TOKENS[PAD_ID]))
+
+    def explain_windows(self, text: str, stride: int | None = None,
+                        max_windows: int | None = None) -> list[list[tuple[int, str]]]:
+        """:meth:`explain` for each of :meth:`windows` (same windows, same order)."""
+        maxlen = self.maxlen
+        words = [RESERVED_TOKENS[START_ID]] + tokenize(text, self.stopwords)
+        ends = window_ends(len(words), maxlen, stride or maxlen, max_windows)
+        return [self._slots(pad_sequence(words[max(0, e - maxlen):e], maxlen, RESERVED_TOKENS[PAD_ID]))
+                for e in reversed(ends)]
+
+    def _slots(self, tokens: list[str]) -> list[tuple[int, str]]:
+        """(id, token) of padded tokens; the reserved names only ever stand for their own ids
+        (a text cannot produce "<pad>" or "<start>" as a word: "<" is never part of a token)."""
+        index, pad, start = self.vocab.index, RESERVED_TOKENS[PAD_ID], RESERVED_TOKENS[START_ID]
+        return [(PAD_ID if t == pad else START_ID if t == start else index.get(t, OOV_ID), t) for t in tokens]
 
     def encode_batch(self, texts: Sequence[str]):
         """int32 array [len(texts), maxlen], ready for the ``token_ids`` input."""

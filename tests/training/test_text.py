@@ -130,3 +130,37 @@ def test_preprocessor_module_imports_no_tensorflow():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- what the model saw (the gateway's explain option) -------------------------
+def test_explain_names_each_slot(small_prep):
+    idx = small_prep.vocab.index
+    slots = small_prep.explain("A great movie, great acting, zzzqqq!")
+    assert slots == [(PAD_ID, "<pad>")] * 15 + [(START_ID, "<start>"), (idx["great"], "great"), (idx["great"], "great"),
+                                                (idx["acting"], "acting"), (OOV_ID, "zzzqqq")]
+    assert small_prep.explain("") == [(PAD_ID, "<pad>")] * 19 + [(START_ID, "<start>")]
+
+
+def _check_explained(prep, text):
+    slots = prep.explain(text)
+    assert [i for i, _ in slots] == prep.encode(text).ids, repr(text)
+    # The words are the text's own tokens, in order: the last ones that fit.
+    words = [w for i, w in slots if i > START_ID]
+    assert words == tokenize(text, prep.stopwords)[-len(words):] if words else True, repr(text)
+    for stride in (5, 20):
+        explained = prep.explain_windows(text, stride, 7)
+        assert [[i for i, _ in w] for w in explained] == prep.windows(text, stride, 7), repr(text)
+        assert explained[-1] == slots
+
+
+def test_explain_matches_the_preprocessor_on_real_reviews(imdb, small_prep):
+    for t in imdb.test.x[:1500]:
+        _check_explained(small_prep, t)
+
+
+@pytest.mark.parametrize("tail_chars", [1, 250])
+def test_explain_matches_the_preprocessor_on_adversarial_text(small_prep, tail_chars):
+    prep = TextPreprocessor(small_prep.vocab, tail_chars=tail_chars)
+    rng = random.Random(100 + tail_chars)
+    for _ in range(800):
+        _check_explained(prep, _random_text(rng))

@@ -33,13 +33,24 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
+def _slots(slots: list) -> list[pb.Slot]:
+    return [pb.Slot(id=s.id, token=s.token, kind=s.kind) for s in slots]
+
+
+def _explanation(e) -> pb.Explanation | None:
+    if e is None:
+        return None
+    windows = [pb.WindowScore(slots=_slots(w.slots), label=w.label, probabilities=w.probabilities) for w in e.windows or ()]
+    return pb.Explanation(slots=_slots(e.slots), windows=windows)
+
+
 def sentiment_response(r: Result) -> pb.SentimentResponse:
     return pb.SentimentResponse(
         model=pb.ModelRef(name=r.model, version=r.version),
         predictions=[
             pb.SentimentPrediction(
                 label=p.label, score=p.score, probabilities=p.probabilities, tokens=p.tokens,
-                unknown_tokens=p.unknown_tokens, windows=p.windows,
+                unknown_tokens=p.unknown_tokens, windows=p.windows, explanation=_explanation(p.explanation),
             )
             for p in r.predictions
         ],
@@ -64,7 +75,8 @@ class ClassifierServicer:
             request = await self._parse(pb.SentimentRequest, data, endpoint)
             call.model = request.model or self.core.settings.default_sentiment_model
             r = await self.core.sentiment(list(request.texts), call.model, request.version or None, deadline, call,
-                                          request.version_label or None, request.whole_text)
+                                          request.version_label or None, request.whole_text,
+                                          request.explain)
         return sentiment_response(r)
 
     async def ClassifySentiment(self, data: bytes, context):
@@ -92,12 +104,15 @@ class ClassifierServicer:
                 call.model = request.model or "digits"
                 heavy = len(images) > INLINE_IMAGES or any(kind == "encoded" for kind, _ in images)
                 r = await self.core.digits(len(images), lambda: self.core.images_from_proto(images), call.model,
-                                           request.version or None, heavy, deadline, call, request.version_label or None)
+                                           request.version or None, heavy, deadline, call, request.version_label or None,
+                                           request.explain)
         except ServiceError as e:
             await abort(context, e)
         return pb.DigitsResponse(
             model=pb.ModelRef(name=r.model, version=r.version),
-            predictions=[pb.DigitPrediction(label=p.label, score=p.score, probabilities=p.probabilities) for p in r.predictions],
+            predictions=[pb.DigitPrediction(label=p.label, score=p.score, probabilities=p.probabilities,
+                                            image=[x for row in p.image for x in row] if p.image else ())
+                         for p in r.predictions],
         )
 
 

@@ -20,7 +20,7 @@ import logging
 import math
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
@@ -75,6 +75,9 @@ class SentimentRequest(msgspec.Struct):
     whole_text: Annotated[bool, msgspec.Meta(description=(
         "Score every 20-token window of each text and combine them (mean log-probability) instead of the "
         "last 20 tokens only; each window counts as a row against the queue limits"))] = False
+    explain: Annotated[bool, msgspec.Meta(description=(
+        "Also return, per text, the tokens in the 20 slots the model saw (padding, start and out-of-vocabulary "
+        "words marked) and, with whole_text, every window's slots and probabilities"))] = False
 
 
 Pixel = Annotated[float, msgspec.Meta(ge=0, le=255)]
@@ -94,6 +97,8 @@ class DigitsRequest(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(description="digits (default)")] | None = None
     version: Version | None = None
     version_label: Annotated[str, msgspec.Meta(description=LABEL_DOC)] | None = None
+    explain: Annotated[bool, msgspec.Meta(
+        description="Also return, per image, the 28x28 pixels the model received (after decoding and MNIST-style centring)")] = False
 
 
 # Strict numbers (no bools or strings); shape and range are checked by check_pixels, whose messages say more.
@@ -108,6 +113,23 @@ class ModelRef(BaseModel):
     version: int
 
 
+class SlotOut(BaseModel):
+    id: int
+    token: str
+    kind: Literal["pad", "start", "word", "oov"]
+
+
+class WindowScoreOut(BaseModel):
+    slots: list[SlotOut]
+    label: str
+    probabilities: dict[str, float]
+
+
+class ExplanationOut(BaseModel):
+    slots: list[SlotOut]
+    windows: list[WindowScoreOut] | None = None
+
+
 class SentimentPredictionOut(BaseModel):
     label: str
     score: float
@@ -115,6 +137,7 @@ class SentimentPredictionOut(BaseModel):
     tokens: int
     unknown_tokens: int
     windows: int
+    explanation: ExplanationOut | None = None
 
 
 class SentimentResponse(BaseModel):
@@ -126,6 +149,7 @@ class DigitPredictionOut(BaseModel):
     label: int
     score: float
     probabilities: list[float]
+    image: list[list[float]] | None = None
 
 
 class DigitsResponse(BaseModel):
@@ -358,7 +382,7 @@ class V1Predict:
             req = await self._decode("text", headers, read, _decode_sentiment)
             call.model = req.model or self.settings.default_sentiment_model
             r = await until_done(receive, core.sentiment(req.texts, req.model, _version(req.version), deadline, call,
-                                                         _label(req), req.whole_text))
+                                                         _label(req), req.whole_text, req.explain))
         return _result(r)
 
     async def digits(self, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]], receive) -> Response:
@@ -374,7 +398,7 @@ class V1Predict:
             else:
                 n, build, heavy = len(req.images_b64), (lambda: core.images_from_b64(req.images_b64)), True
             r = await until_done(receive, core.digits(n, build, req.model, _version(req.version), heavy, deadline,
-                                                      call, _label(req)))
+                                                      call, _label(req), req.explain))
         return _result(r)
 
 

@@ -24,33 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lassifier/v1/classifier.proto\x12\rclassifier.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"l\n\x10SentimentRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\x12\x12\n\nwhole_text\x18\x05 \x01(\x08\"\xf0\x01\n\x13SentimentPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12L\n\rprobabilities\x18\x03 \x03(\x0b\x32\x35.classifier.v1.SentimentPrediction.ProbabilitiesEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x16\n\x0eunknown_tokens\x18\x05 \x01(\x05\x12\x0f\n\x07windows\x18\x06 \x01(\x05\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"t\n\x11SentimentResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x37\n\x0bpredictions\x18\x02 \x03(\x0b\x32\".classifier.v1.SentimentPrediction\"1\n\x05Image\x12\r\n\x03raw\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"l\n\rDigitsRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.classifier.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\"F\n\x0f\x44igitPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"m\n\x0e\x44igitsResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x33\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1e.classifier.v1.DigitPrediction2\x95\x02\n\nClassifier\x12V\n\x11\x43lassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse\x12M\n\x0e\x43lassifyDigits\x12\x1c.classifier.v1.DigitsRequest\x1a\x1d.classifier.v1.DigitsResponse\x12`\n\x17StreamClassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lassifier/v1/classifier.proto\x12\rclassifier.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"}\n\x10SentimentRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\x12\x12\n\nwhole_text\x18\x05 \x01(\x08\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"/\n\x04Slot\x12\n\n\x02id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\xbc\x01\n\x0bWindowScore\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.classifier.v1.Slot\x12\r\n\x05label\x18\x02 \x01(\t\x12\x44\n\rprobabilities\x18\x03 \x03(\x0b\x32-.classifier.v1.WindowScore.ProbabilitiesEntry\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"^\n\x0b\x45xplanation\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.classifier.v1.Slot\x12+\n\x07windows\x18\x02 \x03(\x0b\x32\x1a.classifier.v1.WindowScore\"\xa1\x02\n\x13SentimentPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12L\n\rprobabilities\x18\x03 \x03(\x0b\x32\x35.classifier.v1.SentimentPrediction.ProbabilitiesEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x16\n\x0eunknown_tokens\x18\x05 \x01(\x05\x12\x0f\n\x07windows\x18\x06 \x01(\x05\x12/\n\x0b\x65xplanation\x18\x07 \x01(\x0b\x32\x1a.classifier.v1.Explanation\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"t\n\x11SentimentResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x37\n\x0bpredictions\x18\x02 \x03(\x0b\x32\".classifier.v1.SentimentPrediction\"1\n\x05Image\x12\r\n\x03raw\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"}\n\rDigitsRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.classifier.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rversion_label\x18\x04 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x05 \x01(\x08\"U\n\x0f\x44igitPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\r\n\x05image\x18\x04 \x03(\x02\"m\n\x0e\x44igitsResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.classifier.v1.ModelRef\x12\x33\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1e.classifier.v1.DigitPrediction2\x95\x02\n\nClassifier\x12V\n\x11\x43lassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse\x12M\n\x0e\x43lassifyDigits\x12\x1c.classifier.v1.DigitsRequest\x1a\x1d.classifier.v1.DigitsResponse\x12`\n\x17StreamClassifySentiment\x12\x1f.classifier.v1.SentimentRequest\x1a .classifier.v1.SentimentResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'classifier.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WINDOWSCORE_PROBABILITIESENTRY']._loaded_options = None
+  _globals['_WINDOWSCORE_PROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._loaded_options = None
   _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_MODELREF']._serialized_start=49
   _globals['_MODELREF']._serialized_end=90
   _globals['_SENTIMENTREQUEST']._serialized_start=92
-  _globals['_SENTIMENTREQUEST']._serialized_end=200
-  _globals['_SENTIMENTPREDICTION']._serialized_start=203
-  _globals['_SENTIMENTPREDICTION']._serialized_end=443
-  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_start=391
-  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_end=443
-  _globals['_SENTIMENTRESPONSE']._serialized_start=445
-  _globals['_SENTIMENTRESPONSE']._serialized_end=561
-  _globals['_IMAGE']._serialized_start=563
-  _globals['_IMAGE']._serialized_end=612
-  _globals['_DIGITSREQUEST']._serialized_start=614
-  _globals['_DIGITSREQUEST']._serialized_end=722
-  _globals['_DIGITPREDICTION']._serialized_start=724
-  _globals['_DIGITPREDICTION']._serialized_end=794
-  _globals['_DIGITSRESPONSE']._serialized_start=796
-  _globals['_DIGITSRESPONSE']._serialized_end=905
-  _globals['_CLASSIFIER']._serialized_start=908
-  _globals['_CLASSIFIER']._serialized_end=1185
+  _globals['_SENTIMENTREQUEST']._serialized_end=217
+  _globals['_SLOT']._serialized_start=219
+  _globals['_SLOT']._serialized_end=266
+  _globals['_WINDOWSCORE']._serialized_start=269
+  _globals['_WINDOWSCORE']._serialized_end=457
+  _globals['_WINDOWSCORE_PROBABILITIESENTRY']._serialized_start=405
+  _globals['_WINDOWSCORE_PROBABILITIESENTRY']._serialized_end=457
+  _globals['_EXPLANATION']._serialized_start=459
+  _globals['_EXPLANATION']._serialized_end=553
+  _globals['_SENTIMENTPREDICTION']._serialized_start=556
+  _globals['_SENTIMENTPREDICTION']._serialized_end=845
+  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_start=405
+  _globals['_SENTIMENTPREDICTION_PROBABILITIESENTRY']._serialized_end=457
+  _globals['_SENTIMENTRESPONSE']._serialized_start=847
+  _globals['_SENTIMENTRESPONSE']._serialized_end=963
+  _globals['_IMAGE']._serialized_start=965
+  _globals['_IMAGE']._serialized_end=1014
+  _globals['_DIGITSREQUEST']._serialized_start=1016
+  _globals['_DIGITSREQUEST']._serialized_end=1141
+  _globals['_DIGITPREDICTION']._serialized_start=1143
+  _globals['_DIGITPREDICTION']._serialized_end=1228
+  _globals['_DIGITSRESPONSE']._serialized_start=1230
+  _globals['_DIGITSRESPONSE']._serialized_end=1339
+  _globals['_CLASSIFIER']._serialized_start=1342
+  _globals['_CLASSIFIER']._serialized_end=1619
 # @@protoc_insertion_point(module_scope)
