@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean plots plot-capacity plot-accuracy
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean plots plot-capacity plot-accuracy browser
 
 setup: $(VENV)/.installed
 
@@ -66,7 +66,16 @@ plot-capacity: setup
 plot-accuracy: setup
 	$(PY) bench/plots.py accuracy
 
-test: setup
+# Headless Chromium (Debian's package) for the console's browser tests; where it cannot be
+# installed (no apt, not root) those tests are skipped and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed: the console's browser tests will be skipped"
+
+test: setup browser
 	$(PY) -m pytest
 
 # Reproduce the shipped models (each exports the next version under models/).

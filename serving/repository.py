@@ -42,6 +42,26 @@ class ModelVersion:
     def kind(self) -> str:
         return "text" if self.preprocessor is not None else "image"
 
+    @property
+    def card_figures(self) -> dict:
+        """The model card's headline figures on the test split (absent ones left out): accuracy
+        as trained (last 20 tokens for text), whole-text accuracy, the short-text proxy, the
+        expected calibration error; when and how long it was trained, its parameter count."""
+        test = (self.card.get("metrics") or {}).get("test") or {}
+        default = test.get("last20") or test
+        whole = next(iter((test.get("whole_text") or {}).values()), {})
+        figures = {
+            "test_accuracy": self.card.get("test_accuracy"),
+            "validation_accuracy": self.card.get("validation_accuracy"),
+            "test_ece": default.get("ece"),
+            "whole_text_accuracy": whole.get("accuracy"),
+            "short_text_proxy_accuracy": (test.get("short_text_proxy") or {}).get("accuracy"),
+            "parameters": self.card.get("parameters"),
+            "created": self.card.get("created"),
+            "training_seconds": self.card.get("training_seconds"),
+        }
+        return {k: v for k, v in figures.items() if v is not None}
+
 
 def versions_on_disk(base: Path, name: str) -> list[int]:
     return existing_versions(base / name)

@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     # POSTs to the two /v1 predict endpoints skip FastAPI's routing (same middlewares, code,
     # errors; serving/api/rest/hot_path.py); false: every request goes through FastAPI.
     rest_hot_path: bool = True
+    # The console at / (serving/console/: models, live charts, try sentiment and digits).
+    # Its page and assets hold no data and need no API key; everything it shows comes from
+    # the API with the key the user types in.
+    console: bool = True
 
     # Dynamic batching (per model version)
     max_batch_size: int = Field(256, ge=1)

@@ -31,6 +31,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from serving.api.rest.console import PUBLIC_PATHS as CONSOLE_PATHS
+from serving.api.rest.console import add_console_routes
 from serving.auth import ApiKeyMiddleware, ApiKeys
 from serving.core import INLINE_IMAGES, TEXT_PATTERN, Classifier, Result, begin_request_id
 from serving.errors import Cancelled, InvalidInput, Overloaded, ServiceError, UnsupportedMediaType
@@ -410,7 +412,8 @@ def middlewares(core: Classifier, api_keys: ApiKeys | None = None) -> list[tuple
     out: list[tuple[type, dict]] = [(BodyLimit, {"max_bytes": s.max_body_bytes, "on_reject": reject("PAYLOAD_TOO_LARGE")})]
     keys = api_keys or ApiKeys.from_settings(s)
     if keys.enabled:
-        out.append((ApiKeyMiddleware, {"keys": keys, "public_paths": s.public_paths, "on_reject": reject("UNAUTHENTICATED")}))
+        public = [*s.public_paths, *(CONSOLE_PATHS if s.console else ())]
+        out.append((ApiKeyMiddleware, {"keys": keys, "public_paths": public, "on_reject": reject("UNAUTHENTICATED")}))
     if s.cors_allow_origins:
         out.append((CORSMiddleware, {
             "allow_origins": s.cors_allow_origins, "allow_methods": s.cors_allow_methods, "allow_headers": s.cors_allow_headers,
@@ -431,8 +434,11 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         telemetry=None if s.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
         favicon_url="data:,",
     )
-    for cls, options in middlewares(core, api_keys):
+    keys = api_keys or ApiKeys.from_settings(s)
+    for cls, options in middlewares(core, keys):
         app.add_middleware(cls, **options)
+    if s.console:
+        add_console_routes(app, lambda: keys.enabled)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError):
@@ -471,7 +477,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
     @app.get("/v1/models", tags=["models"], responses={401: {"model": ErrorResponse, "description": ERROR_DOCS[401]}})
     async def list_models():
         """Every configured model: its version labels and default version; each version's state,
-        labels, signature and the model card's accuracy."""
+        labels, signature and the model card's accuracy and headline figures (``card``)."""
         out = []
         for name, versions in core.models().items():
             labels = core.models_config.labels(name)
@@ -488,6 +494,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
                             "signature": v.signature,
                             "test_accuracy": v.card.get("test_accuracy"),
                             "validation_accuracy": v.card.get("validation_accuracy"),
+                            "card": v.card_figures,
                         }
                         for v in sorted(versions.values(), key=lambda v: v.version)
                     ],
