@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean plots plot-capacity plot-accuracy browser
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean plots plot-capacity plot-accuracy test-tools
 
 setup: $(VENV)/.installed
 
@@ -66,16 +66,20 @@ plot-capacity: setup
 plot-accuracy: setup
 	$(PY) bench/plots.py accuracy
 
-# Headless Chromium (Debian's package) for the console's browser tests; where it cannot be
-# installed (no apt, not root) those tests are skipped and say why.
-browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+# Debian packages some tests use: headless Chromium (the console's browser tests) and
+# promtool (alerting rules and the Grafana dashboard's queries). Each is installed when
+# missing and possible (apt, root); where not, those tests are skipped and say why.
+TEST_TOOLS := chromium:chromium promtool:prometheus
+test-tools:
+	@for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 && continue; \
 	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
-	    { apt-get install -y -q chromium >/dev/null 2>&1 || \
-	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
-	  echo "chromium could not be installed: the console's browser tests will be skipped"
+	    { apt-get install -y -q $$pkg >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$pkg >/dev/null 2>&1; }; }; } || \
+	  echo "$$pkg could not be installed: the tests that need $$cmd will be skipped"; \
+	done
 
-test: setup browser
+test: setup test-tools
 	$(PY) -m pytest
 
 # Reproduce the shipped models (each exports the next version under models/).
