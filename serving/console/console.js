@@ -5,9 +5,10 @@
   const $ = (sel) => document.querySelector(sel);
   const POLL_MS = 3000;
   const HISTORY = 60; // points per chart (3 minutes at POLL_MS)
+  const MODELS_EVERY = 3; // polls between reloads of /v1/models (states and labels change live)
   const COLORS = ["#2563eb", "#16a34a", "#dc2626", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777", "#4b5563"];
   const KEY_STORE = "classifier-console-api-key";
-  const state = { key: sessionStorage.getItem(KEY_STORE) || "", needsKey: false, models: [], prev: null, history: [], timer: null };
+  const state = { key: sessionStorage.getItem(KEY_STORE) || "", needsKey: false, models: [], prev: null, history: [], timer: null, polls: 0 };
 
   // -- talking to the gateway --------------------------------------------------------
   class ApiError extends Error {
@@ -199,6 +200,9 @@
 
   async function poll() {
     if (state.needsKey && !state.key) return;
+    if (++state.polls % MODELS_EVERY === 0) {
+      loadModels().catch((e) => e.status !== 401 && show("models: " + e.message, "error"));
+    }
     let samples;
     try {
       samples = parseMetrics(await api("/metrics"));

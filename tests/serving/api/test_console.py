@@ -8,14 +8,16 @@ cannot, the browser tests are skipped with a message saying so."""
 from __future__ import annotations
 
 import base64
+import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serving.repository import read_version
-from tests.gateway import gateway_process, wait_until
+from tests.gateway import MODELS_CONFIG, gateway_process, wait_until
 from tests.serving.conftest import MODELS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -198,6 +200,31 @@ def test_console_asks_for_the_api_key_when_keys_are_on(browser, keyed):
         assert w.problems == [] and w.foreign() == []
     finally:
         w.close()
+
+
+def test_models_table_follows_a_label_move(browser, tmp_path):
+    """Promoting a version in models.config (no restart) shows in the open console."""
+    config = tmp_path / "models.config"
+    config.write_text(MODELS_CONFIG.read_text())
+    with gateway_process(models_config_file=config) as gw:
+        w = Watched(browser, gw.rest)
+        try:
+            p = w.page
+            p.goto(gw.rest + "/")
+            labels = p.locator('#models tr[data-model="sentiment_lstm"][data-version="3"] .label-chip')
+            labels.first.wait_for()
+            assert labels.all_inner_texts() == ["canary"]
+            text = config.read_text()
+            moved = text.replace('version_labels { key: "stable" value: 1 }\n    version_labels { key: "canary" value: 3 }',
+                                 'version_labels { key: "stable" value: 3 }\n    version_labels { key: "canary" value: 3 }')
+            assert moved != text
+            config.write_text(moved)
+            now = time.time_ns()
+            os.utime(config, ns=(now, now + 5 * 10**9))
+            wait_until(lambda: labels.all_inner_texts() == ["canary", "stable", "default"], timeout=30, interval=0.5)
+            assert w.problems == []
+        finally:
+            w.close()
 
 
 def test_console_can_be_switched_off():
