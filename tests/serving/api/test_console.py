@@ -44,8 +44,8 @@ class Watched:
     """A page with everything that went wrong recorded: console errors, uncaught exceptions,
     failed requests, responses >= 400, and requests to any other origin."""
 
-    def __init__(self, browser, origin: str):
-        self.context = browser.new_context(viewport={"width": 1280, "height": 1600})
+    def __init__(self, browser, origin: str, **context_options):
+        self.context = browser.new_context(**{"viewport": {"width": 1280, "height": 1600}, **context_options})
         self.page = self.context.new_page()
         self.page.set_default_timeout(20_000)
         self.problems: list[str] = []
@@ -137,16 +137,36 @@ def test_typed_review_gets_a_label_and_highlighted_slots(gw, page, model, whole_
     assert page.problems == [] and page.foreign() == []
 
 
-def test_drawn_digit_is_classified(gw, page):
+def stroke(page, points: list[tuple[float, float]], finger: bool) -> None:
+    """Draw through ``points`` with the mouse, or with a finger (touch events through the
+    DevTools protocol: Chromium turns them into touch pointer events, as on a phone)."""
+    if not finger:
+        page.mouse.move(*points[0])
+        page.mouse.down()
+        for x, y in points[1:]:
+            page.mouse.move(x, y)
+        page.mouse.up()
+        return
+    cdp = page.context.new_cdp_session(page)
+    for kind, (x, y) in [("touchStart", points[0])] + [("touchMove", pt) for pt in points[1:]]:
+        cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    cdp.detach()
+
+
+@pytest.mark.parametrize("finger", [False, True], ids=["mouse", "finger"])
+def test_drawn_digit_is_classified(gw, browser, finger):
+    # The finger on a phone-sized, scrollable page: without touch-action none the stroke would scroll it.
+    phone = {"has_touch": True, "is_mobile": True, "viewport": {"width": 390, "height": 700}} if finger else {}
+    page = Watched(browser, gw.rest, **phone)
     p = page.page
+    p.goto(gw.rest + "/")
     p.locator("#digits-version option").first.wait_for(state="attached")
+    p.locator("#digit-pad").scroll_into_view_if_needed()
     box = p.locator("#digit-pad").bounding_box()
     x = box["x"] + box["width"] * 0.5
-    p.mouse.move(x, box["y"] + box["height"] * 0.15)
-    p.mouse.down()
-    for i in range(1, 21):  # a vertical stroke: a one
-        p.mouse.move(x + i * 0.4, box["y"] + box["height"] * (0.15 + 0.7 * i / 20))
-    p.mouse.up()
+    # A vertical stroke: a one.
+    stroke(p, [(x + i * 0.4, box["y"] + box["height"] * (0.15 + 0.7 * i / 20)) for i in range(21)], finger)
     p.locator("#digit-result").wait_for(state="visible")
     png = base64.b64decode(p.eval_on_selector("#digit-pad", "c => c.toDataURL('image/png').split(',')[1]"))
     expected = api(gw, "/v1/digits:predict", {"images_b64": [base64.b64encode(png).decode()], "explain": True})
@@ -159,6 +179,7 @@ def test_drawn_digit_is_classified(gw, page):
     p.click("#digit-clear")
     assert not p.locator("#digit-result").is_visible()
     assert page.problems == [] and page.foreign() == []
+    page.close()
 
 
 def test_page_and_assets_are_served_from_the_package(gw):
