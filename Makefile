@@ -66,10 +66,11 @@ plot-capacity: setup
 plot-accuracy: setup
 	$(PY) bench/plots.py accuracy
 
-# Debian packages some tests use: headless Chromium (the console's browser tests) and
-# promtool (alerting rules and the Grafana dashboard's queries). Each is installed when
+# Debian packages some tests use: headless Chromium (the console's browser tests),
+# promtool (alerting rules and the Grafana dashboard's queries) and docker-compose (only
+# `config`: the compose files as Compose itself reads them). Each is installed when
 # missing and possible (apt, root); where not, those tests are skipped and say why.
-TEST_TOOLS := chromium:chromium promtool:prometheus
+TEST_TOOLS := chromium:chromium promtool:prometheus docker-compose:docker-compose
 test-tools:
 	@for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair#*:}; \
 	  command -v $$cmd >/dev/null 2>&1 && continue; \
