@@ -376,6 +376,8 @@ def test_gateway_probes_and_ingress_paths_are_routes_of_the_app(target, rendered
             else:
                 assert any(r == path["path"] or r.startswith(path["path"].rstrip("/") + "/") for r in routes), path
             assert not {"/metrics", "/healthz", "/readyz"} & {path["path"]}, "ops endpoints stay inside the cluster"
+            # The console (/, /console/*) is an operator's page and reads /metrics: port-forward only.
+            assert path["path"] not in ("/", "/console") and not path["path"].startswith("/console/"), path
 
 
 @pytest.mark.skipif(not (shutil.which("bash") and shutil.which("grep") and shutil.which("sed")),
