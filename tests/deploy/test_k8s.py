@@ -378,6 +378,9 @@ def test_gateway_probes_and_ingress_paths_are_routes_of_the_app(target, rendered
             assert not {"/metrics", "/healthz", "/readyz"} & {path["path"]}, "ops endpoints stay inside the cluster"
             # The console (/, /console/*) is an operator's page and reads /metrics: port-forward only.
             assert path["path"] not in ("/", "/console") and not path["path"].startswith("/console/"), path
+        # Both client APIs are reachable from outside: /v1 and the Open Inference Protocol's /v2.
+        routed = {p["path"] for rule in ing["spec"]["rules"] for p in rule["http"]["paths"]}
+        assert {"/v1", "/v2"} <= routed, routed
 
 
 @pytest.mark.skipif(not (shutil.which("bash") and shutil.which("grep") and shutil.which("sed")),
