@@ -35,7 +35,14 @@ def add_console_routes(app: FastAPI, api_keys_on: Callable[[], bool]) -> None:
         return JSONResponse({"api_keys": api_keys_on()}, headers=HEADERS)
 
     for name, media_type in ASSETS.items():
-        def serve(name=name, media_type=media_type):
-            return FileResponse(CONSOLE_DIR / name, media_type=media_type, headers=HEADERS)
+        app.add_api_route(f"/console/{name}", _asset(CONSOLE_DIR / name, media_type), methods=["GET"],
+                          include_in_schema=False)
 
-        app.add_api_route(f"/console/{name}", serve, methods=["GET"], include_in_schema=False)
+
+def _asset(path: Path, media_type: str):
+    """An endpoint serving one fixed file. It takes no parameters: FastAPI would read any
+    parameter (defaults included) from the query string."""
+    async def serve():
+        return FileResponse(path, media_type=media_type, headers=HEADERS)
+
+    return serve

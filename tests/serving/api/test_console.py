@@ -189,7 +189,13 @@ def test_page_and_assets_are_served_from_the_package(gw):
         assert "default-src 'self'" in r.headers["content-security-policy"]
         assert r.headers["x-content-type-options"] == "nosniff"
     assert httpx.get(gw.rest + "/console/config.json").json() == {"api_keys": False}
-    assert httpx.get(gw.rest + "/console/../settings.py").status_code == 404
+    # (encoded: a client would normalise "/console/../" away before sending it)
+    assert httpx.get(gw.rest + "/console/..%2Fsettings.py").status_code == 404
+    # Query parameters choose neither the file nor its type.
+    js = httpx.get(gw.rest + "/console/console.js")
+    for query in ("name=../api/rest/console.py", "name=/etc/passwd", "media_type=text/html", "path=/etc/passwd"):
+        r = httpx.get(gw.rest + "/console/console.js?" + query)
+        assert (r.status_code, r.headers["content-type"], r.content) == (200, js.headers["content-type"], js.content), query
     for f in CONSOLE.iterdir():  # nothing fetched from elsewhere
         text = f.read_text(encoding="utf-8")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, f.name
