@@ -10,12 +10,12 @@ per backend, the p50 and p99 latency of all requests against the throughput of e
 (loadtests/shapes.py's rule: highest req/s without failures and with p99 <= 500 ms) is marked.
 
 accuracy: every sentiment version under --models, through its SavedModel's serving signature
-(training.metrics.signature_predict), on the full IMDB test split. Reviews are bucketed by their
-kept-token count (``len(prep.token_ids(text)) - 1``); per bucket, the accuracy of the default
-path (last 20 tokens, ``prep.encode``) and of whole-text mode (every window of
-``prep.windows_of(ids, stride)``, stride from the card's ``whole_text`` else maxlen, combined by
-serving.core.combine_windows: mean log-probability). Like the cards' figures, windows are not
-capped (the gateway keeps the last ``max_windows_per_text`` = 32, i.e. ~640 tokens).
+(training.metrics.signature_predict), on the full IMDB test split, with the model cards' code
+(training.metrics): reviews bucketed by their kept-token count (``by_length`` over BUCKETS); per
+bucket, the accuracy of the default path (last 20 tokens, ``prep.encode``) and of whole-text mode
+(every window at the version's ``whole_text_stride``, combined by mean log-probability). Like
+the cards' figures, windows are not capped (the gateway keeps the last ``max_windows_per_text``
+= 32, i.e. ~640 tokens).
 """
 
 from __future__ import annotations
@@ -111,16 +111,6 @@ def plot_capacity(results: Path, out: Path, backends=BACKENDS) -> dict:
 
 
 # -- accuracy by length ---------------------------------------------------------------------
-def bucket_label(lo: int, hi: int | None) -> str:
-    return f"<={hi}" if lo == 0 else (f">{lo - 1}" if hi is None else f"{lo}-{hi}")
-
-
-def bucket_index(lengths: np.ndarray) -> np.ndarray:
-    """The bucket of each kept-token count (index into BUCKETS)."""
-    uppers = np.array([hi for _, hi in BUCKETS[:-1]])
-    return np.searchsorted(uppers, np.asarray(lengths), side="left")
-
-
 def sentiment_versions(models: Path) -> list[Path]:
     from training.layout import existing_versions
     from training.models import SPECS
@@ -129,38 +119,26 @@ def sentiment_versions(models: Path) -> list[Path]:
             for v in existing_versions(models / name)]
 
 
-def _accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
-    return round(float(np.mean(pred == y)), 4) if len(y) else None
-
-
 def accuracy_by_length(path: Path, texts, y: np.ndarray, batch: int = 2048) -> dict:
-    """One version's accuracy per kept-token bucket, default (last 20) and whole-text."""
-    from serving.core import combine_windows
-    from training.layout import ASSETS_EXTRA, CARD_FILE
-    from training.metrics import signature_predict
-    from training.models import SPECS
-    from training.text import TextPreprocessor
+    """One version's accuracy per kept-token bucket, default (last 20) and whole-text, with the
+    model cards' own code (training.metrics): whole_text_windows + combine_mean_log_prob, by_length."""
+    from serving.repository import read_version
+    from training.metrics import by_length, combine_mean_log_prob, signature_predict, whole_text_windows
+    from training.text import tokenize
 
-    card = json.loads((path / ASSETS_EXTRA / CARD_FILE).read_text(encoding="utf-8"))
-    prep = TextPreprocessor.load(path / ASSETS_EXTRA)
-    stride = (card.get("whole_text") or {}).get("stride") or prep.maxlen
-    predict = signature_predict(path, SPECS[path.parent.name].input_name, batch)
+    mv = read_version(path.parent.parent, path.parent.name, int(path.name))
+    prep, stride = mv.preprocessor, mv.whole_text_stride
+    predict = signature_predict(path, mv.input_name, batch)
     t0 = time.perf_counter()
-    ids = [prep.token_ids(t) for t in texts]
-    lengths = np.array([len(i) - 1 for i in ids])
-    last20 = predict(prep.encode_batch(texts)).argmax(1)
-    windows = [prep.windows_of(i, stride) for i in ids]
-    rows = np.asarray([w for ws in windows for w in ws], dtype=np.int32).reshape(-1, prep.maxlen)
-    whole = combine_windows(predict(rows), [len(ws) for ws in windows]).argmax(1)
     y = np.asarray(y)
-    idx = bucket_index(lengths)
-    buckets = {}
-    for b, (lo, hi) in enumerate(BUCKETS):
-        m = idx == b
-        buckets[bucket_label(lo, hi)] = {"n": int(m.sum()), "last20": _accuracy(last20[m], y[m]),
-                                         "whole_text": _accuracy(whole[m], y[m])}
+    lengths = np.array([len(tokenize(t, prep.stopwords)) for t in texts])
+    last20 = predict(prep.encode_batch(texts)).argmax(1)
+    rows, owners = whole_text_windows(prep, texts, stride)
+    whole = combine_mean_log_prob(predict(rows), owners, len(texts)).argmax(1)
+    by20, by_whole = by_length(last20, y, lengths, BUCKETS), by_length(whole, y, lengths, BUCKETS)
+    buckets = {b: {"n": r["n"], "last20": r["accuracy"], "whole_text": by_whole[b]["accuracy"]} for b, r in by20.items()}
     return {
-        "model": path.parent.name, "version": int(path.name), "whole_text_stride": stride,
+        "model": mv.name, "version": mv.version, "whole_text_stride": stride,
         "examples": len(y), "windows": len(rows),
         "last20": round(float(np.mean(last20 == y)), 4), "whole_text": round(float(np.mean(whole == y)), 4),
         "buckets": buckets, "seconds": round(time.perf_counter() - t0, 1),

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     from serving.repository import read_version
 
     mv = read_version(ROOT / "models", a.model, stable_version(a.model))
-    stride = (mv.card.get("whole_text") or {}).get("stride") or mv.preprocessor.maxlen
+    stride = mv.whole_text_stride
     rows = np.array([w for t in reviews for w in mv.preprocessor.windows(t, stride, 32)], dtype=np.int32)
     results["raw SavedModel call, batch 256 (rows = windows)"] = {"windows_per_s": raw_rows_per_s(a.model, rows, a.seconds)}
     raw = results["raw SavedModel call, batch 256 (rows = windows)"]["windows_per_s"]

@@ -144,6 +144,11 @@ def combine_windows(probs: np.ndarray, windows: list[int]) -> np.ndarray:
     return log_probs_to_probs(combine_mean_log_prob(probs, owners, len(windows))).astype(np.float32)
 
 
+def top(row: list[float]) -> int:
+    """The class of a two-class row of probabilities (a tie goes to the first)."""
+    return 0 if row[0] >= row[1] else 1
+
+
 class Classifier:
     def __init__(self, settings: Settings, backend: Backend, metrics: Metrics | None = None):
         self.settings = settings
@@ -408,8 +413,7 @@ class Classifier:
         """Whole-text mode: every text's windows as rows, (tokens, unknown tokens) of each whole
         text, and how many windows each has (stride from the version's card, else maxlen)."""
         self._check_texts(texts)
-        prep, cap = v.preprocessor, self.settings.max_windows_per_text
-        stride = (v.card.get("whole_text") or {}).get("stride") or prep.maxlen
+        prep, cap, stride = v.preprocessor, self.settings.max_windows_per_text, v.whole_text_stride
         rows, counts, sizes = [], [], []
         for t in texts:
             ids = prep.token_ids(t)
@@ -472,12 +476,12 @@ class Classifier:
             for p, t in zip(r.predictions, texts):
                 p.explanation = SentimentExplanation(slots(prep.explain(t)))
             return
-        stride = (v.card.get("whole_text") or {}).get("stride") or prep.maxlen
+        stride, cap = v.whole_text_stride, self.settings.max_windows_per_text
         rows, start = r.rows.tolist(), 0
         for p, t, n in zip(r.predictions, texts, windows):
             scored = []
-            for pairs, row in zip(prep.explain_windows(t, stride, self.settings.max_windows_per_text), rows[start:start + n]):
-                scored.append(WindowScore(slots(pairs), labels[0 if row[0] >= row[1] else 1], dict(zip(labels, row))))
+            for pairs, row in zip(prep.explain_windows(t, stride, cap), rows[start:start + n]):
+                scored.append(WindowScore(slots(pairs), labels[top(row)], dict(zip(labels, row))))
             start += n
             p.explanation = SentimentExplanation(scored[-1].slots, scored)
 
@@ -512,7 +516,7 @@ class Classifier:
         labels = v.labels
         preds = []
         for (tokens, unknown), row, w in zip(counts, probs.tolist(), windows or [1] * n):
-            k = 0 if row[0] >= row[1] else 1
+            k = top(row)
             preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), tokens, unknown, w))
         return Result(v.name, v.version, preds, probs, rows if windows is not None else None)
 

@@ -43,6 +43,11 @@ class ModelVersion:
         return "text" if self.preprocessor is not None else "image"
 
     @property
+    def whole_text_stride(self) -> int:
+        """Whole-text mode's window stride: the card's ``whole_text.stride``, else maxlen (no overlap)."""
+        return (self.card.get("whole_text") or {}).get("stride") or self.preprocessor.maxlen
+
+    @property
     def card_figures(self) -> dict:
         """The model card's headline figures on the test split (absent ones left out): accuracy
         as trained (last 20 tokens for text), whole-text accuracy, the short-text proxy, the

@@ -131,15 +131,16 @@ def _acc(probs_or_pred: np.ndarray, y: np.ndarray) -> float | None:
     return round(float(np.mean(pred == y)), 4)
 
 
-def _bucket_name(lo: int, hi: int | None) -> str:
+def bucket_name(lo: int, hi: int | None) -> str:
     return f"<={hi}" if lo == 0 else (f">{lo - 1}" if hi is None else f"{lo}-{hi}")
 
 
-def by_length(pred: np.ndarray, y: np.ndarray, lengths: np.ndarray) -> dict:
+def by_length(pred: np.ndarray, y: np.ndarray, lengths: np.ndarray, buckets=LENGTH_BUCKETS) -> dict:
+    """Count and accuracy per length bucket (inclusive bounds; ``hi`` None: no upper bound)."""
     out = {}
-    for lo, hi in LENGTH_BUCKETS:
+    for lo, hi in buckets:
         m = (lengths >= lo) & (lengths <= (hi if hi is not None else np.iinfo(np.int64).max))
-        out[_bucket_name(lo, hi)] = {"n": int(m.sum()), "accuracy": _acc(pred[m], y[m])}
+        out[bucket_name(lo, hi)] = {"n": int(m.sum()), "accuracy": _acc(pred[m], y[m])}
     return out
 
 

@@ -13,6 +13,7 @@ import pytest
 from bench import plots
 from tests.conftest import ROOT
 from training.layout import ASSETS_EXTRA
+from training.metrics import bucket_name, by_length
 from training.text import TextPreprocessor
 
 DATA = Path(__file__).parent / "data"
@@ -27,8 +28,11 @@ def is_png(path: Path) -> bool:
 
 def test_bucket_bounds_are_inclusive():
     lengths = np.array([0, 20, 21, 50, 51, 100, 101, 200, 201, 400, 401, 5000])
-    assert plots.bucket_index(lengths).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    assert [plots.bucket_label(*b) for b in plots.BUCKETS] == ["<=20", "21-50", "51-100", "101-200", "201-400", ">400"]
+    zeros = np.zeros(len(lengths), dtype=np.int64)
+    counts = by_length(zeros, zeros, lengths, plots.BUCKETS)
+    assert [r["n"] for r in counts.values()] == [2, 2, 2, 2, 2, 2]  # each bucket holds both of its bounds
+    assert [bucket_name(*b) for b in plots.BUCKETS] == ["<=20", "21-50", "51-100", "101-200", "201-400", ">400"]
+    assert list(counts) == [bucket_name(*b) for b in plots.BUCKETS]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def test_bucket_counts_match_token_ids(result, imdb):
     for text in imdb.test.x[:N]:
         kept = len(prep.token_ids(text)) - 1
         lo, hi = next((lo, hi) for lo, hi in plots.BUCKETS if lo <= kept and (hi is None or kept <= hi))
-        expected[plots.bucket_label(lo, hi)] += 1
+        expected[bucket_name(lo, hi)] += 1
     assert {b: r["n"] for b, r in result["buckets"].items()} == expected
     assert sum(expected.values()) == N == result["examples"]
 

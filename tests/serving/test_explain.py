@@ -84,7 +84,7 @@ def test_whole_text_windows_are_scored_one_by_one(gw, stub):
     body = predict(gw, "/v1/sentiment:predict", {"texts": TEXTS, "model": model, "whole_text": True, "explain": True})
     version = body["model"]["version"]
     mv = read_version(MODELS, model, version)
-    stride = (mv.card.get("whole_text") or {}).get("stride") or mv.preprocessor.maxlen
+    stride = mv.whole_text_stride
     for text, p in zip(TEXTS, body["predictions"]):
         e = p["explanation"]
         windows = e["windows"]

@@ -44,7 +44,7 @@ def served_version(gw, model=MODEL):
 def one_by_one(model: str, version: int, texts: list[str], max_windows: int = 32) -> tuple[np.ndarray, list[int]]:
     """Every window through the SavedModel on its own, combined here: the reference."""
     mv = read_version(MODELS, model, version)
-    stride = (mv.card.get("whole_text") or {}).get("stride") or mv.preprocessor.maxlen
+    stride = mv.whole_text_stride
     sig = tf.saved_model.load(str(MODELS / model / str(version))).signatures["serving_default"]
     key = next(iter(sig.structured_input_signature[1]))
     out, counts = [], []
