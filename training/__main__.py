@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tail-weight", type=float, default=1.0, help="--objective review: weight of the last-20 window's loss")
     p.add_argument("--short-weight", type=float, default=1.0, help="--objective review: weight of the short pieces' loss")
     p.add_argument("--short", type=int, default=1, help="--objective review: short pieces per review")
+    p.add_argument("--teacher-weight", type=float, default=0.0, help="--objective review: weight of the n-gram "
+                   "teacher's per-window term (training/teacher.py; default 0: no teacher)")
+    p.add_argument("--teacher-c", type=float, default=1.0, help="--objective review: the teacher's inverse L2 strength")
     a = p.parse_args(argv)
     objective = None
     if a.objective == "review":
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if a.model == "digits" or a.windows:
             p.error("--objective review is for the text models, without --windows")
-        objective = ReviewObjective(tail_weight=a.tail_weight, short_weight=a.short_weight, short=a.short)
+        objective = ReviewObjective(tail_weight=a.tail_weight, short_weight=a.short_weight, short=a.short,
+                                    teacher_weight=a.teacher_weight, teacher_c=a.teacher_c)
 
     from training.data import DataNotFoundError
     from training.export import VersionExistsError

@@ -3,6 +3,7 @@
     python -m training.experiments [--model sentiment_lstm --epochs 4]
     python -m training.experiments --windows tail,r3,r2s1 [--model sentiment_bilstm --epochs 2]
     python -m training.experiments --bow-reference   (a bag-of-words reference on the same vocabulary)
+    python -m training.experiments --teacher 0.3,1,3  (the n-gram teacher of training/teacher.py, per C)
 
 Only the last 20 tokens of a review reach the model, so what the tokeniser lets
 into those slots matters most. Each variant builds its own 1,000-id vocabulary
@@ -39,9 +40,22 @@ def main(argv=None) -> int:
     p.add_argument("--bow-reference", action="store_true",
                    help="a reference instead: logistic regression on log(1 + count) of each vocabulary word "
                    "of the whole review (full-batch gradient descent), validation and test accuracy")
+    p.add_argument("--teacher", metavar="C,C,...", help="instead: fit the n-gram teacher (training/teacher.py) with each "
+                   "inverse L2 strength C and print its validation figures, scored as the models are")
     a = p.parse_args(argv)
     if a.bow_reference:
         print(json.dumps(bow_reference(a.data_dir, a.seed)))
+        return 0
+    if a.teacher:
+        from training.review_objective import ReviewData, ReviewObjective, teacher_figures
+        from training.teacher import NgramTeacher
+        from training.train import prepare
+
+        prep = prepare("sentiment_lstm", a.data_dir, 0.1, a.seed)
+        data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], ReviewObjective())
+        for c in (float(v) for v in a.teacher.split(",")):
+            t = NgramTeacher.fit(data.windows, data.labels, c)
+            print(json.dumps({**t.describe(), "validation": teacher_figures(t, prep)}), flush=True)
         return 0
 
     import keras

@@ -16,8 +16,15 @@ uses right:
 - ``short``: ``short`` short pieces per review (a sentence of 1-12 kept tokens encoded as
   a short text, :func:`training.windows.short_window`), for short inputs.
 
-loss = whole + tail_weight * tail + short_weight * short. The architecture, the
-vocabulary and the exported signature are unchanged: this only changes the loss.
+With ``teacher_weight`` > 0 a third per-row term distils an n-gram teacher
+(:mod:`training.teacher`): the cross-entropy between the model's probabilities for every
+window and short piece and the teacher's ``sigmoid(logit)`` for that row. The teacher's
+review decision is the mean of its window logits, the served combination's form, so it
+tells each window how far to lean rather than only the review's label.
+
+loss = whole + tail_weight * tail + short_weight * short + teacher_weight * teacher. The
+architecture, the vocabulary and the exported signature are unchanged: this only changes
+the loss.
 """
 
 from __future__ import annotations
@@ -39,18 +46,24 @@ class ReviewObjective:
     short: int = 1
     stride: int = 20
     reviews_per_batch: int = 32
+    teacher_weight: float = 0.0
+    teacher_c: float = 1.0
 
     def cli(self) -> str:
         """The training CLI's options for this objective (``--batch-size`` is reviews_per_batch)."""
         return (f" --objective review --tail-weight {self.tail_weight:g} --short-weight {self.short_weight:g}"
-                f" --short {self.short}")
+                f" --short {self.short}"
+                + (f" --teacher-weight {self.teacher_weight:g} --teacher-c {self.teacher_c:g}" if self.teacher_weight else ""))
 
     def describe(self) -> dict:
         return {
             "loss": "cross-entropy of the mean log-probability over every window of the review "
             f"(stride {self.stride}, at most {MAX_WINDOWS} windows, the last ones) "
             f"+ {self.tail_weight} x cross-entropy of the last window alone "
-            f"+ {self.short_weight} x cross-entropy of {self.short} short piece(s) per review",
+            f"+ {self.short_weight} x cross-entropy of {self.short} short piece(s) per review"
+            + (f" + {self.teacher_weight} x cross-entropy against the n-gram teacher's probability of every window "
+               "and short piece (training/teacher.py; a window's from a teacher fitted without its review, 5 folds)"
+               if self.teacher_weight else ""),
             "reviews_per_batch": self.reviews_per_batch,
             "short_window": "a sentence of the review with 1-12 kept tokens encoded as a short text "
             "(start id, padded 'pre'), else 2-8 consecutive kept tokens; drawn anew every epoch",
@@ -68,13 +81,21 @@ class ReviewData:
             np.asarray(prep.windows_of(ids, objective.stride, MAX_WINDOWS), dtype=np.int32) for ids in self.ids
         ]
         self.n_windows = np.array([len(w) for w in self.windows])
+        self.teacher = None
+        if objective.teacher_weight:
+            from training.teacher import NgramTeacher, cross_fitted_logits
+
+            # windows: a teacher that never saw their review; short pieces: the teacher of all reviews
+            self.teacher = NgramTeacher.fit(self.windows, self.labels, objective.teacher_c)
+            self.teacher_logits = cross_fitted_logits(self.windows, self.labels, objective.teacher_c)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def batches(self, rng: np.random.Generator):
-        """Yield (x [rows, maxlen], owners [windows], n_reviews, labels, tail_rows, short_labels):
-        x holds every window of the batch's reviews first, then their short pieces."""
+        """Yield (x [rows, maxlen], owners [windows], n_reviews, labels, tail_rows, short_labels,
+        teacher_logits [rows]): x holds every window of the batch's reviews first, then their
+        short pieces; without a teacher its logits are zeros (and weigh nothing)."""
         obj = self.objective
         order = rng.permutation(len(self))
         for start in range(0, len(order), obj.reviews_per_batch):
@@ -88,6 +109,10 @@ class ReviewData:
             ]
             parts = wins + ([np.asarray(shorts, dtype=np.int32)] if shorts else [])
             x = np.concatenate(parts).astype(np.int32)
+            if self.teacher is not None:
+                z = np.concatenate([self.teacher_logits[i] for i in idx] + [self.teacher.logits(shorts)])
+            else:
+                z = np.zeros(len(x), np.float32)
             yield (
                 x,
                 owners.astype(np.int32),
@@ -95,13 +120,15 @@ class ReviewData:
                 self.labels[idx].astype(np.int32),
                 tails.astype(np.int32),
                 np.repeat(self.labels[idx], obj.short).astype(np.int32),
+                z.astype(np.float32),
             )
 
 
-def review_losses(p, owners, n, labels, tails, short_labels):
-    """(whole, tail, short) cross-entropies from the model's probabilities ``p`` of a batch
-    (:meth:`ReviewData.batches`): ``whole`` is that of the mean log-probability over each
-    review's windows, renormalised (exactly the served combination, training.metrics)."""
+def review_losses(p, owners, n, labels, tails, short_labels, teacher_logits):
+    """(whole, tail, short, teacher) cross-entropies from the model's probabilities ``p`` of a
+    batch (:meth:`ReviewData.batches`): ``whole`` is that of the mean log-probability over each
+    review's windows, renormalised (exactly the served combination, training.metrics);
+    ``teacher`` that of every row against sigmoid(teacher_logits)."""
     import tensorflow as tf
 
     n_win = tf.shape(owners)[0]
@@ -116,13 +143,15 @@ def review_losses(p, owners, n, labels, tails, short_labels):
         lambda: -tf.reduce_mean(tf.gather(short_logp, short_labels, batch_dims=1)),
         lambda: tf.constant(0.0),
     )
-    return whole, tail, short
+    q = tf.sigmoid(teacher_logits)
+    teacher = -tf.reduce_mean(q * logp[:, 1] + (1.0 - q) * logp[:, 0])
+    return whole, tail, short, teacher
 
 
 def make_train_step(model, optimizer, objective: ReviewObjective):
     import tensorflow as tf
 
-    tw, sw = float(objective.tail_weight), float(objective.short_weight)
+    tw, sw, kw = float(objective.tail_weight), float(objective.short_weight), float(objective.teacher_weight)
 
     @tf.function(
         input_signature=[
@@ -132,16 +161,17 @@ def make_train_step(model, optimizer, objective: ReviewObjective):
             tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.float32),
         ]
     )
-    def step(x, owners, n, labels, tails, short_labels):
+    def step(x, owners, n, labels, tails, short_labels, teacher_logits):
         with tf.GradientTape() as tape:
             p = model(x, training=True)
-            whole, tail, short = review_losses(p, owners, n, labels, tails, short_labels)
-            loss = whole + tw * tail + sw * short
+            whole, tail, short, teacher = review_losses(p, owners, n, labels, tails, short_labels, teacher_logits)
+            loss = whole + tw * tail + sw * short + kw * teacher
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss, whole, tail, short
+        return loss, whole, tail, short, teacher
 
     return step
 
@@ -180,7 +210,7 @@ def fit_reviews(
         if lr_schedule == "cosine":
             optimizer.learning_rate.assign(cosine_lr(epoch, epochs, lr0))
         t0 = time.perf_counter()
-        sums = np.zeros(4)
+        sums = np.zeros(5)
         nb = 0
         for batch in data.batches(rng):
             sums += np.array([float(v) for v in step(*batch)])
@@ -196,7 +226,8 @@ def fit_reviews(
             "val_short_proxy": m["short_text_proxy"]["accuracy"],
         }
         score = float(np.mean(list(val.values())))
-        row = dict(zip(("loss", "whole_loss", "tail_loss", "short_loss"), (sums / max(nb, 1)).round(4).tolist()))
+        names = ("loss", "whole_loss", "tail_loss", "short_loss") + (("teacher_loss",) if data.teacher else ())
+        row = dict(zip(names, (sums / max(nb, 1)).round(4).tolist()))
         row.update(val, val_score=round(score, 4), learning_rate=float(optimizer.learning_rate.numpy()))
         for k, v in row.items():
             history.setdefault(k, []).append(v)
@@ -207,7 +238,25 @@ def fit_reviews(
     if best["weights"] is not None:
         model.set_weights(best["weights"])
     val_loss, val_acc = model.evaluate(prep.x_val, prep.y_val, batch_size=2048, verbose=0)
-    return model, history, Kept(best["epoch"], (float(val_acc), float(val_loss)), epoch_seconds, best["score"])
+    teacher = None if data.teacher is None else {**data.teacher.describe(), "validation": teacher_figures(data.teacher, prep)}
+    return model, history, Kept(best["epoch"], (float(val_acc), float(val_loss)), epoch_seconds, best["score"], teacher)
+
+
+def teacher_figures(teacher, prep) -> dict:
+    """The teacher's own validation accuracy, scored as the model is: the mean of its window
+    logits (whole text), its logit of the last window alone (last 20), and of the short-text proxy."""
+    from training.metrics import short_text_proxy
+
+    p = prep.preprocessor
+    texts, y = prep.val_raw[0], np.asarray(prep.val_raw[1])
+    windows = [np.asarray(p.windows(t, 20)) for t in texts]  # uncapped, as the cards' whole-text figures
+    short_x, short_y = short_text_proxy(texts, y)
+    acc = lambda z, yy: round(float(np.mean((z > 0) == yy)), 4)  # noqa: E731
+    return {
+        "whole_text_stride_20": acc(teacher.review_logits(windows), y),
+        "last20": acc(teacher.logits(p.encode_batch(texts)), y),
+        "short_text_proxy": acc(teacher.logits(p.encode_batch(short_x)), short_y),
+    }
 
 
 @dataclass
@@ -219,3 +268,4 @@ class Kept:
     best: tuple[float, float]
     epoch_seconds: list[float]
     score: float
+    teacher: dict | None = None  # the n-gram teacher's description and validation figures, when one was used

@@ -295,6 +295,8 @@ def run(
     if objective is not None:
         card["objective"] = {**objective.describe(), "selection": "the epoch with the best mean of validation "
                              "last-20, whole-text and short-text-proxy accuracy"}
+        if keep.teacher:
+            card["objective"]["teacher"] = keep.teacher
     if shift:
         card["augmentation"] = {"random_shift_pixels": shift, "fill": 0, "per": "image and epoch"}
     if lr_schedule and lr_schedule != "plateau":
