@@ -4,6 +4,7 @@
     python -m training.experiments --windows tail,r3,r2s1 [--model sentiment_bilstm --epochs 2]
     python -m training.experiments --bow-reference   (a bag-of-words reference on the same vocabulary)
     python -m training.experiments --teacher 0.3,1,3  (the n-gram teacher of training/teacher.py, per C)
+    python -m training.experiments --proxy-ceiling   (how far the vocabulary carries the short-text proxy)
 
 Only the last 20 tokens of a review reach the model, so what the tokeniser lets
 into those slots matters most. Each variant builds its own 1,000-id vocabulary
@@ -42,7 +43,12 @@ def main(argv=None) -> int:
                    "of the whole review (full-batch gradient descent), validation and test accuracy")
     p.add_argument("--teacher", metavar="C,C,...", help="instead: fit the n-gram teacher (training/teacher.py) with each "
                    "inverse L2 strength C and print its validation figures, scored as the models are")
+    p.add_argument("--proxy-ceiling", action="store_true", help="instead: an n-gram model trained on the short-text "
+                   "proxy's own kind of data, for the proxy's reach with this vocabulary")
     a = p.parse_args(argv)
+    if a.proxy_ceiling:
+        print(json.dumps(proxy_ceiling(a.data_dir, a.seed)))
+        return 0
     if a.bow_reference:
         print(json.dumps(bow_reference(a.data_dir, a.seed)))
         return 0
@@ -135,6 +141,50 @@ def bow_reference(data_dir=None, seed: int = 1337, steps: int = 1000, lr: float 
     acc = lambda x, y: round(float(np.mean((x @ w + b > 0) == y)), 4)  # noqa: E731
     return {"reference": "bag-of-words logistic regression, whole review", "steps": steps,
             "validation_accuracy": acc(xva, yva), "test_accuracy": acc(xte, yte)}
+
+
+def proxy_ceiling(data_dir=None, seed: int = 1337, c: float = 1.0) -> dict:
+    """The short-text proxy's reach with this vocabulary and tokeniser: a logistic regression
+    on counts of kept ids and adjacent id pairs (training/teacher.py's features), trained on
+    **every** sentence of 3-25 words of the training reviews, each with its review's label
+    (the proxy's own kind of data, about 200,000 of them), scored on the validation proxy."""
+    import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
+
+    from training.metrics import SHORT_MAX_WORDS, SHORT_MIN_WORDS, short_text_proxy
+    from training.teacher import features
+    from training.train import prepare
+    from training.windows import sentences
+
+    prep = prepare("sentiment_lstm", data_dir, 0.1, seed)
+    p = prep.preprocessor
+    xs, ys = [], []
+    for text, label in zip(*prep.train_raw):
+        for s in sentences(text):
+            if SHORT_MIN_WORDS <= len(s.split()) <= SHORT_MAX_WORDS:
+                xs.append(p.encode(s).ids)
+                ys.append(int(label))
+    index: dict[int, int] = {}
+    for row in xs:
+        for f in features(row):
+            index.setdefault(f, len(index))
+
+    def matrix(rows):
+        r, cols = [], []
+        for i, row in enumerate(rows):
+            for f in features(row):
+                if f in index:
+                    r.append(i)
+                    cols.append(index[f])
+        return sp.csr_matrix((np.ones(len(r), np.float32), (r, cols)), shape=(len(rows), len(index)))
+
+    lr = LogisticRegression(C=c, max_iter=3000).fit(matrix(xs), np.asarray(ys))
+    px, py = short_text_proxy(*prep.val_raw)
+    return {"reference": "logistic regression on kept ids + adjacent id pairs of every 3-25-word sentence of the "
+            "training reviews (labelled with the review's label), C=%g" % c, "training_sentences": len(xs),
+            "features": len(index), "validation_short_text_proxy_accuracy":
+            round(float(np.mean(lr.predict(matrix([p.encode(t).ids for t in px])) == py)), 4),
+            "validation_proxy_examples": len(py)}
 
 
 if __name__ == "__main__":
