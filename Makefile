@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 bench-text bench-model-options clean plots plot-capacity plot-accuracy test-tools
+.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 train-v4 bench-text bench-model-options clean plots plot-capacity plot-accuracy test-tools
 
 setup: $(VENV)/.installed
 
@@ -101,6 +101,10 @@ train-v2: setup
 # Version 3 of sentiment_lstm: trained through the whole-text combination (training/review_objective.py).
 train-v3: setup
 	$(PY) -m training sentiment_lstm --objective review --epochs 10 --batch-size 32 --lr-schedule cosine --whole-text-stride 20 --version 3
+
+# The review objective with the n-gram teacher's term (training/teacher.py).
+train-v4: setup
+	$(PY) -m training sentiment_lstm --objective review --teacher-weight 2 --epochs 10 --batch-size 32 --lr-schedule cosine --whole-text-stride 20 --version 4
 
 bench-text: setup
 	$(PY) bench/text_preprocessing.py

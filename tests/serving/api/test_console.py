@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.model_config import ModelsConfig
 from serving.repository import read_version
 from tests.gateway import MODELS_CONFIG, gateway_process, wait_until
 from tests.serving.conftest import MODELS
@@ -238,12 +239,16 @@ def test_models_table_follows_a_label_move(browser, tmp_path):
         try:
             p = w.page
             p.goto(gw.rest + "/")
-            labels = p.locator('#models tr[data-model="sentiment_lstm"][data-version="3"] .label-chip')
+            shipped = ModelsConfig(MODELS_CONFIG).labels("sentiment_lstm")
+            canary, stable = shipped["canary"], shipped["stable"]
+            assert canary != stable
+            labels = p.locator(f'#models tr[data-model="sentiment_lstm"][data-version="{canary}"] .label-chip')
             labels.first.wait_for()
             assert labels.all_inner_texts() == ["canary"]
             text = config.read_text()
-            moved = text.replace('version_labels { key: "stable" value: 1 }\n    version_labels { key: "canary" value: 3 }',
-                                 'version_labels { key: "stable" value: 3 }\n    version_labels { key: "canary" value: 3 }')
+            moved = text.replace(
+                f'version_labels {{ key: "stable" value: {stable} }}\n    version_labels {{ key: "canary" value: {canary} }}',
+                f'version_labels {{ key: "stable" value: {canary} }}\n    version_labels {{ key: "canary" value: {canary} }}')
             assert moved != text
             config.write_text(moved)
             now = time.time_ns()
