@@ -42,7 +42,7 @@ def main(argv=None) -> int:
                    help="a reference instead: logistic regression on log(1 + count) of each vocabulary word "
                    "of the whole review (full-batch gradient descent), validation and test accuracy")
     p.add_argument("--teacher", metavar="C,C,...", help="instead: fit the n-gram teacher (training/teacher.py) with each "
-                   "inverse L2 strength C and print its validation figures, scored as the models are")
+                   "inverse L2 strength C and print its validation and test figures, scored as the models are")
     p.add_argument("--proxy-ceiling", action="store_true", help="instead: an n-gram model trained on the short-text "
                    "proxy's own kind of data, for the proxy's reach with this vocabulary")
     a = p.parse_args(argv)
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
         data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], ReviewObjective())
         for c in (float(v) for v in a.teacher.split(",")):
             t = NgramTeacher.fit(data.windows, data.labels, c)
-            print(json.dumps({**t.describe(), "validation": teacher_figures(t, prep)}), flush=True)
+            print(json.dumps({**t.describe(), "validation": teacher_figures(t, prep.preprocessor, *prep.val_raw),
+                              "test": teacher_figures(t, prep.preprocessor, *prep.test_raw)}), flush=True)
         return 0
 
     import keras

@@ -83,3 +83,16 @@ def test_batches_carry_the_teachers_logit_of_every_window_and_short_piece():
         np.testing.assert_allclose(teacher_logits[windows:], data.teacher.logits(x[windows:]), rtol=1e-5, atol=1e-5)
         rows += len(x)
     assert rows == data.n_windows.sum() + len(TEXTS) * obj.short
+
+
+def test_teacher_figures_score_the_teacher_as_the_models_are_scored():
+    from training.review_objective import teacher_figures
+
+    t = NgramTeacher.fit(WINDOWS, LABELS)
+    texts, y = TEXTS[:40], LABELS[:40]
+    got = teacher_figures(t, PREP, texts, y)
+    whole = t.review_logits([np.asarray(PREP.windows(x, 20)) for x in texts])
+    last = t.logits([ids(x) for x in texts])
+    assert got["whole_text_stride_20"] == round(float(np.mean((whole > 0) == y)), 4)
+    assert got["last20"] == round(float(np.mean((last > 0) == y)), 4)
+    assert set(got) == {"whole_text_stride_20", "last20", "short_text_proxy"}
