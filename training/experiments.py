@@ -149,11 +149,10 @@ def proxy_ceiling(data_dir=None, seed: int = 1337, c: float = 1.0) -> dict:
     on counts of kept ids and adjacent id pairs (training/teacher.py's features), trained on
     **every** sentence of 3-25 words of the training reviews, each with its review's label
     (the proxy's own kind of data, about 200,000 of them), scored on the validation proxy."""
-    import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
     from training.metrics import SHORT_MAX_WORDS, SHORT_MIN_WORDS, short_text_proxy
-    from training.teacher import features
+    from training.teacher import feature_matrix, features
     from training.train import prepare
     from training.windows import sentences
 
@@ -169,15 +168,7 @@ def proxy_ceiling(data_dir=None, seed: int = 1337, c: float = 1.0) -> dict:
     for row in xs:
         for f in features(row):
             index.setdefault(f, len(index))
-
-    def matrix(rows):
-        r, cols = [], []
-        for i, row in enumerate(rows):
-            for f in features(row):
-                if f in index:
-                    r.append(i)
-                    cols.append(index[f])
-        return sp.csr_matrix((np.ones(len(r), np.float32), (r, cols)), shape=(len(rows), len(index)))
+    matrix = lambda rows: feature_matrix(rows, index)  # noqa: E731
 
     lr = LogisticRegression(C=c, max_iter=3000).fit(matrix(xs), np.asarray(ys))
     px, py = short_text_proxy(*prep.val_raw)

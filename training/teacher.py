@@ -54,7 +54,7 @@ class NgramTeacher:
         rows = [w for ws in windows for w in ws]
         seen = Counter(f for w in rows for f in set(features(w)))
         index = {f: i for i, f in enumerate(sorted(k for k, n in seen.items() if n >= min_count))}
-        x = _matrix(rows, index)
+        x = feature_matrix(rows, index)
         n = np.array([len(ws) for ws in windows])
         owner = np.repeat(np.arange(len(windows)), n)
         mean = sp.csr_matrix((1.0 / n[owner], (owner, np.arange(len(owner)))), shape=(len(windows), len(rows))) @ x
@@ -67,7 +67,7 @@ class NgramTeacher:
         """The teacher's log-odds of "positive" for each window ([n] float32)."""
         if len(rows) == 0:
             return np.zeros(0, np.float32)
-        return (_matrix(rows, self.index) @ self.weights + self.bias).astype(np.float32)
+        return (feature_matrix(rows, self.index) @ self.weights + self.bias).astype(np.float32)
 
     def review_logits(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         """Per review, the mean of its windows' logits: the teacher's own whole-text decision."""
@@ -101,7 +101,8 @@ def cross_fitted_logits(windows: Sequence[np.ndarray], labels: np.ndarray, c: fl
     return out
 
 
-def _matrix(rows: Sequence[Sequence[int]], index: dict[int, int]):
+def feature_matrix(rows: Sequence[Sequence[int]], index: dict[int, int]):
+    """Sparse [rows, features] counts of the features that ``index`` numbers (others dropped)."""
     import scipy.sparse as sp
 
     r, c = [], []
