@@ -54,7 +54,7 @@ class ModelVersion:
         expected calibration error; when and how long it was trained, its parameter count."""
         test = (self.card.get("metrics") or {}).get("test") or {}
         default = test.get("last20") or test
-        whole = next(iter((test.get("whole_text") or {}).values()), {})
+        whole = (test.get("whole_text") or {}).get(f"stride_{self.whole_text_stride}") or {} if self.kind == "text" else {}
         figures = {
             "test_accuracy": self.card.get("test_accuracy"),
             "validation_accuracy": self.card.get("validation_accuracy"),

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         print(json.dumps(bow_reference(a.data_dir, a.seed)))
         return 0
     if a.teacher:
-        from training.review_objective import ReviewData, ReviewObjective, teacher_figures
+        from training.review_objective import ReviewData, ReviewObjective
         from training.teacher import NgramTeacher
         from training.train import prepare
 
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], ReviewObjective())
         for c in (float(v) for v in a.teacher.split(",")):
             t = NgramTeacher.fit(data.windows, data.labels, c)
-            print(json.dumps({**t.describe(), "validation": teacher_figures(t, prep.preprocessor, *prep.val_raw),
-                              "test": teacher_figures(t, prep.preprocessor, *prep.test_raw)}), flush=True)
+            print(json.dumps({**t.describe(), "validation": t.figures(prep.preprocessor, *prep.val_raw),
+                              "test": t.figures(prep.preprocessor, *prep.test_raw)}), flush=True)
         return 0
 
     import keras

@@ -239,24 +239,8 @@ def fit_reviews(
         model.set_weights(best["weights"])
     val_loss, val_acc = model.evaluate(prep.x_val, prep.y_val, batch_size=2048, verbose=0)
     teacher = None if data.teacher is None else {
-        **data.teacher.describe(), "validation": teacher_figures(data.teacher, prep.preprocessor, *prep.val_raw)}
+        **data.teacher.describe(), "validation": data.teacher.figures(prep.preprocessor, *prep.val_raw)}
     return model, history, Kept(best["epoch"], (float(val_acc), float(val_loss)), epoch_seconds, best["score"], teacher)
-
-
-def teacher_figures(teacher, p, texts, y) -> dict:
-    """The teacher's own accuracy on ``texts``, scored as the model is: the mean of its window
-    logits (whole text), its logit of the last window alone (last 20), and of the short-text proxy."""
-    from training.metrics import short_text_proxy
-
-    y = np.asarray(y)
-    windows = [np.asarray(p.windows(t, 20)) for t in texts]  # uncapped, as the cards' whole-text figures
-    short_x, short_y = short_text_proxy(texts, y)
-    acc = lambda z, yy: round(float(np.mean((z > 0) == yy)), 4) if len(yy) else None  # noqa: E731
-    return {
-        "whole_text_stride_20": acc(teacher.review_logits(windows), y),
-        "last20": acc(teacher.logits(p.encode_batch(texts)), y),
-        "short_text_proxy": acc(teacher.logits(p.encode_batch(short_x)), short_y),
-    }
 
 
 @dataclass

@@ -18,7 +18,7 @@ and the teacher's ``sigmoid(logit)``. A training window's target comes from a te
 fitted *without* its review (:func:`cross_fitted_logits`, 5 folds): a teacher scoring its
 own training reviews is right on 94 % of them and would hand its memorised n-grams on. The teacher only shapes training: nothing of it is
 exported or served. ``python -m training.experiments --teacher`` prints its validation
-figures (whole text, last window, short-text proxy) next to the bag-of-words reference.
+and test figures (whole text, last window, short-text proxy; :meth:`NgramTeacher.figures`).
 """
 
 from __future__ import annotations
@@ -69,9 +69,31 @@ class NgramTeacher:
             return np.zeros(0, np.float32)
         return (feature_matrix(rows, self.index) @ self.weights + self.bias).astype(np.float32)
 
+    def window_logits(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per review, the logits of its windows (one sparse product for all of them)."""
+        if not len(windows):
+            return []
+        z = self.logits(np.concatenate(windows))
+        return np.split(z, np.cumsum([len(ws) for ws in windows])[:-1])
+
     def review_logits(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         """Per review, the mean of its windows' logits: the teacher's own whole-text decision."""
-        return np.array([self.logits(ws).mean() for ws in windows], dtype=np.float32)
+        return np.array([z.mean() for z in self.window_logits(windows)], dtype=np.float32)
+
+    def figures(self, prep, texts: Sequence[str], y) -> dict:
+        """The teacher's own accuracy on ``texts``, scored as the models are: the mean of its window
+        logits (whole text, stride 20, uncapped as the cards'), its logit of the last window alone
+        (last 20), and of the short-text proxy's sentences."""
+        from training.metrics import short_text_proxy
+
+        y = np.asarray(y)
+        short_x, short_y = short_text_proxy(texts, y)
+        acc = lambda z, yy: round(float(np.mean((z > 0) == yy)), 4) if len(yy) else None  # noqa: E731
+        return {
+            "whole_text_stride_20": acc(self.review_logits([np.asarray(prep.windows(t, 20)) for t in texts]), y),
+            "last20": acc(self.logits(prep.encode_batch(texts)), y),
+            "short_text_proxy": acc(self.logits(prep.encode_batch(short_x)), short_y),
+        }
 
     def describe(self) -> dict:
         return {
@@ -95,9 +117,8 @@ def cross_fitted_logits(windows: Sequence[np.ndarray], labels: np.ndarray, c: fl
         held = np.flatnonzero(fold == k)
         rest = np.flatnonzero(fold != k)
         t = NgramTeacher.fit([windows[i] for i in rest], labels[rest], c, min_count)
-        z = t.logits(np.concatenate([windows[i] for i in held]))
-        for i, part in zip(held, np.split(z, np.cumsum([len(windows[i]) for i in held])[:-1])):
-            out[i] = part
+        for i, z in zip(held, t.window_logits([windows[i] for i in held])):
+            out[i] = z
     return out
 
 

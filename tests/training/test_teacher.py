@@ -86,11 +86,9 @@ def test_batches_carry_the_teachers_logit_of_every_window_and_short_piece():
 
 
 def test_teacher_figures_score_the_teacher_as_the_models_are_scored():
-    from training.review_objective import teacher_figures
-
     t = NgramTeacher.fit(WINDOWS, LABELS)
     texts, y = TEXTS[:40], LABELS[:40]
-    got = teacher_figures(t, PREP, texts, y)
+    got = t.figures(PREP, texts, y)
     whole = t.review_logits([np.asarray(PREP.windows(x, 20)) for x in texts])
     last = t.logits([ids(x) for x in texts])
     assert got["whole_text_stride_20"] == round(float(np.mean((whole > 0) == y)), 4)
