@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway import raw_ceiling, save  # noqa: E402
-from tests.gateway import gateway_process  # noqa: E402
+from testkit.gateway import gateway_process  # noqa: E402
 
 
 def split_file(tmp: Path) -> tuple[Path, list[str]]:

@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.gateway import free_port, gateway_process, stable_version, wait_until  # noqa: E402
+from testkit.gateway import free_port, gateway_process, stable_version, wait_until  # noqa: E402
 
 
 def load_texts(n: int) -> list[str]:
@@ -58,7 +58,7 @@ def raw_calls(model: str, texts: list[str], batch: int, seconds: float) -> dict:
     texts, one call after another for ``seconds``: texts/s and the latency of one call."""
     import tensorflow as tf
 
-    from serving.repository import read_version
+    from contract.repository import read_version
 
     v = read_version(ROOT / "models", model, stable_version(model))
     loaded = tf.saved_model.load(str(v.path))  # kept while its signature is called

@@ -50,8 +50,8 @@ def inputs(model: str, n: int = 256):
     """n real inputs for the served (stable) version of ``model``, and that version's path."""
     import numpy as np
 
-    from serving.repository import read_version
-    from tests.gateway import stable_version
+    from contract.repository import read_version
+    from testkit.gateway import stable_version
 
     v = read_version(ROOT / "models", model, stable_version(model))
     if v.kind == "text":

@@ -16,7 +16,7 @@ import keras  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from training.text import TextPreprocessor  # noqa: E402
+from contract.text import TextPreprocessor  # noqa: E402
 
 VERSION_DIR = Path(os.environ["NAIVE_MODEL_DIR"])
 model = keras.layers.TFSMLayer(str(VERSION_DIR), call_endpoint="serving_default")

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway import load_texts, pct, raw_ceiling, save  # noqa: E402
-from tests.gateway import gateway_process  # noqa: E402
+from testkit.gateway import gateway_process  # noqa: E402
 
 BATCH = 1024
 PATH = "/v1/sentiment:predict"

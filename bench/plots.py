@@ -112,7 +112,7 @@ def plot_capacity(results: Path, out: Path, backends=BACKENDS) -> dict:
 
 # -- accuracy by length ---------------------------------------------------------------------
 def sentiment_versions(models: Path) -> list[Path]:
-    from training.layout import existing_versions
+    from contract.layout import existing_versions
     from training.models import SPECS
 
     return [models / name / str(v) for name, spec in sorted(SPECS.items()) if spec.kind == "text"
@@ -122,9 +122,9 @@ def sentiment_versions(models: Path) -> list[Path]:
 def accuracy_by_length(path: Path, texts, y: np.ndarray, batch: int = 2048) -> dict:
     """One version's accuracy per kept-token bucket, default (last 20) and whole-text, with the
     model cards' own code (training.metrics): whole_text_windows + combine_mean_log_prob, by_length."""
-    from serving.repository import read_version
+    from contract.repository import read_version
     from training.metrics import by_length, combine_mean_log_prob, signature_predict, whole_text_windows
-    from training.text import tokenize
+    from contract.text import tokenize
 
     mv = read_version(path.parent.parent, path.parent.name, int(path.name))
     prep, stride = mv.preprocessor, mv.whole_text_stride

@@ -1,4 +1,4 @@
-"""The TF Serving stand-in (tests/tfserving_standin.py) as its own process, for benchmarks.
+"""The TF Serving stand-in (testkit/standin.py) as its own process, for benchmarks.
 
     python bench/standin_server.py PORT [MODEL ...]
 
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.tfserving_standin import StandIn  # noqa: E402
+from testkit.standin import StandIn  # noqa: E402
 
 if __name__ == "__main__":
     port, models = int(sys.argv[1]), sys.argv[2:] or ["digits", "sentiment_lstm", "sentiment_bilstm"]

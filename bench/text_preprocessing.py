@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.data import load_imdb  # noqa: E402
-from training.text import TextPreprocessor, Vocabulary  # noqa: E402
+from contract.text import TextPreprocessor, Vocabulary  # noqa: E402
 
 
 def per_item_us(fn, items, repeat: int = 5) -> float:

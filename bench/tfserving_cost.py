@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gateway import grpc_batches, load_texts, save, wrk  # noqa: E402
-from tests.gateway import WITHOUT_TENSORFLOW, free_port, gateway_process  # noqa: E402
+from testkit.gateway import WITHOUT_TENSORFLOW, free_port, gateway_process  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -47,7 +47,7 @@ def parts(model: str, texts: list[str], seconds: float = 1.0) -> dict:
     import numpy as np
 
     from serving.gen.tensorflow_serving.apis import predict_pb2
-    from serving.repository import read_version, versions_on_disk
+    from contract.repository import read_version, versions_on_disk
     from serving.backends.tensors import from_tensor_proto, to_tensor_proto
 
     v = read_version(ROOT / "models", model, versions_on_disk(ROOT / "models", model)[-1])

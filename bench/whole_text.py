@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.capacity import free_port, process, wait_until  # noqa: E402
 from serving.gen.classifier.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
-from tests.gateway import stable_version  # noqa: E402
+from testkit.gateway import stable_version  # noqa: E402
 
 
 async def drive(target: str, batches: list[list[str]], model: str, whole_text: bool, seconds: float,
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         asyncio.run(drive(target, batches[:4], a.model, True, 2, a.concurrency))  # warm both paths
         for mode, whole in (("default (last 20 tokens)", False), ("whole_text", True)):
             results[mode] = asyncio.run(drive(target, batches, a.model, whole, a.seconds, a.concurrency))
-    from serving.repository import read_version
+    from contract.repository import read_version
 
     mv = read_version(ROOT / "models", a.model, stable_version(a.model))
     stride = mv.whole_text_stride

@@ -17,8 +17,9 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-# pyproject.toml names README.md as the readme; serving imports training.text / training.layout.
+# pyproject.toml names README.md as the readme; serving imports contract/ (the model repository contract).
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY training/ training/
 COPY serving/ serving/
 RUN pip install --no-cache-dir '.[serve]' \

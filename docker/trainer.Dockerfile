@@ -23,6 +23,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY training/ training/
 RUN python -m pip install --no-cache-dir '.[train]' \
  && python -c "import tensorflow as tf, keras; print('tensorflow', tf.__version__, 'keras', keras.__version__)"

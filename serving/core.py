@@ -34,10 +34,10 @@ from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeo
 from serving.images import decode_b64, decode_image, from_raw_bytes, image_pixels
 from serving.metrics import Metrics
 from serving.model_config import STABLE, ModelsConfig
-from serving.repository import ModelVersion
+from contract.repository import ModelVersion
 from serving.settings import Settings
 from training.metrics import combine_mean_log_prob, log_probs_to_probs
-from training.text import OOV_ID, PAD_ID, START_ID
+from contract.text import OOV_ID, PAD_ID, START_ID
 
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")

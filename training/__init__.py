@@ -2,5 +2,5 @@
 
 Importing this package is cheap: TensorFlow is imported only by the modules that
 need it (``models``, ``train``, ``export``, ``evaluate``), so the gateway can use
-:mod:`training.text` without TensorFlow installed.
+what it shares with training (:mod:`contract`) without TensorFlow installed.
 """

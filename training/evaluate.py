@@ -25,7 +25,7 @@ import numpy as np
 from training import data as datasets
 from training.export import ASSETS_EXTRA, CARD_FILE, SIGNATURE, existing_versions
 from training.models import SPECS
-from training.text import TextPreprocessor
+from contract.text import TextPreprocessor
 
 EXAMPLES = [
     "One of the best films I have seen in years. Wonderful acting, I loved it.",

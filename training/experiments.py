@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from training.text import FUNCTION_WORDS, STOPWORDS
+from contract.text import FUNCTION_WORDS, STOPWORDS
 
 VARIANTS = {
     "words, no filter": frozenset(),

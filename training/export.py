@@ -11,7 +11,7 @@ and in ``assets.extra/`` (TF Serving's place for extra files, ignored by the
 model loader): ``model_card.json``, ``tf_serving_warmup_requests`` (PredictionLog
 records TF Serving replays at load time with ``--enable_model_warmup``), and for
 text models ``vocab.txt`` + ``preprocessing.json`` (read by
-:meth:`training.text.TextPreprocessor.load`).
+:meth:`contract.text.TextPreprocessor.load`).
 
 Versions are integers that only grow. A version is written to a hidden
 temporary folder and renamed into place when complete, so a TF Serving that
@@ -30,9 +30,9 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from training.layout import ASSETS_EXTRA, CARD_FILE, WARMUP_FILE, existing_versions, next_version  # noqa: F401
+from contract.layout import ASSETS_EXTRA, CARD_FILE, WARMUP_FILE, existing_versions, next_version  # noqa: F401
 from training.models import SPECS
-from training.text import TextPreprocessor
+from contract.text import TextPreprocessor
 
 SIGNATURE = "serving_default"
 OUTPUT_NAME = "probabilities"

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.layout import ASSETS_EXTRA, CARD_FILE
+from contract.layout import ASSETS_EXTRA, CARD_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 

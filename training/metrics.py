@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from training.text import TextPreprocessor, tokenize
+from contract.text import TextPreprocessor, tokenize
 from training.windows import sentences
 
 ECE_BINS = 15

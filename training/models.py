@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
-from training.text import MAXLEN, NUM_WORDS
+from contract.text import MAXLEN, NUM_WORDS
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from training.text import NUM_WORDS, START_ID
+from contract.text import NUM_WORDS, START_ID
 
 PAIR_BASE = 1 << 20  # pair (a, b) -> PAIR_BASE + a * num_words + b, above every single id
 

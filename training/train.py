@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from training import data as datasets
-from training.text import STOPWORDS, TextPreprocessor, Vocabulary
+from contract.text import STOPWORDS, TextPreprocessor, Vocabulary
 from training.windows import SCHEME_COMPARISON, WindowScheme
 from training.windows import sample as sample_windows
 

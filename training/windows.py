@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.text import MAXLEN, OOV_ID, START_ID, TextPreprocessor, pad_sequence, tokenize
+from contract.text import MAXLEN, OOV_ID, START_ID, TextPreprocessor, pad_sequence, tokenize
 
 SHORT_MAX_TOKENS = 12
 SNIPPET_MIN, SNIPPET_MAX = 2, 8

@@ -36,7 +36,7 @@ import numpy as np
 from serving.core import Call, Classifier, Result
 from serving.errors import InvalidInput, NotFound
 from serving.images import SIZE
-from serving.repository import ModelVersion
+from contract.repository import ModelVersion
 
 SERVER_NAME = "classifier-gateway"
 EXTENSIONS = ["binary_tensor_data"]

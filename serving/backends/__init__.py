@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.repository import ModelVersion
+from contract.repository import ModelVersion
 from serving.settings import Settings
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from serving.model_config import ModelsConfig
-from serving.repository import ModelVersion, read_version, versions_on_disk
+from contract.repository import ModelVersion, read_version, versions_on_disk
 from serving.settings import Settings
 
 log = logging.getLogger("serving.backend")

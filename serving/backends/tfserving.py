@@ -38,7 +38,7 @@ from serving.gen.tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-from serving.repository import ModelVersion, read_version
+from contract.repository import ModelVersion, read_version
 from serving.settings import Settings
 from serving.backends.tensors import dtype_name, from_tensor_proto, to_tensor_proto
 

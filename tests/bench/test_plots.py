@@ -12,9 +12,9 @@ import pytest
 
 from bench import plots
 from tests.conftest import ROOT
-from training.layout import ASSETS_EXTRA
+from contract.layout import ASSETS_EXTRA
 from training.metrics import bucket_name, by_length
-from training.text import TextPreprocessor
+from contract.text import TextPreprocessor
 
 DATA = Path(__file__).parent / "data"
 VERSION = ROOT / "models" / "sentiment_lstm" / "2"  # has a whole_text stride in its card

@@ -16,7 +16,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.classifier_client.test_client import GATEWAY, run_cli
-from tests.gateway import ROOT, free_port, gateway_process, wait_until
+from testkit.gateway import ROOT, free_port, gateway_process, wait_until
 from tests.serving.test_conformance import log_path
 
 SETTINGS = {**GATEWAY, "models": '["sentiment_lstm"]'}

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway import ROOT, free_port, gateway_process, wait_until
+from testkit.gateway import ROOT, free_port, gateway_process, wait_until
 
 CLI = [sys.executable, "-m", "classifier_client.cli"]
 GATEWAY = dict(models='["sentiment_lstm", "digits"]', drain_settle_s=0, max_queue_wait_s=5)
@@ -57,8 +57,8 @@ def full_run(gateway, reviews, tmp_path_factory):
 
 
 def card_accuracy() -> float:
-    from tests.gateway import stable_version
-    from training.layout import ASSETS_EXTRA, CARD_FILE
+    from testkit.gateway import stable_version
+    from contract.layout import ASSETS_EXTRA, CARD_FILE
 
     v = stable_version("sentiment_lstm")
     return json.loads((ROOT / "models" / "sentiment_lstm" / str(v) / ASSETS_EXTRA / CARD_FILE).read_text())["test_accuracy"]

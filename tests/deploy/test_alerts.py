@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway import ROOT, gateway_process
+from testkit.gateway import ROOT, gateway_process
 from tests.deploy.test_deploy import host_path, load
 
 ALERTS = ROOT / "deploy" / "alerts.yml"

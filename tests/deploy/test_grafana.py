@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.test_alerts import HISTOGRAM_SUFFIXES, metric_names
 from tests.deploy.test_deploy import assert_pinned, container_ports, environment, host_path, load, mounts
-from tests.gateway import ROOT, gateway_process
+from testkit.gateway import ROOT, gateway_process
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "classifier.json"

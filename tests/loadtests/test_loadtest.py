@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.gateway import ROOT, gateway_process
+from testkit.gateway import ROOT, gateway_process
 
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 REQUEST_TYPES = {  # (Type, Name) rows in <prefix>_stats.csv

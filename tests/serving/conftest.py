@@ -1,11 +1,11 @@
 """``gw``: a real gateway (`python -m serving`) for a test module, once per backend: embedded,
 and TF Serving in a process that cannot import TensorFlow, forwarding to the TF Serving
-stand-in (tests/tfserving_standin.py; ``gw.standin``, None for the embedded one)."""
+stand-in (testkit/standin.py; ``gw.standin``, None for the embedded one)."""
 
 import pytest
 
-from tests.gateway import MODELS_CONFIG, ROOT, WITHOUT_TENSORFLOW, gateway_process
-from tests.tfserving_standin import StandIn
+from testkit.gateway import MODELS_CONFIG, ROOT, WITHOUT_TENSORFLOW, gateway_process
+from testkit.standin import StandIn
 
 MODELS = ROOT / "models"
 

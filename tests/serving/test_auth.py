@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from serving.auth import MISSING, ApiKeyInterceptor, ApiKeyMiddleware, ApiKeys, key_from_headers
 from serving.settings import Settings
-from tests.gateway import free_port, gateway_process, wait_until
+from testkit.gateway import free_port, gateway_process, wait_until
 
 
 def bump(path, seconds=10):

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from tests.gateway import ROOT, gateway_process, stable_version, wait_until
+from testkit.gateway import ROOT, gateway_process, stable_version, wait_until
 
 SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 LOGS = ROOT / ".pytest_cache"
@@ -34,7 +34,7 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def log_path(gw) -> Path:
-    """Where tests.gateway.gateway_process writes this gateway's stdout/stderr."""
+    """Where testkit.gateway.gateway_process writes this gateway's stdout/stderr."""
     return LOGS / f"gateway-{urlsplit(gw.rest).port}.log"
 
 

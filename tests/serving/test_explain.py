@@ -16,7 +16,7 @@ import pytest
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.images import decode_image
-from serving.repository import read_version
+from contract.repository import read_version
 from tests.serving.conftest import MODELS
 
 TEXTS = [

@@ -2,7 +2,7 @@
 
 Every test runs twice: with the embedded backend, and with the TF Serving
 backend in a process that cannot import TensorFlow, forwarding to the TF
-Serving stand-in (tests/tfserving_standin.py). Same calls, same answers.
+Serving stand-in (testkit/standin.py). Same calls, same answers.
 """
 
 import asyncio
@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.repository import read_version
-from tests.gateway import ROOT, served_versions, stable_version, wait_until
+from contract.repository import read_version
+from testkit.gateway import ROOT, served_versions, stable_version, wait_until
 
 MODELS = ROOT / "models"
 TEXTS = [

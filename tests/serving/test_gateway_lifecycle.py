@@ -16,7 +16,7 @@ from serving.backends.embedded import EmbeddedBackend
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.settings import Settings
-from tests.gateway import ROOT, gateway_in_thread, stable_version, wait_until
+from testkit.gateway import ROOT, gateway_in_thread, stable_version, wait_until
 
 
 class HeldBackend(EmbeddedBackend):

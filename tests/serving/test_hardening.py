@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.settings import Settings
-from tests.gateway import gateway_in_thread, gateway_process, stable_version, wait_until
+from testkit.gateway import gateway_in_thread, gateway_process, stable_version, wait_until
 from tests.serving.test_gateway_lifecycle import HeldBackend
 
 PREDICT = "/v1/sentiment:predict"

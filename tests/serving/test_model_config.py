@@ -19,9 +19,9 @@ from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.tensorflow_serving.config import model_server_config_pb2 as lean
 from serving.model_config import ModelPolicy, ModelsConfig, parse
-from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
+from testkit.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
 from tests.serving.backends.test_tfserving import TEXT, two_versions  # noqa: F401 - a fixture: v1 and a v2 with another vocabulary
-from tests.tfserving_standin import StandIn
+from testkit.standin import StandIn
 
 SHIPPED = ROOT / "serving" / "tfserving" / "models.config"
 

@@ -20,10 +20,10 @@ import grpc
 
 from serving.errors import InvalidInput, PayloadTooLarge, ServiceError
 from serving.images import SIZE, check_pixels, decode_image
-from serving.repository import read_version
+from contract.repository import read_version
 from tests.fuzzing import fixed_seed
-from tests.gateway import ROOT
-from training.text import (
+from testkit.gateway import ROOT
+from contract.text import (
     FIRST_WORD_ID,
     MAXLEN,
     OOV_ID,

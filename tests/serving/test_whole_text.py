@@ -20,8 +20,8 @@ from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.inference import open_inference_grpc_pb2 as v2
 from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from serving.repository import read_version
-from tests.gateway import gateway_process
+from contract.repository import read_version
+from testkit.gateway import gateway_process
 from tests.serving.conftest import MODELS
 
 MODEL = "sentiment_bilstm"

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from training.export import VersionExistsError, export_model, next_version
 from training.models import SPECS
-from training.text import TextPreprocessor
+from contract.text import TextPreprocessor
 from training.train import fit, prepare
 
 CARD = {"test_accuracy": 0.5, "note": "tiny test run"}

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.gateway import ROOT
+from testkit.gateway import ROOT
 from training.gate import check
 
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 from training.metrics import combine_mean_log_prob, log_probs_to_probs
 from training.models import build
 from training.review_objective import MAX_WINDOWS, ReviewData, ReviewObjective, make_train_step, review_losses
-from training.text import MAXLEN, TextPreprocessor, Vocabulary
+from contract.text import MAXLEN, TextPreprocessor, Vocabulary
 
 TEXTS = [
     "Great acting. Loved it! " + " ".join(f"word{i}" for i in range(60)) + ". Truly awful ending.",

@@ -4,7 +4,7 @@ import numpy as np
 
 from training.review_objective import MAX_WINDOWS, ReviewData, ReviewObjective
 from training.teacher import NgramTeacher, cross_fitted_logits, features
-from training.text import OOV_ID, PAD_ID, START_ID, TextPreprocessor, Vocabulary
+from contract.text import OOV_ID, PAD_ID, START_ID, TextPreprocessor, Vocabulary
 
 RNG = np.random.default_rng(7)
 NEUTRAL = "plot actor scene music ending camera script dialogue cast set".split()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.text import MAXLEN, NUM_WORDS, PAD_ID, START_ID, TextPreprocessor, Vocabulary
+from contract.text import MAXLEN, NUM_WORDS, PAD_ID, START_ID, TextPreprocessor, Vocabulary
 from training.train import shift_images
 from training.windows import WindowScheme, random_window, sample, short_window
 

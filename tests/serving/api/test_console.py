@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from serving.model_config import ModelsConfig
-from serving.repository import read_version
-from tests.gateway import MODELS_CONFIG, gateway_process, wait_until
+from contract.repository import read_version
+from testkit.gateway import MODELS_CONFIG, gateway_process, wait_until
 from tests.serving.conftest import MODELS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -71,7 +71,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.gateway import ROOT, gateway_process
+from testkit.gateway import ROOT, gateway_process
 
 SEED = int(os.environ.get("FUZZ_REST_SEED", "20240611"))
 MAX_EXAMPLES = int(os.environ.get("FUZZ_REST_MAX_EXAMPLES", "100"))

@@ -30,7 +30,7 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
-from tests.gateway import ROOT, gateway_process
+from testkit.gateway import ROOT, gateway_process
 from tests.fuzzing import fixed_seed
 
 SERVICE = "/classifier.v1.Classifier/"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serving.settings import Settings
-from tests.gateway import gateway_process
+from testkit.gateway import gateway_process
 
 KEY = "hot-path-key"
 ORIGIN = "https://app.example"

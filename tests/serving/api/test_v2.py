@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.inference import open_inference_grpc_pb2 as v2
 from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from serving.repository import read_version
-from tests.gateway import served_versions, stable_version
+from contract.repository import read_version
+from testkit.gateway import served_versions, stable_version
 from tests.serving.test_gateway import MODELS, TEXTS
 
 TOKEN_MODEL = "sentiment_lstm"

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.repository import read_version
-from tests.gateway import ROOT, gateway_process, stable_version
+from contract.repository import read_version
+from testkit.gateway import ROOT, gateway_process, stable_version
 from tests.serving.api.test_v2 import png
 from tests.serving.test_gateway import MODELS, TEXTS
 from tests.venvs import tool_venv

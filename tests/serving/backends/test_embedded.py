@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from serving.backends.embedded import EmbeddedBackend
 from serving.settings import Settings
-from tests.gateway import ROOT
+from testkit.gateway import ROOT
 
 
 def test_xla_path_pads_to_buckets_and_answers_as_the_signature_does():

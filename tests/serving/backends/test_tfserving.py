@@ -20,10 +20,10 @@ from packaging.requirements import Requirement
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.repository import read_version
-from tests.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
-from tests.tfserving_standin import StandIn, get_model_status_pb2
-from training.text import RESERVED_TOKENS, TextPreprocessor, Vocabulary
+from contract.repository import read_version
+from testkit.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
+from testkit.standin import StandIn, get_model_status_pb2
+from contract.text import RESERVED_TOKENS, TextPreprocessor, Vocabulary
 
 MODELS = ROOT / "models"
 ALL = ["digits", "sentiment_lstm", "sentiment_bilstm"]

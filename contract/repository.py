@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.layout import ASSETS_EXTRA, CARD_FILE, existing_versions
-from training.text import TextPreprocessor
+from contract.layout import ASSETS_EXTRA, CARD_FILE, existing_versions
+from contract.text import TextPreprocessor
 
 
 @dataclass

@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from training.layout import existing_versions
+from contract.layout import existing_versions
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 _CACHE: dict[Path, object] = {}

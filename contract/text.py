@@ -21,7 +21,7 @@ Ids: 0 = padding, 1 = start, 2 = out-of-vocabulary, words from 3. A vocabulary o
 
 Because only the last ``maxlen`` ids survive, :meth:`TextPreprocessor.encode`
 tokenises only as much of the end of a text as it needs (a few hundred
-characters instead of the whole review); ``tests/training/test_text.py`` proves that this
+characters instead of the whole review); ``tests/contract/test_text.py`` proves that this
 gives exactly the ids of the full pipeline.
 """
 

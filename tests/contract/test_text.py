@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from training.text import (
+from contract.text import (
     MAXLEN,
     OOV_ID,
     PAD_ID,
@@ -123,7 +123,7 @@ def test_vocabulary_and_preprocessor_round_trip(tmp_path, small_prep):
 
 def test_preprocessor_module_imports_no_tensorflow():
     code = (
-        "import sys, training.text as t;"
+        "import sys, contract.text as t;"
         "p = t.TextPreprocessor(t.Vocabulary(list(t.RESERVED_TOKENS) + ['good']));"
         "p.encode_batch(['good']);"
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules];"

@@ -21,7 +21,7 @@ MODELS_CONFIG = ROOT / "serving" / "tfserving" / "models.config"
 def served_versions(model: str) -> list[int]:
     """The versions of a shipped model that models.config serves (its version policy)."""
     from serving.model_config import ModelsConfig
-    from training.layout import existing_versions
+    from contract.layout import existing_versions
 
     return ModelsConfig(MODELS_CONFIG).policy(model).choose(existing_versions(ROOT / "models" / model))
 

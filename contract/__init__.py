@@ -1,0 +1,8 @@
+"""The contract between training and serving, imported by both (and by nothing else of theirs).
+
+- :mod:`contract.text`: the one text preprocessor (tokenising, vocabulary, padding, windows);
+- :mod:`contract.layout`: TF Serving's ``<model>/<version>/`` layout and the files of ``assets.extra/``;
+- :mod:`contract.repository`: a version as read from that layout (card, preprocessor, kind, figures).
+
+No TensorFlow is imported here: the gateway installs without it.
+"""
