@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from testkit.gateway import ROOT
-from training.gate import check
+from serving.gate import check
 
 
 def test_gate_checks_targets_and_the_stable_card():
@@ -17,7 +17,7 @@ def test_gate_checks_targets_and_the_stable_card():
 
 
 def test_gate_exit_codes():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "training.gate", *a], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "serving.gate", *a], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
     ok, bad = run("digits", "2"), run("sentiment_bilstm", "2")
     assert ok.returncode == 0 and "passes the promotion gate" in ok.stdout
     assert bad.returncode == 1 and "FAIL  sentiment_bilstm v2: whole-text test accuracy >= 0.87: 0.8592" in bad.stdout

@@ -1,12 +1,12 @@
 """Promotion gate: does a version's model card pass, so it may become ``stable``?
 
-    python -m training.gate MODEL VERSION [--models models] [--config serving/tfserving/models.config]
+    python -m serving.gate MODEL VERSION [--models models] [--config serving/tfserving/models.config]
 
 Checks the card's figures (measured on the full test splits through the serving
 signature at training time) against the targets below and against the version that is
 ``stable`` now (no regression on any figure both cards have). Prints one line per check
 and exits 1 when one fails. The rollout: ``scripts/rollout.sh add-version``, ``canary``,
-then ``python -m training.gate MODEL VERSION && scripts/rollout.sh promote MODEL``.
+then ``python -m serving.gate MODEL VERSION && scripts/rollout.sh promote MODEL``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check(models: Path, model: str, version: int, baseline: int | None) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.gate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m serving.gate", description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("version", type=int)
     p.add_argument("--models", type=Path, default=ROOT / "models")
