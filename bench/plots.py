@@ -10,7 +10,7 @@ per backend, the p50 and p99 latency of all requests against the throughput of e
 (loadtests/shapes.py's rule: highest req/s without failures and with p99 <= 500 ms) is marked.
 
 accuracy: every sentiment version under --models, through its SavedModel's serving signature
-(training.metrics.signature_predict), on the full IMDB test split, with the model cards' code
+(contract.signature.signature_predict), on the full IMDB test split, with the model cards' code
 (training.metrics): reviews bucketed by their kept-token count (``by_length`` over BUCKETS); per
 bucket, the accuracy of the default path (last 20 tokens, ``prep.encode``) and of whole-text mode
 (every window at the version's ``whole_text_stride``, combined by mean log-probability). Like
@@ -121,9 +121,11 @@ def sentiment_versions(models: Path) -> list[Path]:
 
 def accuracy_by_length(path: Path, texts, y: np.ndarray, batch: int = 2048) -> dict:
     """One version's accuracy per kept-token bucket, default (last 20) and whole-text, with the
-    model cards' own code (training.metrics): whole_text_windows + combine_mean_log_prob, by_length."""
+    model cards' own code (training.metrics.whole_text_windows, contract.whole_text.combine_mean_log_prob, by_length)."""
     from contract.repository import read_version
-    from training.metrics import by_length, combine_mean_log_prob, signature_predict, whole_text_windows
+    from contract.signature import signature_predict
+    from contract.whole_text import combine_mean_log_prob
+    from training.metrics import by_length, whole_text_windows
     from contract.text import tokenize
 
     mv = read_version(path.parent.parent, path.parent.name, int(path.name))

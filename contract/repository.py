@@ -48,16 +48,19 @@ class ModelVersion:
         return (self.card.get("whole_text") or {}).get("stride") or self.preprocessor.maxlen
 
     @property
-    def card_figures(self) -> dict:
-        """The model card's headline figures on the test split (absent ones left out): accuracy
-        as trained (last 20 tokens for text), whole-text accuracy, the short-text proxy, the
-        expected calibration error; when and how long it was trained, its parameter count."""
+    def figures(self) -> dict:
+        """The model card's figures on the test split (absent ones left out): accuracy as trained
+        (last 20 tokens for text; ``last20_accuracy`` where the card measured it apart), whole-text
+        accuracy at the card's stride, the short-text proxy, the expected calibration error; when
+        and how long it was trained, its parameter count. Read here only: the API's ``card``
+        block and the promotion gate both take them from this."""
         test = (self.card.get("metrics") or {}).get("test") or {}
         default = test.get("last20") or test
         whole = (test.get("whole_text") or {}).get(f"stride_{self.whole_text_stride}") or {} if self.kind == "text" else {}
         figures = {
             "test_accuracy": self.card.get("test_accuracy"),
             "validation_accuracy": self.card.get("validation_accuracy"),
+            "last20_accuracy": (test.get("last20") or {}).get("accuracy"),
             "test_ece": default.get("ece"),
             "whole_text_accuracy": whole.get("accuracy"),
             "short_text_proxy_accuracy": (test.get("short_text_proxy") or {}).get("accuracy"),
@@ -66,6 +69,17 @@ class ModelVersion:
             "training_seconds": self.card.get("training_seconds"),
         }
         return {k: v for k, v in figures.items() if v is not None}
+
+    @property
+    def card_figures(self) -> dict:
+        """The figures the API shows for a version (/v1/models' ``card``)."""
+        figures = self.figures
+        return {k: figures[k] for k in CARD_FIGURES if k in figures}
+
+
+# The figures /v1/models shows per version (ModelVersion.figures has them all).
+CARD_FIGURES = ("test_accuracy", "validation_accuracy", "test_ece", "whole_text_accuracy", "short_text_proxy_accuracy",
+                "parameters", "created", "training_seconds")
 
 
 def versions_on_disk(base: Path, name: str) -> list[int]:

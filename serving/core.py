@@ -36,8 +36,8 @@ from serving.metrics import Metrics
 from serving.model_config import STABLE, ModelsConfig
 from contract.repository import ModelVersion
 from serving.settings import Settings
-from training.metrics import combine_mean_log_prob, log_probs_to_probs
 from contract.text import OOV_ID, PAD_ID, START_ID
+from contract.whole_text import combine_windows, window_rows
 
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")
@@ -134,14 +134,6 @@ class Call:
     version: int | None = None
     items: int = 0
     outcome: str = "ok"
-
-
-def combine_windows(probs: np.ndarray, windows: list[int]) -> np.ndarray:
-    """Each text's probabilities from its windows' rows (consecutive in ``probs``, ``windows[i]``
-    of text i): the mean log-probability per class, normalised, exactly as the model cards'
-    whole-text figures are measured (training.metrics)."""
-    owners = np.repeat(np.arange(len(windows)), windows)
-    return log_probs_to_probs(combine_mean_log_prob(probs, owners, len(windows))).astype(np.float32)
 
 
 def top(row: list[float]) -> int:
@@ -414,14 +406,9 @@ class Classifier:
         text, and how many windows each has (stride from the version's card, else maxlen)."""
         self._check_texts(texts)
         prep, cap, stride = v.preprocessor, self.settings.max_windows_per_text, v.whole_text_stride
-        rows, counts, sizes = [], [], []
-        for t in texts:
-            ids = prep.token_ids(t)
-            w = prep.windows_of(ids, stride, cap)
-            rows.extend(w)
-            counts.append((len(ids) - 1, ids.count(OOV_ID)))
-            sizes.append(len(w))
-        return np.array(rows, dtype=np.int32).reshape(len(rows), prep.maxlen), counts, sizes
+        ids = [prep.token_ids(t) for t in texts]
+        rows, sizes = window_rows(prep, ids, stride, cap)
+        return rows, [(len(i) - 1, i.count(OOV_ID)) for i in ids], sizes
 
     async def sentiment(self, texts: list[str], model: str | None = None, version: int | None = None,
                         deadline: float | None = None, call: Call | None = None, label: str | None = None,

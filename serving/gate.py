@@ -12,50 +12,40 @@ then ``python -m serving.gate MODEL VERSION && scripts/rollout.sh promote MODEL`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from contract.layout import ASSETS_EXTRA, CARD_FILE
+from contract.repository import read_version
+from serving.model_config import ModelsConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Issue 11's targets for version 2 (full test splits).
+# Issue 11's targets for version 2 (full test splits), by the figure's name in the gate's report.
 TARGETS = {
     "text": {"last-20 test accuracy": 0.78, "whole-text test accuracy": 0.87, "short-text proxy accuracy": 0.75},
     "image": {"test accuracy": 0.990},
 }
+# The card figures the gate compares (contract.repository.ModelVersion.figures), higher is better.
+NAMES = {"test_accuracy": "test accuracy", "validation_accuracy": "validation accuracy",
+         "last20_accuracy": "last-20 test accuracy", "whole_text_accuracy": "whole-text test accuracy",
+         "short_text_proxy_accuracy": "short-text proxy accuracy"}
 
 
-def card(models: Path, model: str, version: int) -> dict:
-    return json.loads((models / model / str(version) / ASSETS_EXTRA / CARD_FILE).read_text(encoding="utf-8"))
-
-
-def figures(c: dict) -> dict[str, float]:
-    """The card's comparable figures (higher is better), by name."""
-    out = {"test accuracy": c.get("test_accuracy"), "validation accuracy": c.get("validation_accuracy")}
-    test = (c.get("metrics") or {}).get("test") or {}
-    if "last20" in test:
-        out["last-20 test accuracy"] = test["last20"]["accuracy"]
-    stride = (c.get("whole_text") or {}).get("stride")
-    whole = (test.get("whole_text") or {}).get(f"stride_{stride}")
-    if whole:
-        out["whole-text test accuracy"] = whole["accuracy"]
-    if "short_text_proxy" in test:
-        out["short-text proxy accuracy"] = test["short_text_proxy"]["accuracy"]
-    return {k: v for k, v in out.items() if v is not None}
+def figures(models: Path, model: str, version: int) -> tuple[str, dict[str, float]]:
+    """The version's kind and its comparable card figures, by the gate's names."""
+    v = read_version(models, model, version)
+    got = v.figures
+    return v.kind, {name: got[key] for key, name in NAMES.items() if key in got}
 
 
 def check(models: Path, model: str, version: int, baseline: int | None) -> list[tuple[str, bool, str]]:
-    c = card(models, model, version)
-    kind = "text" if c.get("vocab_sha256") else "image"
-    got = figures(c)
+    kind, got = figures(models, model, version)
     rows = []
     for name, target in TARGETS[kind].items():
         value = got.get(name)
         rows.append((f"{name} >= {target}", value is not None and value >= target, f"{value}"))
     if baseline is not None and baseline != version:
-        base = figures(card(models, model, baseline))
+        base = figures(models, model, baseline)[1]
         for name in sorted(set(base) & set(got)):
             rows.append((f"{name} >= v{baseline}'s {base[name]}", got[name] >= base[name], f"{got[name]}"))
     return rows
@@ -69,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=ROOT / "serving" / "tfserving" / "models.config",
                    help="models.config whose 'stable' label is the baseline")
     a = p.parse_args(argv)
-    from serving.model_config import ModelsConfig
-
     baseline = ModelsConfig(a.config).labels(a.model).get("stable")
     rows = check(a.models, a.model, a.version, baseline)
     for name, ok, value in rows:

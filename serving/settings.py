@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.whole_text import MAX_WINDOWS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
     # Whole-text scoring (request option whole_text): each text is scored on its maxlen-token
     # windows, at most max_windows_per_text of them (the last ones); every window is a row
     # for the batcher's limits, and one request may send at most max_windows_per_request.
-    max_windows_per_text: int = Field(32, ge=1)
+    max_windows_per_text: int = Field(MAX_WINDOWS, ge=1)
     max_windows_per_request: int = Field(4096, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # one decoded base64 / encoded image

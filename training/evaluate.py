@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from training import data as datasets
-from training.export import ASSETS_EXTRA, CARD_FILE, SIGNATURE, existing_versions
+from contract.layout import existing_versions
+from contract.repository import read_version
+from contract.signature import call, load_signature
 from training.models import SPECS
-from contract.text import TextPreprocessor
 
 EXAMPLES = [
     "One of the best films I have seen in years. Wonderful acting, I loved it.",
@@ -34,19 +35,13 @@ EXAMPLES = [
 
 
 def load_version(path: Path):
-    import tensorflow as tf
-
-    sig = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-    card = json.loads((path / ASSETS_EXTRA / CARD_FILE).read_text(encoding="utf-8"))
-    prep = TextPreprocessor.load(path / ASSETS_EXTRA) if (path / ASSETS_EXTRA / "vocab.txt").exists() else None
-    return sig, card, prep
+    """(serving signature, model card, text preprocessor or None) of the version at ``path``,
+    read as the gateway reads it (:func:`contract.repository.read_version`)."""
+    v = read_version(path.parent.parent, path.parent.name, int(path.name))
+    return load_signature(path), v.card, v.preprocessor
 
 
-def predict(sig, input_name: str, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    import tensorflow as tf
-
-    parts = [sig(**{input_name: tf.constant(x[i : i + batch])})["probabilities"].numpy() for i in range(0, len(x), batch)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+predict = call  # the serving signature's probabilities, in batches
 
 
 def evaluate(path: Path, data_dir=None, limit: int | None = None) -> dict:

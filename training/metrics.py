@@ -19,19 +19,18 @@ Digits: accuracy and ECE on validation and test.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from contract.signature import Predict, signature_predict
 from contract.text import TextPreprocessor, tokenize
+from contract.whole_text import combine_mean_log_prob, log_probs_to_probs, owners_of, window_rows
 from training.windows import sentences
 
 ECE_BINS = 15
 LENGTH_BUCKETS = ((0, 5), (6, 20), (21, 50), (51, 100), (101, None))
 SHORT_MIN_WORDS, SHORT_MAX_WORDS = 3, 25
-EPS = 1e-7
-
-Predict = Callable[[np.ndarray], np.ndarray]
 
 SHORT_TEXT_PROXY_DEFINITION = (
     "each review's last sentence (split on . ! ? followed by space, and on <br />) when it has "
@@ -72,34 +71,10 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE
     return float(ece)
 
 
-def combine_mean_log_prob(window_probs: np.ndarray, owners: np.ndarray, n_texts: int) -> np.ndarray:
-    """Per text, the mean over its windows of log p per class -> [n_texts, classes].
-
-    ``owners[i]`` is the text that window ``i`` belongs to. The class is the argmax;
-    :func:`log_probs_to_probs` turns the means into probabilities.
-    """
-    logp = np.log(np.clip(np.asarray(window_probs, dtype=np.float64), EPS, 1.0))
-    owners = np.asarray(owners)
-    sums = np.zeros((n_texts, logp.shape[1]))
-    np.add.at(sums, owners, logp)
-    counts = np.bincount(owners, minlength=n_texts).astype(np.float64)
-    return sums / np.maximum(counts, 1)[:, None]
-
-
-def log_probs_to_probs(mean_logp: np.ndarray) -> np.ndarray:
-    z = mean_logp - mean_logp.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 def whole_text_windows(prep: TextPreprocessor, texts: Sequence[str], stride: int) -> tuple[np.ndarray, np.ndarray]:
     """All windows of all texts ([m, maxlen] int32) and the text each belongs to."""
-    rows, owners = [], []
-    for i, text in enumerate(texts):
-        w = prep.windows(text, stride=stride)
-        rows.extend(w)
-        owners.extend([i] * len(w))
-    return np.asarray(rows, dtype=np.int32).reshape(len(rows), prep.maxlen), np.asarray(owners, dtype=np.int64)
+    rows, sizes = window_rows(prep, [prep.token_ids(t) for t in texts], stride)
+    return rows, owners_of(sizes)
 
 
 def whole_text_scores(predict: Predict, prep: TextPreprocessor, texts: Sequence[str], stride: int) -> np.ndarray:
@@ -192,19 +167,6 @@ def text_metrics(
 def image_metrics(predict: Predict, x: np.ndarray, y: np.ndarray) -> dict:
     p = predict(np.asarray(x, dtype=np.float32))
     return {"examples": int(len(y)), "accuracy": _acc(p, np.asarray(y)), "ece": round(expected_calibration_error(p, y), 4)}
-
-
-def signature_predict(path, input_name: str, batch: int = 2048) -> Predict:
-    """A predict function over the SavedModel's ``serving_default`` signature."""
-    import tensorflow as tf
-
-    sig = tf.saved_model.load(str(path)).signatures["serving_default"]
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        parts = [sig(**{input_name: tf.constant(x[i : i + batch])})["probabilities"].numpy() for i in range(0, len(x), batch)]
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-    return predict
 
 
 def version_metrics(

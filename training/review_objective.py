@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.whole_text import MAX_WINDOWS
 from training.windows import short_window
 
-MAX_WINDOWS = 32  # the gateway's default max_windows_per_text: training sees what serving scores
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ def test_bucket_counts_match_token_ids(result, imdb):
 
 def test_figures_agree_with_training_metrics(result, imdb):
     """Overall accuracy of both modes is what training.metrics (the model cards' code) measures."""
-    from training.metrics import signature_predict, text_metrics
+    from contract.signature import signature_predict
+    from training.metrics import text_metrics
 
     prep = TextPreprocessor.load(VERSION / ASSETS_EXTRA)
     m = text_metrics(signature_predict(VERSION, "token_ids"), prep, imdb.test.x[:N], imdb.test.y[:N], strides=(20,))

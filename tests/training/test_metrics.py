@@ -5,15 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.metrics import (
-    by_length,
-    combine_mean_log_prob,
-    expected_calibration_error,
-    log_probs_to_probs,
-    short_text_proxy,
-    signature_predict,
-    whole_text_scores,
-)
+from contract.signature import signature_predict
+from training.metrics import by_length, expected_calibration_error, short_text_proxy, whole_text_scores
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -30,24 +23,6 @@ def test_ece_hand_made():
     # Three classes; top-class confidence is what is binned.
     p = np.array([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]])
     assert expected_calibration_error(p, np.array([0, 2])) == pytest.approx(abs(0.5 - 0.5))
-
-
-def test_mean_log_probability_combination_hand_made():
-    windows = np.array([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.2, 0.8]])
-    owners = np.array([0, 0, 1, 1])
-    got = combine_mean_log_prob(windows, owners, 2)
-    want0 = [(np.log(0.9) + np.log(0.4)) / 2, (np.log(0.1) + np.log(0.6)) / 2]
-    want1 = [(np.log(0.45) + np.log(0.2)) / 2, (np.log(0.55) + np.log(0.8)) / 2]
-    np.testing.assert_allclose(got, [want0, want1])
-    # Text 0: mean prob would say class 0 (0.65) and so does mean log prob; text 1 class 1.
-    assert list(got.argmax(1)) == [0, 1]
-    # Where averaging probabilities and log-probabilities disagree: two windows mildly for
-    # class 0, one all but excluding it (mean prob 0.534 for class 0; mean log prob favours 1).
-    w = np.array([[0.8, 0.2], [0.8, 0.2], [0.001, 0.999]])
-    assert w.mean(0).argmax() == 0 and combine_mean_log_prob(w, np.zeros(3, int), 1).argmax() == 1
-    probs = log_probs_to_probs(got)
-    np.testing.assert_allclose(probs.sum(1), 1.0)
-    assert (probs.argmax(1) == got.argmax(1)).all()
 
 
 def test_by_length_buckets():

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.metrics import combine_mean_log_prob, log_probs_to_probs
+from contract.whole_text import combine_mean_log_prob, log_probs_to_probs
 from training.models import build
-from training.review_objective import MAX_WINDOWS, ReviewData, ReviewObjective, make_train_step, review_losses
+from contract.whole_text import MAX_WINDOWS
+from training.review_objective import ReviewData, ReviewObjective, make_train_step, review_losses
 from contract.text import MAXLEN, TextPreprocessor, Vocabulary
 
 TEXTS = [

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from training.review_objective import MAX_WINDOWS, ReviewData, ReviewObjective
+from contract.whole_text import MAX_WINDOWS
+from training.review_objective import ReviewData, ReviewObjective
 from training.teacher import NgramTeacher, cross_fitted_logits, features
 from contract.text import OOV_ID, PAD_ID, START_ID, TextPreprocessor, Vocabulary
 
