@@ -12,53 +12,20 @@ Locust, the gateway and (for tfserving) the stand-in share its cores, as the REA
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import process, wait_for  # noqa: E402
+from testkit.gateway import free_port  # noqa: E402
+
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if predicate():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-@contextmanager
-def process(cmd: list[str], env: dict | None = None, log: Path | None = None):
-    out = open(log, "w") if log else subprocess.DEVNULL
-    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield p
-    finally:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        if log:
-            out.close()
 
 
 @contextmanager
@@ -68,7 +35,7 @@ def gateway(backend: str, out: Path):
            "CLASSIFIER_DRAIN_SETTLE_S": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
     if backend == "embedded":
         with process([PY, "-m", "serving"], env, out / f"{backend}_gateway.log"):
-            wait_until(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz").status_code == 200, 180, "the gateway")
+            wait_for(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz").status_code == 200, 180, "the gateway")
             yield f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}"
         return
     standin_port = free_port()
@@ -76,7 +43,7 @@ def gateway(backend: str, out: Path):
                  out / f"{backend}_standin.log"):
         env |= {"CLASSIFIER_BACKEND": "tfserving", "CLASSIFIER_TFSERVING_ADDRESS": f"127.0.0.1:{standin_port}"}
         with process([PY, "-m", "serving"], env, out / f"{backend}_gateway.log"):
-            wait_until(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz").status_code == 200, 240, "the gateway")
+            wait_for(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz").status_code == 200, 240, "the gateway")
             yield f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}"
 
 

@@ -3,7 +3,7 @@
     python bench/client.py [--model sentiment_lstm] [--seconds 10] [--json bench/results/client.json] [-- CLI options]
 
 (a) raw: the SavedModel's serving signature in-process on batches of 256 pre-tokenised
-    reviews of the IMDB test split (bench/gateway.py's raw_ceiling) — the ceiling;
+    reviews of the IMDB test split (bench/common.py's raw_ceiling) — the ceiling;
 (b) the CLI: `classifier-client sentiment` over the full 25,000-review test split through a
     gateway on this machine (sharing its cores), from reading the file to the written output.
 Prints both in texts/s and the ratio (b)/(a); the goal is >= 0.85.
@@ -12,55 +12,17 @@ Prints both in texts/s and the ratio (b)/(a); the goal is >= 0.85.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway import raw_ceiling, save  # noqa: E402
+from bench.common import raw_ceiling, run_cli, save, split_file  # noqa: E402
 from testkit.gateway import gateway_process  # noqa: E402
-
-
-def split_file(tmp: Path) -> tuple[Path, list[str]]:
-    """The IMDB test split as the CLI's JSONL input (text, label) in ``tmp``, and its texts."""
-    from training.data import data_dir
-
-    src, texts = tmp / "imdb_test.jsonl", []
-    with gzip.open(data_dir() / "imdb_test.jsonl.gz", "rt", encoding="utf-8") as f, open(src, "w", encoding="utf-8") as o:
-        for line in f:
-            r = json.loads(line)
-            texts.append(r["text"])
-            o.write(json.dumps({"text": r["text"], "label": r["label"]}) + "\n")
-    return src, texts
-
-
-def run_cli(gw, model: str, runs: int = 3, cli_args=()) -> dict:
-    """The CLI over the whole split through the running gateway ``gw``, ``runs`` times (best kept)."""
-    tmp = Path(tempfile.mkdtemp())
-    src, texts = split_file(tmp)
-    out = tmp / "out.jsonl"
-    cmd = [sys.executable, "-m", "classifier_client.cli", "sentiment", str(src), "--target", gw.grpc, "-o", str(out),
-           "--model", model, "--quiet", *cli_args]
-    (tmp / "warm.txt").write_text("warm up\n" * 2048)
-    subprocess.run(cmd[:4] + [str(tmp / "warm.txt")] + cmd[5:], capture_output=True)  # warm the gateway up
-    speeds = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        dt = time.perf_counter() - t0
-        if r.returncode:
-            raise RuntimeError(f"classifier-client failed: {r.stderr}")
-        assert out.read_bytes().count(b"\n") == len(texts)
-        speeds.append(len(texts) / dt)
-    return {"texts_per_s": max(speeds), "runs_texts_per_s": speeds, "texts": len(texts),
-            "command": " ".join(["classifier-client"] + cmd[3:])}
 
 
 def main(argv=None) -> int:

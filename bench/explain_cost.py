@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway import instant, load_texts  # noqa: E402
+from bench.common import instant, load_texts  # noqa: E402
 
 
 def bodies(texts: list[str], explain: bool | None) -> str:

@@ -27,145 +27,27 @@ as they would on one node.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import gc
 import json
 import os
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import Http, grpc_batches, instant, load_texts, pct, raw_calls, raw_ceiling, run_cli, save, wrk  # noqa: E402
 from testkit.gateway import free_port, gateway_process, stable_version, wait_until  # noqa: E402
-
-
-def load_texts(n: int) -> list[str]:
-    from training.data import load_imdb
-
-    return load_imdb().test.x[:n]
-
-
-def raw_calls(model: str, texts: list[str], batch: int, seconds: float) -> dict:
-    """The served version's signature called in-process on batches of ``batch`` pre-tokenised
-    texts, one call after another for ``seconds``: texts/s and the latency of one call."""
-    import tensorflow as tf
-
-    from contract.repository import read_version
-
-    v = read_version(ROOT / "models", model, stable_version(model))
-    loaded = tf.saved_model.load(str(v.path))  # kept while its signature is called
-    sig = loaded.signatures["serving_default"]
-    batches = [v.preprocessor.encode_batch(texts[i : i + batch]) for i in range(0, len(texts) - batch + 1, batch)]
-    for b in batches[:3]:
-        sig(token_ids=tf.constant(b))
-    lat, n, i, t0 = [], 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        b = batches[i % len(batches)]
-        t = time.perf_counter()
-        sig(token_ids=tf.constant(b))["probabilities"].numpy()
-        lat.append(time.perf_counter() - t)
-        n, i = n + len(b), i + 1
-    dt = time.perf_counter() - t0
-    return {"texts_per_s": n / dt, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "batch": batch, "version": v.version}
-
-
-def raw_ceiling(model: str, texts: list[str], seconds: float) -> dict:
-    """Batches of 256: the model's own limit."""
-    return raw_calls(model, texts, 256, seconds)
 
 
 def raw_batch1(model: str, texts: list[str], seconds: float) -> dict:
     """One text at a time: the model's own latency for a lone request."""
     return raw_calls(model, texts[:512], 1, seconds)
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000) if len(values) > 1 else float("nan")
-
-
-WRK_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local bodies = {}
-local i = 0
-init = function(args)
-  local f = io.open(args[1], "r")
-  for line in f:lines() do bodies[#bodies + 1] = line end
-  f:close()
-end
-request = function()
-  i = i % #bodies + 1
-  return wrk.format(nil, nil, nil, bodies[i])
-end
-"""
-
-
-def wrk(url: str, bodies_file: str, concurrency: int, seconds: float) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_LUA)
-    threads = min(2, concurrency)
-    out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
-         "-s", f.name, url, "--", bodies_file],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-
-    def lat(q):
-        m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
-
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    texts = int(re.search(r"(\d+) requests in", out).group(1))  # one text per request
-    return {"texts_per_s": rps, "texts": texts, "p50_ms": lat(50), "p99_ms": lat(99), "concurrency": concurrency,
-            "non_2xx": int(errors.group(1)) if errors else 0}
-
-
-def grpc_batches(target: str, model: str, texts: list[str], seconds: float, batch: int = 256, concurrency: int = 4) -> dict:
-    import grpc
-
-    from serving.gen.classifier.v1 import classifier_pb2 as pb
-    from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-
-    reqs = [pb.SentimentRequest(texts=texts[i : i + batch], model=model) for i in range(0, len(texts) - batch + 1, batch)]
-    lat, counts, refused, stop = [], [0], [0], time.perf_counter() + seconds
-    lock = threading.Lock()
-
-    def worker(k):
-        with grpc.insecure_channel(target) as ch:
-            stub = pb_grpc.ClassifierStub(ch)
-            i = k
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                try:
-                    stub.ClassifySentiment(reqs[i % len(reqs)])
-                except grpc.RpcError as e:  # refused (queue full): wait as told, then retry
-                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        raise
-                    pushback = dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms", "10")
-                    time.sleep(int(pushback) / 1000)
-                    with lock:
-                        refused[0] += 1
-                    continue
-                with lock:
-                    lat.append(time.perf_counter() - t)
-                    counts[0] += batch
-                i += 1
-
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    return {"texts_per_s": counts[0] / (time.perf_counter() - t0), "texts": counts[0], "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-            "batch": batch, "concurrency": concurrency, "refused_and_retried": refused[0]}
 
 
 def naive(model: str, bodies_file: str, seconds: float, concurrency: int = 16) -> dict:
@@ -186,104 +68,67 @@ def naive(model: str, bodies_file: str, seconds: float, concurrency: int = 16) -
         proc.wait(30)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def instant(bodies_file: str, seconds: float, hot_path: bool = True, root: Path = ROOT) -> dict:
-    """The gateway of the tree at ``root`` over the instant backend under 64 wrk connections:
-    req/s, latency, and the gateway's CPU per request (from /proc)."""
-    import httpx
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(root / "bench" / "instant_backend_gateway.py")],
-        env={**os.environ, "BENCH_REST_PORT": str(port), "CLASSIFIER_REST_HOT_PATH": str(hot_path).lower()},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/v1/sentiment:predict"
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200, 60)
-        wrk(url, bodies_file, 64, 2)  # warm up
-        cpu0 = process_cpu_seconds(proc.pid)
-        result = wrk(url, bodies_file, 64, seconds)
-        cpu = process_cpu_seconds(proc.pid) - cpu0
-        result["gateway_cpu_us_per_request"] = cpu / max(result["texts"], 1) * 1e6
-        result["hot_path"] = hot_path
-        return result
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 def open_loop(host: str, port: int, bodies_file: str, rate: float, seconds: float, connections: int = 128) -> dict:
     """Requests sent at ``rate`` per second on a fixed schedule (not waiting for answers), over
     up to ``connections`` keep-alive connections; a request's latency counts from its
     scheduled time, so a stalled server is not hidden by a client that waits for it."""
-    import asyncio
-
-    from bench.overload import Http
-
     bodies = [line.strip().encode() for line in open(bodies_file, encoding="utf-8") if line.strip()]
     requests = [(f"POST /v1/sentiment:predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
-
-    async def run() -> dict:
-        free = collections.deque(Http(host, port) for _ in range(connections))  # FIFO: all stay in use
-        lat, errors, late = [], [0], [0]
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 0.1
-        n = int(rate * seconds)
-        tasks = []
-
-        async def one(conn, req, scheduled):
-            for attempt in (1, 2):  # a connection the server closed while idle is reopened once
-                try:
-                    status, _ = await conn.post(req)
-                    if status != 200:
-                        errors[0] += 1
-                    break
-                except (OSError, asyncio.IncompleteReadError):
-                    conn.close()
-                    if attempt == 2:
-                        errors[0] += 1
-            lat.append(loop.time() - scheduled)
-            free.append(conn)
-
-        for i in range(n):
-            scheduled = start + i / rate
-            delay = scheduled - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            while not free:  # every connection busy: the request waits (counted in its latency)
-                late[0] += 1
-                await asyncio.sleep(0.0005)
-            tasks.append(asyncio.ensure_future(one(free.popleft(), requests[i % len(requests)], scheduled)))
-        await asyncio.gather(*tasks)
-        elapsed = loop.time() - start
-        for c in free:
-            c.close()
-        return {"texts_per_s": len(lat) / elapsed, "offered_per_s": rate, "texts": len(lat), "p50_ms": pct(lat, 50),
-                "p99_ms": pct(lat, 99), "errors": errors[0], "waited_for_a_connection": late[0]}
-
     # This process holds TensorFlow (the raw ceiling): a full garbage collection of its objects
     # takes ~0.1 s and would stall the client, not the server. No collections while it sends.
     gc.collect()
     gc.freeze()
     gc.disable()
     try:
-        return asyncio.run(run())
+        return asyncio.run(send_on_schedule(host, port, requests, rate, seconds, connections))
     finally:
         gc.enable()
         gc.unfreeze()
 
 
+async def send_on_schedule(host: str, port: int, requests: list[bytes], rate: float, seconds: float, connections: int) -> dict:
+    """open_loop's sender: ``rate * seconds`` of ``requests`` (in turn), each at its scheduled time."""
+    free = collections.deque(Http(host, port) for _ in range(connections))  # FIFO: all stay in use
+    lat, errors, late = [], [0], [0]
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.1
+    n = int(rate * seconds)
+    tasks = []
+
+    async def one(conn, req, scheduled):
+        for attempt in (1, 2):  # a connection the server closed while idle is reopened once
+            try:
+                status, _ = await conn.post(req)
+                if status != 200:
+                    errors[0] += 1
+                break
+            except (OSError, asyncio.IncompleteReadError):
+                conn.close()
+                if attempt == 2:
+                    errors[0] += 1
+        lat.append(loop.time() - scheduled)
+        free.append(conn)
+
+    for i in range(n):
+        scheduled = start + i / rate
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        while not free:  # every connection busy: the request waits (counted in its latency)
+            late[0] += 1
+            await asyncio.sleep(0.0005)
+        tasks.append(asyncio.ensure_future(one(free.popleft(), requests[i % len(requests)], scheduled)))
+    await asyncio.gather(*tasks)
+    elapsed = loop.time() - start
+    for c in free:
+        c.close()
+    return {"texts_per_s": len(lat) / elapsed, "offered_per_s": rate, "texts": len(lat), "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99), "errors": errors[0], "waited_for_a_connection": late[0]}
+
+
 def cli_full_split(gw, model: str, runs: int = 2) -> dict:
     """``classifier-client sentiment`` over the whole IMDB test split through ``gw`` (gRPC stream)."""
-    from bench.client import run_cli
-
     return run_cli(gw, model, runs)
 
 
@@ -357,12 +202,6 @@ def goals(r: dict) -> list[dict]:
         ("batch client, full split / raw", r["c_batch_client_full_split"]["texts_per_s"] / raw, ">=", 0.9),
     ]
     return [{"goal": g, "figure": f, "op": op, "target": t, "met": f >= t if op == ">=" else f <= t} for g, f, op, t in rows]
-
-
-def save(path: str, results: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(results, indent=2))
-    print(f"written {path}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python bench/overload.py [--model sentiment_lstm] [--seconds 20] [--clients N] [--grpc] [--json PATH]
 
   1. capacity: the SavedModel's serving signature called in-process on batches of
-     256 pre-tokenised reviews (bench/gateway.py's raw ceiling), in texts/s;
+     256 pre-tokenised reviews (bench/common.py's raw ceiling, bench/gateway.py's case (a)),
+     in texts/s;
   2. the gateway (`python -m serving`, embedded backend, this model only);
   3. service time: the median latency of one 1,024-text REST request, sent one at a time;
   4. overload: N clients (default: offered load N x 1024 / service time = 4x capacity, at
@@ -33,39 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway import load_texts, pct, raw_ceiling, save  # noqa: E402
+from bench.common import Http, load_texts, pct, raw_ceiling, save  # noqa: E402
 from testkit.gateway import gateway_process  # noqa: E402
 
 BATCH = 1024
 PATH = "/v1/sentiment:predict"
 GRPC_METHOD = "/classifier.v1.Classifier/ClassifySentiment"
-
-
-class Http:
-    """One keep-alive HTTP/1.1 connection that sends pre-encoded requests and reads answers unparsed."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port, self.r, self.w = host, port, None, None
-
-    async def post(self, request: bytes) -> tuple[int, dict]:
-        if self.w is None:
-            self.r, self.w = await asyncio.open_connection(self.host, self.port)
-        self.w.write(request)
-        head = (await self.r.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
-        if "content-length" in headers:  # the gateway's answers all have one (no chunked encoding)
-            await self.r.readexactly(int(headers["content-length"]))
-        else:
-            await self.r.read()
-            headers["connection"] = "close"
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return int(head[0].split(" ", 2)[1]), headers
-
-    def close(self) -> None:
-        if self.w is not None:
-            self.w.close()
-        self.r = self.w = None
 
 
 def http_requests(host: str, port: int, model: str, texts: list[str]) -> list[bytes]:
@@ -202,7 +176,7 @@ def print_phase(name: str, r: dict) -> None:
           f"p99 of admitted = {r['ok_p99_over_service_time']:.2f} x service time")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="sentiment_lstm")
     p.add_argument("--seconds", type=float, default=20)
@@ -213,7 +187,43 @@ def main(argv=None) -> int:
     p.add_argument("--no-retry-after", action="store_true", help="retry refused requests at once")
     p.add_argument("--grpc", action="store_true", help="also overload over gRPC (ClassifySentiment)")
     p.add_argument("--json", help="write the figures here")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def service_time(host: str, port: int, requests: list[bytes], timeout: float, n: int = 5) -> float:
+    """The median latency of ``n`` lone requests, sent one at a time after one to warm up (s)."""
+
+    async def sequential() -> list[float]:
+        conn, out = Http(host, port), []
+        for i in range(n + 1):  # the first one warms up
+            t = time.perf_counter()
+            status, _ = await http_call(conn, requests[i % len(requests)], timeout)
+            if status != "200":
+                raise SystemExit(f"a lone {BATCH}-text request was answered {status}: is the gateway broken?")
+            out.append(time.perf_counter() - t)
+        conn.close()
+        return out[1:]
+
+    return statistics.median(asyncio.run(sequential()))
+
+
+def grpc_requests(model: str, texts: list[str]) -> list[bytes]:
+    from serving.gen.classifier.v1 import classifier_pb2 as pb
+
+    return [pb.SentimentRequest(texts=texts[i : i + BATCH], model=model).SerializeToString()
+            for i in range(0, len(texts) - BATCH + 1, BATCH)]
+
+
+def print_goals(results: dict, kinds) -> None:
+    print(f"\n{'goal':<50}{'target':>10}{'measured':>14}{'':>10}")
+    for kind in kinds:
+        for goal, target, measured, met in results[kind]["goals"]:
+            verdict = "n/a" if met is None else "MET" if met else "NOT MET"
+            print(f"{kind + ': ' + goal:<50}{target:>10}{measured:>14}{verdict:>10}")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     try:
         import uvloop
 
@@ -230,19 +240,7 @@ def main(argv=None) -> int:
     with gateway_process(models=json.dumps([a.model])) as gw:
         host, port = gw.rest.removeprefix("http://").split(":")
         rest_reqs = http_requests(host, int(port), a.model, texts)
-
-        async def sequential(n: int) -> list[float]:
-            conn, out = Http(host, int(port)), []
-            for i in range(n + 1):  # the first one warms up
-                t = time.perf_counter()
-                status, _ = await http_call(conn, rest_reqs[i % len(rest_reqs)], a.timeout)
-                if status != "200":
-                    raise SystemExit(f"a lone {BATCH}-text request was answered {status}: is the gateway broken?")
-                out.append(time.perf_counter() - t)
-            conn.close()
-            return out[1:]
-
-        service_s = statistics.median(asyncio.run(sequential(5)))
+        service_s = service_time(host, int(port), rest_reqs, a.timeout)
         clients = a.clients or max(4, math.ceil(4 * capacity * service_s / BATCH))
         results["service_time_ms"] = service_s * 1000
         results["offered_x_capacity"] = clients * BATCH / service_s / capacity
@@ -251,21 +249,14 @@ def main(argv=None) -> int:
 
         phases = {"rest": rest_reqs}
         if a.grpc:
-            from serving.gen.classifier.v1 import classifier_pb2 as pb
-
-            phases["grpc"] = [pb.SentimentRequest(texts=texts[i : i + BATCH], model=a.model).SerializeToString()
-                              for i in range(0, len(texts) - BATCH + 1, BATCH)]
+            phases["grpc"] = grpc_requests(a.model, texts)
         for kind, reqs in phases.items():
             results[kind] = run_phase(kind, gw, reqs, a, clients, capacity, service_s)
             time.sleep(min(30, clients * service_s))  # let the gateway finish what is queued
 
     for kind in phases:
         print_phase(f"{kind.upper()} overload", results[kind])
-    print(f"\n{'goal':<50}{'target':>10}{'measured':>14}{'':>10}")
-    for kind in phases:
-        for goal, target, measured, met in results[kind]["goals"]:
-            verdict = "n/a" if met is None else "MET" if met else "NOT MET"
-            print(f"{kind + ': ' + goal:<50}{target:>10}{measured:>14}{verdict:>10}")
+    print_goals(results, phases)
     if a.json:
         save(a.json, results)
     return 0

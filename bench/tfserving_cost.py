@@ -29,18 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from gateway import grpc_batches, load_texts, save, wrk  # noqa: E402
+from bench.common import grpc_batches, load_texts, process_cpu_seconds, save, wrk  # noqa: E402
 from testkit.gateway import WITHOUT_TENSORFLOW, free_port, gateway_process  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def parts(model: str, texts: list[str], seconds: float = 1.0) -> dict:
@@ -102,9 +93,9 @@ def end_to_end(model: str, texts: list[str], seconds: float, bodies_file: str | 
             grpc_batches(gw.grpc, model, texts, 2)  # warm up
 
             def measure(name, run):
-                c0, s0 = cpu_seconds(pid), cpu_seconds(standin.pid)
+                c0, s0 = process_cpu_seconds(pid), process_cpu_seconds(standin.pid)
                 r = run()
-                c1, s1 = cpu_seconds(pid), cpu_seconds(standin.pid)
+                c1, s1 = process_cpu_seconds(pid), process_cpu_seconds(standin.pid)
                 n = r["texts"]
                 r["gateway_cpu_us_per_text"] = (c1 - c0) / n * 1e6
                 r["standin_cpu_us_per_text"] = (s1 - s0) / n * 1e6

@@ -26,10 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.capacity import free_port, process, wait_until  # noqa: E402
+from bench.common import process, wait_for  # noqa: E402
 from serving.gen.classifier.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
-from testkit.gateway import stable_version  # noqa: E402
+from testkit.gateway import free_port, stable_version  # noqa: E402
 
 
 async def drive(target: str, batches: list[list[str]], model: str, whole_text: bool, seconds: float,
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
            "CLASSIFIER_ACCESS_LOG": "false", "CLASSIFIER_MAX_QUEUE_WAIT_S": "5"}
     results = {}
     with process([sys.executable, "-m", "serving"], env):
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz").status_code == 200, 180, "the gateway")
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz").status_code == 200, 180, "the gateway")
         target = f"127.0.0.1:{grpc_port}"
         asyncio.run(drive(target, batches[:4], a.model, True, 2, a.concurrency))  # warm both paths
         for mode, whole in (("default (last 20 tokens)", False), ("whole_text", True)):
