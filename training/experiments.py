@@ -29,7 +29,7 @@ VARIANTS = {
 }
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.experiments")
     p.add_argument("--model", default="sentiment_lstm", choices=["sentiment_lstm", "sentiment_bilstm"])
     p.add_argument("--epochs", type=int, default=4)
@@ -45,63 +45,83 @@ def main(argv=None) -> int:
                    "inverse L2 strength C and print its validation and test figures, scored as the models are")
     p.add_argument("--proxy-ceiling", action="store_true", help="instead: an n-gram model trained on the short-text "
                    "proxy's own kind of data, for the proxy's reach with this vocabulary")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     if a.proxy_ceiling:
         print(json.dumps(proxy_ceiling(a.data_dir, a.seed)))
-        return 0
-    if a.bow_reference:
+    elif a.bow_reference:
         print(json.dumps(bow_reference(a.data_dir, a.seed)))
-        return 0
-    if a.teacher:
-        from training.review_objective import ReviewData, ReviewObjective
-        from training.teacher import NgramTeacher
-        from training.train import prepare
+    elif a.teacher:
+        teacher_figures(a.data_dir, a.seed, (float(v) for v in a.teacher.split(",")))
+    elif a.windows:
+        compare_schemes(a.model, a.windows.split(","), a.epochs, a.batch_size, a.data_dir, a.seed)
+    else:
+        compare_stopwords(a.model, a.epochs, a.data_dir, a.seed)
+    return 0
 
-        prep = prepare("sentiment_lstm", a.data_dir, 0.1, a.seed)
-        data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], ReviewObjective())
-        for c in (float(v) for v in a.teacher.split(",")):
-            t = NgramTeacher.fit(data.windows, data.labels, c)
-            print(json.dumps({**t.describe(), "validation": t.figures(prep.preprocessor, *prep.val_raw),
-                              "test": t.figures(prep.preprocessor, *prep.test_raw)}), flush=True)
-        return 0
 
+def teacher_figures(data_dir, seed: int, cs) -> None:
+    """Print the n-gram teacher's description and validation/test figures for each C (one JSON line each)."""
+    from training.review_objective import ReviewData, ReviewObjective
+    from training.teacher import NgramTeacher
+    from training.train import prepare
+
+    prep = prepare("sentiment_lstm", data_dir, 0.1, seed)
+    data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], ReviewObjective())
+    for c in cs:
+        t = NgramTeacher.fit(data.windows, data.labels, c)
+        print(json.dumps({**t.describe(), "validation": t.figures(prep.preprocessor, *prep.val_raw),
+                          "test": t.figures(prep.preprocessor, *prep.test_raw)}), flush=True)
+
+
+def compare_schemes(model_name: str, schemes, epochs: int, batch_size: int | None, data_dir, seed: int) -> None:
+    """Train ``model_name`` on each training-window scheme (training/windows.py), same seed; print
+    one JSON line each: validation last-20, whole-text (strides 20 and 10) and short-proxy figures."""
+    import time
+
+    import keras
+
+    from training.metrics import text_metrics
+    from training.models import SPECS
+    from training.train import fit, prepare
+
+    for scheme in schemes:
+        keras.utils.set_random_seed(seed)
+        t0 = time.perf_counter()
+        prep = prepare(model_name, data_dir, 0.1, seed, windows=scheme)
+        model, _, keep = fit(model_name, prep, epochs, batch_size or SPECS[model_name].default_batch_size, verbose=0)
+        m = text_metrics(lambda x: model.predict(x, batch_size=2048, verbose=0), prep.preprocessor,
+                         prep.val_raw[0], prep.val_raw[1], (20, 10))
+        row = {
+            "model": model_name, "scheme": scheme, "epochs": epochs, "train_examples": int(len(prep.y_train)),
+            "best_epoch": keep.best_epoch + 1,
+            "val_last20": m["last20"]["accuracy"],
+            "val_whole_text_s20": m["whole_text"]["stride_20"]["accuracy"],
+            "val_whole_text_s10": m["whole_text"]["stride_10"]["accuracy"],
+            "val_short_proxy": m["short_text_proxy"]["accuracy"],
+            "val_short_positive_share": m["short_text_proxy"]["positive_share"],
+            "val_ece_last20": m["last20"]["ece"],
+            "seconds_per_epoch": round(float(np.mean(keep.epoch_seconds)), 1),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        print(json.dumps(row), flush=True)
+
+
+def compare_stopwords(model_name: str, epochs: int, data_dir, seed: int) -> None:
+    """Train ``model_name`` with each stop-word variant's vocabulary (:data:`VARIANTS`), same seed;
+    print one JSON line each: best validation accuracy and how the 20 slots are filled."""
     import keras
 
     from training.models import SPECS
     from training.train import fit, prepare
 
-    if a.windows:
-        import time
-
-        from training.metrics import text_metrics
-
-        for scheme in a.windows.split(","):
-            keras.utils.set_random_seed(a.seed)
-            t0 = time.perf_counter()
-            prep = prepare(a.model, a.data_dir, 0.1, a.seed, windows=scheme)
-            model, _, keep = fit(a.model, prep, a.epochs, a.batch_size or SPECS[a.model].default_batch_size, verbose=0)
-            m = text_metrics(lambda x: model.predict(x, batch_size=2048, verbose=0), prep.preprocessor,
-                             prep.val_raw[0], prep.val_raw[1], (20, 10))
-            row = {
-                "model": a.model, "scheme": scheme, "epochs": a.epochs, "train_examples": int(len(prep.y_train)),
-                "best_epoch": keep.best_epoch + 1,
-                "val_last20": m["last20"]["accuracy"],
-                "val_whole_text_s20": m["whole_text"]["stride_20"]["accuracy"],
-                "val_whole_text_s10": m["whole_text"]["stride_10"]["accuracy"],
-                "val_short_proxy": m["short_text_proxy"]["accuracy"],
-                "val_short_positive_share": m["short_text_proxy"]["positive_share"],
-                "val_ece_last20": m["last20"]["ece"],
-                "seconds_per_epoch": round(float(np.mean(keep.epoch_seconds)), 1),
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-            print(json.dumps(row), flush=True)
-        return 0
-
-    results = []
     for label, stopwords in VARIANTS.items():
-        keras.utils.set_random_seed(a.seed)
-        prep = prepare(a.model, a.data_dir, 0.1, a.seed, stopwords=stopwords)
-        _, _, keep = fit(a.model, prep, a.epochs, SPECS[a.model].default_batch_size, verbose=0)
+        keras.utils.set_random_seed(seed)
+        prep = prepare(model_name, data_dir, 0.1, seed, stopwords=stopwords)
+        _, _, keep = fit(model_name, prep, epochs, SPECS[model_name].default_batch_size, verbose=0)
         x = prep.x_val
         row = {
             "variant": label,
@@ -111,9 +131,7 @@ def main(argv=None) -> int:
             "oov_share_of_words": round(float(np.mean(x == 2) / np.mean(x >= 2)), 4),
             "seconds_per_epoch": round(float(np.mean(keep.epoch_seconds)), 1),
         }
-        results.append(row)
         print(json.dumps(row), flush=True)
-    return 0
 
 
 def bow_reference(data_dir=None, seed: int = 1337, steps: int = 1000, lr: float = 0.5, l2: float = 1e-4) -> dict:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.whole_text import MAX_WINDOWS
-from training.windows import short_window
-
+from contract.whole_text import MAX_WINDOWS, owners_of
+from training.schedules import cosine_lr
+from training.windows import review_windows, short_window
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,7 @@ class ReviewData:
         self.prep, self.texts, self.objective = prep, list(texts), objective
         self.labels = np.asarray(labels, dtype=np.int64)
         self.ids = [prep.token_ids(t) for t in self.texts]
-        self.windows = [
-            np.asarray(prep.windows_of(ids, objective.stride, MAX_WINDOWS), dtype=np.int32) for ids in self.ids
-        ]
+        self.windows = review_windows(prep, self.ids, objective.stride, MAX_WINDOWS)
         self.n_windows = np.array([len(w) for w in self.windows])
         self.teacher = None
         if objective.teacher_weight:
@@ -102,7 +100,7 @@ class ReviewData:
             idx = order[start : start + obj.reviews_per_batch]
             wins = [self.windows[i] for i in idx]
             counts = np.array([len(w) for w in wins])
-            owners = np.repeat(np.arange(len(idx)), counts)
+            owners = owners_of(counts)
             tails = np.cumsum(counts) - 1
             shorts = [
                 short_window(self.prep, self.texts[i], self.ids[i], rng) for i in idx for _ in range(obj.short)
@@ -187,15 +185,13 @@ def fit_reviews(
 ):
     """Train ``name`` with the review objective; keep the epoch with the best validation
     score, the mean of last-20, whole-text and short-proxy accuracy. ``lr_schedule="cosine"``:
-    the learning rate falls from the model's rate to 1e-5 as in :func:`training.train.fit`;
-    otherwise it stays at the model's rate.
+    the learning rate falls from the model's rate to 1e-5 (:func:`training.schedules.cosine_lr`,
+    as :func:`training.train.fit`); otherwise it stays at the model's rate.
 
     Returns (model with the best epoch's weights, history dict, :class:`Kept`)."""
     import keras
 
-    from training.metrics import text_metrics
     from training.models import SPECS, build
-    from training.train import cosine_lr
 
     model = build(name)
     lr0 = SPECS[name].learning_rate
@@ -204,48 +200,68 @@ def fit_reviews(
     data = ReviewData(prep.preprocessor, prep.train_raw[0], prep.train_raw[1], objective)
     rng = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
-    best = {"score": -1.0, "epoch": -1, "weights": None, "metrics": None}
+    best = {"score": -1.0, "epoch": -1, "weights": None}
     epoch_seconds = []
     for epoch in range(epochs):
         if lr_schedule == "cosine":
             optimizer.learning_rate.assign(cosine_lr(epoch, epochs, lr0))
         t0 = time.perf_counter()
-        sums = np.zeros(5)
-        nb = 0
-        for batch in data.batches(rng):
-            sums += np.array([float(v) for v in step(*batch)])
-            nb += 1
+        losses = train_epoch(step, data, rng)
         epoch_seconds.append(time.perf_counter() - t0)
-        m = text_metrics(
-            lambda x: model.predict(x, batch_size=2048, verbose=0), prep.preprocessor,
-            prep.val_raw[0], prep.val_raw[1], (objective.stride,),
-        )
-        val = {
-            "val_last20": m["last20"]["accuracy"],
-            "val_whole_text": m["whole_text"][f"stride_{objective.stride}"]["accuracy"],
-            "val_short_proxy": m["short_text_proxy"]["accuracy"],
-        }
+        val = validation_accuracies(model, prep, objective.stride)
         score = float(np.mean(list(val.values())))
-        names = ("loss", "whole_loss", "tail_loss", "short_loss") + (("teacher_loss",) if data.teacher else ())
-        row = dict(zip(names, (sums / max(nb, 1)).round(4).tolist()))
-        row.update(val, val_score=round(score, 4), learning_rate=float(optimizer.learning_rate.numpy()))
+        row = {**losses, **val, "val_score": round(score, 4), "learning_rate": float(optimizer.learning_rate.numpy())}
         for k, v in row.items():
             history.setdefault(k, []).append(v)
         if verbose:
             print(f"epoch {epoch + 1}/{epochs} {epoch_seconds[-1]:.0f}s", row, flush=True)
         if score > best["score"]:
-            best.update(score=score, epoch=epoch, weights=model.get_weights(), metrics=m)
+            best.update(score=score, epoch=epoch, weights=model.get_weights())
     if best["weights"] is not None:
         model.set_weights(best["weights"])
+    return model, history, kept_epoch(model, prep, data, best["epoch"], best["score"], epoch_seconds)
+
+
+def train_epoch(step, data: ReviewData, rng: np.random.Generator) -> dict[str, float]:
+    """One pass of ``step`` (:func:`make_train_step`) over every batch of ``data``; the mean of
+    each loss term over the batches (the teacher's only when there is one), rounded."""
+    sums = np.zeros(5)
+    nb = 0
+    for batch in data.batches(rng):
+        sums += np.array([float(v) for v in step(*batch)])
+        nb += 1
+    names = ("loss", "whole_loss", "tail_loss", "short_loss") + (("teacher_loss",) if data.teacher is not None else ())
+    return dict(zip(names, (sums / max(nb, 1)).round(4).tolist()))
+
+
+def validation_accuracies(model, prep, stride: int) -> dict[str, float]:
+    """The three accuracies the review objective keeps its epoch by (training.metrics, on the
+    validation split): last-20, whole-text at ``stride`` and the short-text proxy."""
+    from training.metrics import text_metrics
+
+    m = text_metrics(
+        lambda x: model.predict(x, batch_size=2048, verbose=0), prep.preprocessor,
+        prep.val_raw[0], prep.val_raw[1], (stride,),
+    )
+    return {
+        "val_last20": m["last20"]["accuracy"],
+        "val_whole_text": m["whole_text"][f"stride_{stride}"]["accuracy"],
+        "val_short_proxy": m["short_text_proxy"]["accuracy"],
+    }
+
+
+def kept_epoch(model, prep, data: ReviewData, epoch: int, score: float, epoch_seconds: list[float]) -> Kept:
+    """:class:`Kept` for ``model`` holding the kept epoch's weights: its validation last-20
+    accuracy and loss, and the teacher's description and validation figures (if any)."""
     val_loss, val_acc = model.evaluate(prep.x_val, prep.y_val, batch_size=2048, verbose=0)
     teacher = None if data.teacher is None else {
         **data.teacher.describe(), "validation": data.teacher.figures(prep.preprocessor, *prep.val_raw)}
-    return model, history, Kept(best["epoch"], (float(val_acc), float(val_loss)), epoch_seconds, best["score"], teacher)
+    return Kept(epoch, (float(val_acc), float(val_loss)), epoch_seconds, score, teacher)
 
 
 @dataclass
 class Kept:
-    """What :func:`training.train.run` reads of the kept epoch (as its KeepBest callback):
+    """What :func:`training.train.run` reads of the kept epoch (as of :func:`training.train.keep_best`):
     ``best`` = (validation last-20 accuracy, validation loss) of the kept weights."""
 
     best_epoch: int

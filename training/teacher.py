@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from contract.text import NUM_WORDS, START_ID
+from contract.whole_text import owners_of
+from training.windows import review_windows
 
 PAIR_BASE = 1 << 20  # pair (a, b) -> PAIR_BASE + a * num_words + b, above every single id
 
@@ -56,7 +58,7 @@ class NgramTeacher:
         index = {f: i for i, f in enumerate(sorted(k for k, n in seen.items() if n >= min_count))}
         x = feature_matrix(rows, index)
         n = np.array([len(ws) for ws in windows])
-        owner = np.repeat(np.arange(len(windows)), n)
+        owner = owners_of(n)
         mean = sp.csr_matrix((1.0 / n[owner], (owner, np.arange(len(owner)))), shape=(len(windows), len(rows))) @ x
         y = np.asarray(labels)
         lr = LogisticRegression(C=c, max_iter=3000).fit(mean, y)
@@ -88,9 +90,10 @@ class NgramTeacher:
 
         y = np.asarray(y)
         short_x, short_y = short_text_proxy(texts, y)
+        windows = review_windows(prep, [prep.token_ids(t) for t in texts], 20)
         acc = lambda z, yy: round(float(np.mean((z > 0) == yy)), 4) if len(yy) else None  # noqa: E731
         return {
-            "whole_text_stride_20": acc(self.review_logits([np.asarray(prep.windows(t, 20)) for t in texts]), y),
+            "whole_text_stride_20": acc(self.review_logits(windows), y),
             "last20": acc(self.logits(prep.encode_batch(texts)), y),
             "short_text_proxy": acc(self.logits(prep.encode_batch(short_x)), short_y),
         }

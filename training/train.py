@@ -12,15 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from training import data as datasets
 from contract.text import STOPWORDS, TextPreprocessor, Vocabulary
+from training import data as datasets
+from training.card import Trained, command_line, metrics_measurer, model_card, training_notes
+from training.schedules import keras_lr_callback
 from training.windows import SCHEME_COMPARISON, WindowScheme
 from training.windows import sample as sample_windows
 
@@ -106,32 +106,12 @@ def shift_images(x: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def cosine_lr(epoch: int, epochs: int, lr0: float, lr_min: float = 1e-5) -> float:
-    """The learning rate of ``epoch`` (from 0) on a cosine from ``lr0`` down to ``lr_min`` over ``epochs``."""
-    return lr_min + 0.5 * (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
-
-
-def fit(
-    name: str,
-    prep: Prepared,
-    epochs: int,
-    batch_size: int,
-    verbose: int = 1,
-    shift: int = 0,
-    lr_schedule: str | None = None,
-    seed: int = 1337,
-):
-    """Train; return (model with the best epoch's weights, history dict, timings).
-
-    ``shift`` > 0 (images): every epoch sees each training image moved by a random
-    offset of up to ``shift`` pixels in each direction. ``lr_schedule="cosine"``:
-    the learning rate follows a cosine from the model's rate down to 1e-5 over
-    ``epochs`` instead of being halved on a validation-loss plateau."""
+def keep_best():
+    """A Keras callback that keeps the weights of the best epoch (best validation accuracy,
+    ties: lower validation loss) and puts them back when training ends; it also times each epoch.
+    Afterwards: ``best`` = (validation accuracy, validation loss), ``best_epoch`` (from 0),
+    ``epoch_seconds``."""
     import keras
-
-    from training.models import build
-
-    model = build(name)
 
     class KeepBest(keras.callbacks.Callback):
         def __init__(self):
@@ -155,37 +135,59 @@ def fit(
             if self.weights is not None:
                 self.model.set_weights(self.weights)
 
-    keep = KeepBest()
-    if lr_schedule == "cosine":
-        from training.models import SPECS
+    return KeepBest()
 
-        lr_cb = keras.callbacks.LearningRateScheduler(lambda e, lr: cosine_lr(e, epochs, SPECS[name].learning_rate))
-    elif lr_schedule in (None, "plateau"):
-        # Halve the learning rate when validation loss stalls; KeepBest restores
-        # the best epoch's weights at the end whatever happens after it.
-        lr_cb = keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=2, min_lr=1e-5)
-    else:
-        raise ValueError(f"unknown learning-rate schedule {lr_schedule!r}")
+
+def shifted_batches(x_tr: np.ndarray, y_tr: np.ndarray, batch_size: int, shift: int, seed: int):
+    """A Keras dataset of (images, labels) batches in which every image is moved by a random
+    offset of up to ``shift`` pixels (:func:`shift_images`); a new seeded order and new
+    offsets every epoch."""
+    import keras
+
+    class Shifted(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(y_tr))
+
+        def __len__(self):
+            return math.ceil(len(y_tr) / batch_size)
+
+        def __getitem__(self, i):
+            idx = self.order[i * batch_size : (i + 1) * batch_size]
+            return shift_images(x_tr[idx], self.rng, shift), y_tr[idx]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(y_tr))
+
+    return Shifted()
+
+
+def fit(
+    name: str,
+    prep: Prepared,
+    epochs: int,
+    batch_size: int,
+    verbose: int = 1,
+    shift: int = 0,
+    lr_schedule: str | None = None,
+    seed: int = 1337,
+):
+    """Train; return (model with the best epoch's weights, history dict, timings).
+
+    ``shift`` > 0 (images): every epoch sees each training image moved by a random
+    offset of up to ``shift`` pixels in each direction. ``lr_schedule="cosine"``:
+    the learning rate follows a cosine from the model's rate down to 1e-5 over
+    ``epochs`` instead of being halved on a validation-loss plateau."""
+    from training.models import SPECS, build
+
+    model = build(name)
+    keep = keep_best()
+    # plateau (the default): the rate is halved when validation loss stalls; keep
+    # restores the best epoch's weights at the end whatever happens after it.
+    lr_cb = keras_lr_callback(lr_schedule, epochs, SPECS[name].learning_rate)
     if shift:
-        x_tr, y_tr = prep.x_train, prep.y_train
-
-        class Shifted(keras.utils.PyDataset):
-            def __init__(self):
-                super().__init__()
-                self.rng = np.random.default_rng(seed)
-                self.order = self.rng.permutation(len(y_tr))
-
-            def __len__(self):
-                return math.ceil(len(y_tr) / batch_size)
-
-            def __getitem__(self, i):
-                idx = self.order[i * batch_size : (i + 1) * batch_size]
-                return shift_images(x_tr[idx], self.rng, shift), y_tr[idx]
-
-            def on_epoch_end(self):
-                self.order = self.rng.permutation(len(y_tr))
-
-        train_args = {"x": Shifted()}
+        train_args = {"x": shifted_batches(prep.x_train, prep.y_train, batch_size, shift, seed)}
     else:
         train_args = {"x": prep.x_train, "y": prep.y_train, "batch_size": batch_size}
     history = model.fit(
@@ -198,14 +200,21 @@ def fit(
     return model, history.history, keep
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+
+def train_model(name: str, prep: Prepared, epochs: int, batch_size: int, verbose: int = 1, shift: int = 0,
+                lr_schedule: str | None = None, seed: int = 1337, objective=None):
+    """:func:`fit`, or with ``objective`` :func:`training.review_objective.fit_reviews` (text models;
+    ``batch_size`` is then the objective's reviews per step). Returns (model, history, kept epoch,
+    the objective as used)."""
+    if objective is None:
+        return (*fit(name, prep, epochs, batch_size, verbose, shift, lr_schedule, seed), None)
+    from training.models import SPECS
+    from training.review_objective import fit_reviews
+
+    if SPECS[name].kind != "text":
+        raise ValueError("the review objective is for the text models")
+    objective = dataclasses.replace(objective, reviews_per_batch=batch_size)  # --batch-size: reviews per step
+    return (*fit_reviews(name, prep, epochs, objective, lr_schedule, seed, verbose), objective)
 
 
 def run(
@@ -232,9 +241,8 @@ def run(
     measured through the exported signature, to the card; text models then also
     get ``"whole_text": {"stride": S, "combine": "mean_log_probability"}``.
     ``objective`` (a :class:`training.review_objective.ReviewObjective`, text models):
-    train through the whole-text combination instead of on single windows."""
+    train through the whole-text combination instead of on single windows (implies ``measure``)."""
     import keras
-    import tensorflow as tf
 
     from training.export import export_model
     from training.models import SPECS
@@ -245,80 +253,17 @@ def run(
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
     prep = prepare(name, data_dir, val_fraction, seed, limit, windows=windows)
-    if objective is not None:
-        from training.review_objective import fit_reviews
-
-        if spec.kind != "text":
-            raise ValueError("the review objective is for the text models")
-        objective = dataclasses.replace(objective, reviews_per_batch=batch_size)  # --batch-size: reviews per step
-        model, history, keep = fit_reviews(name, prep, epochs, objective, lr_schedule, seed, verbose)
-        measure = True
-    else:
-        model, history, keep = fit(name, prep, epochs, batch_size, verbose, shift, lr_schedule, seed)
-    train_seconds = time.perf_counter() - started
-    test_loss, test_acc = model.evaluate(prep.x_test, prep.y_test, batch_size=512, verbose=0)
-    card = {
-        "test_accuracy": round(float(test_acc), 4),
-        "test_loss": round(float(test_loss), 4),
-        "test_examples": int(len(prep.y_test)),
-        "validation_accuracy": round(float(keep.best[0]), 4),
-        "validation_loss": round(float(keep.best[1]), 4),
-        "validation_examples": int(len(prep.y_val)),
-        "train_examples": int(len(prep.y_train)),
-        "best_epoch": keep.best_epoch + 1,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "learning_rate": spec.learning_rate,
-        "seed": seed,
-        "training_seconds": round(train_seconds, 1),
-        "seconds_per_epoch": [round(s, 1) for s in keep.epoch_seconds],
-        "history": {k: [round(float(v), 4) for v in vs] for k, vs in history.items()},
-        "data_files_sha256": prep.sources,
-        "vocab_sha256": prep.preprocessor.vocab.sha256() if prep.preprocessor else None,
-        "parameters": int(model.count_params()),
-        "labels": list(spec.labels),
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-        "git_commit": git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": f"python -m training {name} --epochs {epochs} --batch-size {batch_size} --seed {seed}"
-        + (f" --limit {limit}" if limit else "")
-        + (f" --windows {WindowScheme.parse(windows).name}" if windows and WindowScheme.parse(windows).name != "tail" else "")
-        + (objective.cli() if objective is not None else "")
-        + (f" --shift {shift}" if shift else "")
-        + (f" --lr-schedule {lr_schedule}" if lr_schedule and lr_schedule != "plateau" else "")
-        + (f" --whole-text-stride {whole_text_stride}" if whole_text_stride else "")
-        + (" --metrics" if measure and not whole_text_stride else "")
-        + (f" --version {version}" if version is not None else ""),
-        **prep.info,
-    }
-    if objective is not None:
-        card["objective"] = {**objective.describe(), "selection": "the epoch with the best mean of validation "
-                             "last-20, whole-text and short-text-proxy accuracy"}
-        if keep.teacher:
-            card["objective"]["teacher"] = keep.teacher
-    if shift:
-        card["augmentation"] = {"random_shift_pixels": shift, "fill": 0, "per": "image and epoch"}
-    if lr_schedule and lr_schedule != "plateau":
-        card["learning_rate_schedule"] = {"name": lr_schedule, "from": spec.learning_rate, "to": 1e-5, "epochs": epochs}
-    measure_fn = None
-    if measure or whole_text_stride:
-        from training.metrics import version_metrics
-
-        stride = whole_text_stride or 20
-        val_strides = sorted({stride, 20, 10}, reverse=True)
-
-        def measure_fn(path):
-            t0 = time.perf_counter()
-            m = version_metrics(path, name, prep.preprocessor, prep.val_raw, prep.test_raw, val_strides, (stride,))
-            extra = {"metrics": m, "metrics_seconds": round(time.perf_counter() - t0, 1)}
-            if spec.kind == "text":
-                from training.metrics import WHOLE_TEXT_STRIDE_CHOICE
-
-                extra["whole_text"] = {"stride": stride, "combine": "mean_log_probability"}
-                extra["whole_text_stride_choice"] = WHOLE_TEXT_STRIDE_CHOICE
-            return extra
-
+    model, history, keep, objective = train_model(name, prep, epochs, batch_size, verbose, shift, lr_schedule, seed,
+                                                  objective)
+    measure = measure or objective is not None
+    trained = Trained(model, history, keep, time.perf_counter() - started,
+                      tuple(model.evaluate(prep.x_test, prep.y_test, batch_size=512, verbose=0)))
+    command = command_line(name, epochs, batch_size, seed, limit=limit, windows=windows, objective=objective,
+                           shift=shift, lr_schedule=lr_schedule, whole_text_stride=whole_text_stride,
+                           measure=measure, version=version)
+    card = model_card(name, prep, trained, epochs, batch_size, seed, command)
+    card.update(training_notes(spec.learning_rate, epochs, keep, objective, shift, lr_schedule))
+    measure_fn = metrics_measurer(name, prep, whole_text_stride) if measure or whole_text_stride else None
     path = export_model(model, name, out, card, prep.x_test[:32], prep.preprocessor, version, measure_fn)
     card = json.loads((path / "assets.extra" / "model_card.json").read_text())
     card["path"] = str(path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract.text import MAXLEN, OOV_ID, START_ID, TextPreprocessor, pad_sequence, tokenize
+from contract.whole_text import window_rows
 
 SHORT_MAX_TOKENS = 12
 SNIPPET_MIN, SNIPPET_MAX = 2, 8
@@ -93,6 +94,14 @@ def short_window(
     return pad_sequence([START_ID] + words[-(prep.maxlen - 1):], prep.maxlen)
 
 
+def review_windows(prep: TextPreprocessor, ids_per_text: Sequence[Sequence[int]], stride: int,
+                   max_windows: int | None = None) -> list[np.ndarray]:
+    """Per text, its whole-text windows ([k, maxlen] int32), exactly the rows of
+    :func:`contract.whole_text.window_rows` (what the gateway scores), one array per text."""
+    rows, sizes = window_rows(prep, ids_per_text, stride, max_windows)
+    return np.split(rows, np.cumsum(sizes)[:-1]) if sizes else []
+
+
 def sample(
     prep: TextPreprocessor,
     texts: Sequence[str],
@@ -136,3 +145,4 @@ SCHEME_COMPARISON = {
     },
     "chosen": "r3s1",
 }
+
