@@ -19,9 +19,11 @@ import time
 from collections import Counter
 
 from classifier_client.errors import ClientError
-from classifier_client.grpc_client import MAX_ITEMS, AsyncClient, Options, ordered_calls
+from classifier_client.grpc_client import AsyncClient
 from classifier_client.io import (InputError, Writer, image_bytes, input_format, normalise_label, output_format,
                                   read_records, rows_done, rows_of)
+from classifier_client.protocol import MAX_ITEMS, Options
+from classifier_client.stream import ordered_calls
 
 
 class Progress:
@@ -192,43 +194,39 @@ def _failure(a, e: ClientError, answered: bool) -> str:
     return line + "\nclassifier-client: if the gateway serves TLS, add --ca CA.pem (or --tls)"
 
 
-def main(argv=None) -> int:
-    a = parser().parse_args(argv)
-    try:
-        if not 1 <= a.chunk_size <= MAX_ITEMS:
-            raise InputError(f"--chunk-size must be 1..{MAX_ITEMS} (the server's limit per request)")
-        if a.version and a.version_label:
-            raise InputError("--version and --version-label: give one")
-        if a.resume and not a.output:
-            raise InputError("--resume needs -o/--output (the output file is the resume state)")
-        fmt = input_format(a.input, a.format)
-        field = a.field or ("text" if a.kind == "sentiment" else "image")
-        records = read_records(a.input, fmt, field, a.evaluate)
-        ofmt = output_format(a.output, a.output_format)
-        done = rows_done(a.output, ofmt) if a.resume else []
-        if len(done) > len(records.items):
-            raise InputError(f"{a.output} has {len(done)} rows but the input only {len(records.items)}")
-        truth = [normalise_label(a.kind, v) for v in records.labels] if records.labels is not None else None
-    except (InputError, OSError, UnicodeDecodeError) as e:
-        print(f"classifier-client: {e}", file=sys.stderr)
-        return 2
+def _load(a):
+    """Checks the options and reads the input (and, with --resume, the rows already written):
+    ``(records, output format, rows done, true labels or None)``; raises InputError."""
+    if not 1 <= a.chunk_size <= MAX_ITEMS:
+        raise InputError(f"--chunk-size must be 1..{MAX_ITEMS} (the server's limit per request)")
+    if a.version and a.version_label:
+        raise InputError("--version and --version-label: give one")
+    if a.resume and not a.output:
+        raise InputError("--resume needs -o/--output (the output file is the resume state)")
+    fmt = input_format(a.input, a.format)
+    field = a.field or ("text" if a.kind == "sentiment" else "image")
+    records = read_records(a.input, fmt, field, a.evaluate)
+    ofmt = output_format(a.output, a.output_format)
+    done = rows_done(a.output, ofmt) if a.resume else []
+    if len(done) > len(records.items):
+        raise InputError(f"{a.output} has {len(done)} rows but the input only {len(records.items)}")
+    truth = [normalise_label(a.kind, v) for v in records.labels] if records.labels is not None else None
+    return records, ofmt, done, truth
 
-    start = len(done)
-    predicted = [r["label"] if a.kind == "sentiment" else int(r["label"]) for r in done]
-    writer = Writer(a.output, ofmt, a.kind, append=a.resume)
-    progress = Progress(len(records.items), start, enabled=not a.quiet and sys.stderr.isatty())
-    stats_out: list = []
-    t0 = time.monotonic()
 
-    if truth is not None:
-        inner_write = writer.write
+def _collect_labels(writer: Writer, predicted: list) -> None:
+    """Makes ``writer`` also append each written row's label to ``predicted`` (for --evaluate)."""
+    inner_write = writer.write
 
-        def write(rows):
-            predicted.extend(r["label"] for r in rows)
-            inner_write(rows)
-        writer.write = write
+    def write(rows):
+        predicted.extend(r["label"] for r in rows)
+        inner_write(rows)
+    writer.write = write
 
-    code = 0
+
+def _execute(a, records, start: int, writer: Writer, progress: Progress, stats_out: list) -> tuple[int, str]:
+    """Runs the classification; ``(exit status, error line(s))``. Closes the writer and progress bar."""
+    code, error = 0, ""
     try:
         asyncio.run(_run(a, records, start, writer, progress, stats_out))
     except ClientError as e:
@@ -243,9 +241,11 @@ def main(argv=None) -> int:
     finally:
         writer.close()
         progress.close()
-    stats = stats_out[0] if stats_out else None
-    dt = time.monotonic() - t0
-    rows = progress.done - start
+    return code, error
+
+
+def _report(a, start: int, rows: int, dt: float, stats, code: int, error: str) -> None:
+    """The summary line on stderr (unless --quiet and all went well), then the error, if any."""
     if not a.quiet or code:
         line = f"classifier-client: {rows} rows in {dt:.1f}s ({rows / max(dt, 1e-9):,.0f} rows/s)"
         if start:
@@ -258,6 +258,29 @@ def main(argv=None) -> int:
         if a.output and rows + start:
             print(f"classifier-client: {rows + start} rows are in {a.output}; rerun with --resume to continue",
                   file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        records, ofmt, done, truth = _load(a)
+    except (InputError, OSError, UnicodeDecodeError) as e:
+        print(f"classifier-client: {e}", file=sys.stderr)
+        return 2
+
+    start = len(done)
+    predicted = [r["label"] if a.kind == "sentiment" else int(r["label"]) for r in done]
+    writer = Writer(a.output, ofmt, a.kind, append=a.resume)
+    progress = Progress(len(records.items), start, enabled=not a.quiet and sys.stderr.isatty())
+    stats_out: list = []
+    t0 = time.monotonic()
+    if truth is not None:
+        _collect_labels(writer, predicted)
+
+    code, error = _execute(a, records, start, writer, progress, stats_out)
+    stats = stats_out[0] if stats_out else None
+    _report(a, start, progress.done - start, time.monotonic() - t0, stats, code, error)
+    if code:
         return code
     if truth is not None:
         print(evaluate(a.kind, truth, predicted), file=sys.stderr if a.output is None else sys.stdout)
