@@ -40,7 +40,9 @@ class ModelVersion:
 
     @property
     def kind(self) -> str:
-        return "text" if self.preprocessor is not None else "image"
+        """The card's ``kind``; cards without one: ``text`` when the version has a text
+        preprocessor (``assets.extra/preprocessing.json``), else ``image``."""
+        return self.card.get("kind") or ("text" if self.preprocessor is not None else "image")
 
     @property
     def whole_text_stride(self) -> int:

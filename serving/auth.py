@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import time
@@ -20,6 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
+
+from serving.errors import Unauthenticated, error_body
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class ApiKeyMiddleware:
             self.on_reject(scope["path"])
         if scope["type"] == "websocket":  # closing before accept: the server answers 403
             return await send({"type": "websocket.close", "code": 1008})
-        body = json.dumps({"error": {"code": "UNAUTHENTICATED", "message": INVALID if key else MISSING}}).encode()
+        body = error_body(Unauthenticated(INVALID if key else MISSING))
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"www-authenticate", b"Bearer")]})
@@ -158,7 +159,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details) or grpc.unary_unary_rpc_method_handler(None)
 
         async def abort(request_or_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, INVALID if key else MISSING)
+            await context.abort(Unauthenticated.grpc_status, INVALID if key else MISSING)
 
         kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}

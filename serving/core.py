@@ -1,144 +1,47 @@
-"""The protocol-independent core: admit -> validate -> preprocess -> batch -> backend -> postprocess.
+"""The protocol-independent core: the one request lifecycle, admission, version resolution,
+the model's batchers, and the gateway's own life cycle (load, readiness, drain).
 
-REST and gRPC adapters call :meth:`Classifier.sentiment` and
-:meth:`Classifier.digits` with plain Python values and turn the results (or a
-:class:`~serving.errors.ServiceError`) into their own wire format.
+Every adapter (REST /v1 and its hot path, REST V2, gRPC classifier.v1, gRPC V2) hands a
+request to :meth:`Classifier.handle` with its own ``parse`` (wire -> :class:`Predict`)
+and ``render`` (:class:`Result` -> wire); that one method is where deadlines, admission,
+metrics and the access log happen. :meth:`Classifier.predict` runs the request through
+its model kind's pipeline (serving/kinds/): count -> admit -> prepare -> batch -> result.
 
-Nothing heavy runs on the event loop: large requests are validated and
-tokenised, and every encoded image decoded, in a small thread pool (the
-model's calls have their own). A request is admitted by its model's batcher
-*before* that work, so overload is refused in microseconds; it then has a
-deadline after which its queued rows are dropped. While the gateway drains,
-readiness fails at once and, after ``drain_settle_s``, new work is refused.
+Nothing heavy runs on the event loop: large requests are validated and tokenised, and
+every encoded image decoded, in a small thread pool (the model's calls have their own).
+A request is admitted by its model's batcher *before* that work, so overload is refused
+in microseconds; it then has a deadline after which its queued rows are dropped. While
+the gateway drains, readiness fails at once and, after ``drain_settle_s``, new work is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import gc
 import logging
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 
+from contract.repository import ModelVersion
+from serving import kinds
 from serving.backends import Backend
 from serving.batching import Batcher
 from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
-from serving.images import decode_b64, decode_image, from_raw_bytes, image_pixels
 from serving.metrics import Metrics
 from serving.model_config import STABLE, ModelsConfig
-from contract.repository import ModelVersion
-from serving.settings import Settings
-from contract.text import OOV_ID, PAD_ID, START_ID
-from contract.whole_text import combine_windows, window_rows
+from serving.request import Call, Predict, Result, request_id
+from serving.settings import Limits, Settings
 
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")
 
-# The request id of the request being handled (REST header / gRPC metadata x-request-id).
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-
-
-def begin_request_id(client_value: str | None) -> str:
-    """The request id of a new request, set for its logs: the client's ``x-request-id`` when it is
-    ASCII (cut to 128 characters), else a new random one (32 hex digits)."""
-    rid = client_value[:128] if client_value and client_value.isascii() else secrets.token_hex(16)
-    request_id.set(rid)
-    return rid
-
 ENDPOINTS = ["/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
              "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment",
              "/v2/models/{name}/infer", "ModelInfer"]
-# What makes a text empty: Python's whitespace plus the byte-order mark, i.e. the same set
-# in Python and in the OpenAPI schema's ECMA regex (TEXT_PATTERN), written out so that
-# both read it alike (their \s differ).
-BLANK = "\t\n\v\f\r \x1c\x1d\x1e\x1f\x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
-    "\u2028\u2029\u202f\u205f\u3000\ufeff"
-TEXT_PATTERN = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
-# Requests up to these sizes are preprocessed on the event loop (cheaper than a thread hop).
-INLINE_TEXTS = 16
-INLINE_CHARS = 32_000
-INLINE_IMAGES = 8
-
-
-# -- results (msgspec structs: the REST adapter encodes them as they are) ----------------
-SLOT_KINDS = {PAD_ID: "pad", START_ID: "start", OOV_ID: "oov"}  # any other id: "word"
-
-
-class Slot(msgspec.Struct):
-    """One of the ``maxlen`` ids the model saw: the id, its word (out-of-vocabulary words as
-    written in the text; ``<pad>``/``<start>`` for those ids) and its kind (pad, start, word, oov)."""
-
-    id: int
-    token: str
-    kind: str
-
-
-def slots(pairs: list[tuple[int, str]]) -> list[Slot]:
-    return [Slot(i, t, SLOT_KINDS.get(i, "word")) for i, t in pairs]
-
-
-class WindowScore(msgspec.Struct):
-    """Whole-text mode: one window of a text, in reading order, and the model's answer for it."""
-
-    slots: list[Slot]
-    label: str
-    probabilities: dict[str, float]
-
-
-class SentimentExplanation(msgspec.Struct, omit_defaults=True):
-    slots: list[Slot]  # what the default path scores: the last maxlen tokens
-    windows: list[WindowScore] | None = None  # whole-text mode: every window scored
-
-
-class SentimentPrediction(msgspec.Struct, omit_defaults=True):
-    label: str
-    score: float
-    probabilities: dict[str, float]
-    tokens: int
-    unknown_tokens: int
-    windows: int  # rows scored for this text (1; whole-text mode: its windows)
-    explanation: SentimentExplanation | None = None  # only when asked for (omitted otherwise)
-
-
-class DigitPrediction(msgspec.Struct, omit_defaults=True):
-    label: int
-    score: float
-    probabilities: list[float]
-    image: list[list[float]] | None = None  # explain: the 28x28 pixels the model received
-
-
-@dataclass
-class Result:
-    model: str
-    version: int
-    predictions: list
-    probabilities: np.ndarray | None = None  # [n, classes] float32: the predictions' probabilities, as one array
-    rows: np.ndarray | None = None  # whole-text mode: every window's probabilities, before combining
-
-
-@dataclass
-class Call:
-    """What the access log says about one request; filled in as it is handled."""
-
-    protocol: str
-    endpoint: str
-    model: str | None = None
-    version: int | None = None
-    items: int = 0
-    outcome: str = "ok"
-
-
-def top(row: list[float]) -> int:
-    """The class of a two-class row of probabilities (a tie goes to the first)."""
-    return 0 if row[0] >= row[1] else 1
 
 
 class Classifier:
@@ -148,8 +51,10 @@ class Classifier:
         self.metrics = metrics or Metrics(settings.models, ENDPOINTS)
         self.models_config = ModelsConfig(settings.models_config_file)
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._limits: dict[str, Limits] = {}
         # Enough threads for every model's batches in flight: backend calls run off the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=max(2, len(settings.models) * settings.concurrent_batches()), thread_name_prefix="backend")
+        threads = sum(settings.batching(m).max_concurrent_batches for m in settings.models)
+        self._executor = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="backend")
         # Validation, tokenising and image decoding of large requests (kept apart from model calls).
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._load_task: asyncio.Task | None = None
@@ -182,7 +87,7 @@ class Classifier:
         key = (v.name, v.version)
         b = self._batchers.get(key)
         if b is None:
-            s, m, name = self.settings, self.metrics, v.name
+            s, m, name = self.settings.batching(v.name), self.metrics, v.name
             b = Batcher(
                 f"{name}/{v.version}",
                 lambda x, tags, ver=v.version: self.backend.predict(name, ver, x, request_ids=tags),
@@ -191,7 +96,7 @@ class Classifier:
                     r.observe(rows), b.observe(sec)),
                 on_depth=m.queue_rows.labels(name).set,
                 on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),
-                max_concurrent=s.concurrent_batches(),
+                max_concurrent=s.max_concurrent_batches,
                 max_queue_wait_s=s.max_queue_wait_s,
                 tag=request_id.get,
                 wait_when_idle=s.batch_wait_when_idle,
@@ -315,7 +220,84 @@ class Classifier:
             t = min(t, max(0.0, client_timeout))
         return asyncio.get_running_loop().time() + t
 
+    # -- the one request lifecycle -----------------------------------------------
+    async def handle(self, protocol: str, endpoint: str, parse: Callable[[], Awaitable[Predict]],
+                     render: Callable[[Predict, Result], Awaitable], *, kind: str | Callable[[], str] | None = None,
+                     model: str | None = None, client_timeout: float | None = None,
+                     watch: Callable[[Awaitable[Result]], Awaitable[Result]] | None = None):
+        """One request, from any adapter: its deadline (``request_timeout_s``, or the client's own
+        when sooner: ``client_timeout``, or the request's ``timeout_s``), counted, timed and logged
+        by outcome (:meth:`track`); refused before its body is read when its ``kind`` of model cannot
+        take work (:meth:`precheck`); then ``parse`` (the adapter reads and decodes), the model
+        (:meth:`predict`, admission included), ``render`` (the adapter encodes). ``watch`` wraps the
+        model's work (REST: the client's disconnect cancels it). Errors are raised as ServiceError."""
+        deadline = self.deadline(client_timeout)
+        with self.track(protocol, endpoint, model) as call:
+            if kind is not None:
+                self.precheck(kind if isinstance(kind, str) else kind())
+            req = await parse()
+            call.model = req.model or self.default_model(req.kind)
+            if req.timeout_s is not None:
+                deadline = min(deadline, self.deadline(req.timeout_s))
+            work = self.predict(req, call, deadline)
+            return await render(req, await (watch(work) if watch else work))
+
+    async def predict(self, req: Predict, call: Call | None = None, deadline: float | None = None) -> Result:
+        """The request's model version and batcher; its items counted and admitted, prepared by its
+        kind (off the event loop when large), batched, scored, and turned into answers."""
+        kind = kinds.get(req.kind)
+        name = req.model or self.default_model(req.kind)
+        v, batcher = self.resolve(name, req.version, req.kind, req.label)
+        n, what = kind.count(req.inputs)
+        if call:
+            call.version, call.items = v.version, n
+        limits = self.limits(name)
+        self._check_count(n, what, limits)
+        batcher.admit(n)
+        reserved, heavy = n, kind.heavy(req.inputs)
+        try:
+            t0 = time.perf_counter()
+            prepared = await self.offload(kind.prepare, v, req.inputs, limits, heavy=heavy)
+            if len(prepared.rows) > reserved:  # whole text: every window is a row
+                batcher.admit(len(prepared.rows) - reserved)
+                reserved = len(prepared.rows)
+        except BaseException:
+            batcher.release(reserved)
+            raise
+        m = self.metrics.of_model(name)
+        m.preprocess_seconds.observe(time.perf_counter() - t0)
+        kind.observe(m, prepared)
+        probs = await self._predict(batcher, prepared.rows, deadline, f"{n} {kind.items} for {v.name}/{v.version}")
+        m.items.inc(n)
+        result = kind.result(v, prepared, probs)
+        if req.explain:
+            await self.offload(kind.explain, v, req.inputs, prepared, result, limits, heavy=heavy)
+        return result
+
     # -- model selection ------------------------------------------------------
+    def kind_of(self, name: str) -> str:
+        """The kind of a configured model (its versions'); NotFound naming the models otherwise."""
+        versions = self.models().get(name)
+        if versions is None:
+            raise NotFound(f"unknown model {name[:100]!r}; models: {sorted(self.models())}")
+        if not versions:
+            raise NotFound(f"model {name!r} has no version")
+        return next(iter(versions.values())).kind
+
+    def default_model(self, kind: str) -> str:
+        """The model a request of ``kind`` that names none gets: the setting, else the first
+        configured model of that kind."""
+        name = self.settings.default_model(kind)
+        if name is None:
+            name = next((n for n, vs in self.models().items() if any(v.kind == kind for v in vs.values())), "")
+        return name
+
+    def limits(self, model: str) -> Limits:
+        limits = self._limits.get(model)
+        if limits is None:
+            limits = self._limits[model] = self.settings.limits(model)
+        return limits
+
     def default_version(self, name: str, versions: dict[int, ModelVersion]) -> int:
         """The ``stable`` label's version when models.config defines one, else the newest AVAILABLE."""
         stable = self.models_config.labels(name).get(STABLE)
@@ -355,18 +337,16 @@ class Classifier:
             raise NotFound(f"model {name!r} has no version {number}; loaded versions: {sorted(versions)}")
         v = versions[number]
         if v.kind != kind:
-            raise InvalidInput(f"model {name!r} classifies {'texts' if v.kind == 'text' else 'images'}, not {kind}s")
+            raise InvalidInput(f"model {name!r} classifies {kinds.get(v.kind).items}, not {kinds.get(kind).items}")
         if v.state != "AVAILABLE" or not self._load_task or not self._load_task.done():
             raise Unavailable(f"model {name!r} version {v.version} is not ready ({v.state})")
         return v, self._batcher(v)
 
-    def _check_count(self, n: int, what: str) -> None:
+    def _check_count(self, n: int, what: str, limits: Limits) -> None:
         if n == 0:
             raise InvalidInput(f"{what} must not be empty")
-        if n > self.settings.max_items_per_request:
-            raise PayloadTooLarge(
-                f"too many {what}: {n} > max_items_per_request={self.settings.max_items_per_request}"
-            )
+        if n > limits.max_items_per_request:
+            raise PayloadTooLarge(f"too many {what}: {n} > max_items_per_request={limits.max_items_per_request}")
 
     async def offload(self, fn: Callable, *args, heavy: bool = True):
         """``fn(*args)`` in the preprocessing threads, or on the event loop when not ``heavy`` (cheaper
@@ -385,189 +365,3 @@ class Classifier:
                 f"{what} not answered within its deadline (request_timeout_s={self.settings.request_timeout_s:g} "
                 f"or the client's); its queued work was dropped"
             ) from None
-
-    # -- sentiment ------------------------------------------------------------
-    def _check_texts(self, texts: list) -> None:
-        limit = self.settings.max_text_chars
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise InvalidInput(f"texts[{i}] must be a string, got {type(t).__name__}")
-            if len(t) > limit:
-                raise PayloadTooLarge(f"texts[{i}] is too long: {len(t)} characters > max_text_chars={limit}")
-            if not t.strip(BLANK):
-                raise InvalidInput(f"texts[{i}] is empty")
-
-    def _encode_texts(self, v: ModelVersion, texts: list) -> list:
-        self._check_texts(texts)
-        return [v.preprocessor.encode(t) for t in texts]
-
-    def _window_texts(self, v: ModelVersion, texts: list) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
-        """Whole-text mode: every text's windows as rows, (tokens, unknown tokens) of each whole
-        text, and how many windows each has (stride from the version's card, else maxlen)."""
-        self._check_texts(texts)
-        prep, cap, stride = v.preprocessor, self.settings.max_windows_per_text, v.whole_text_stride
-        ids = [prep.token_ids(t) for t in texts]
-        rows, sizes = window_rows(prep, ids, stride, cap)
-        return rows, [(len(i) - 1, i.count(OOV_ID)) for i in ids], sizes
-
-    async def sentiment(self, texts: list[str], model: str | None = None, version: int | None = None,
-                        deadline: float | None = None, call: Call | None = None, label: str | None = None,
-                        whole_text: bool = False, explain: bool = False) -> Result:
-        """``whole_text``: score every window of each text (see :meth:`_window_texts`) and combine
-        them by mean log-probability; the default scores the last ``maxlen`` tokens, as in training.
-        ``explain``: each prediction also says which tokens filled the slots (and, whole-text, how
-        each window scored); see :meth:`_explain`."""
-        name = model or self.settings.default_sentiment_model
-        v, batcher = self.resolve(name, version, "text", label)
-        if call:
-            call.version, call.items = v.version, len(texts)
-        self._check_count(len(texts), "texts")
-        batcher.admit(len(texts))
-        reserved = len(texts)
-        try:
-            t0 = time.perf_counter()
-            heavy = whole_text or len(texts) > INLINE_TEXTS or sum(map(len, texts)) > INLINE_CHARS
-            if whole_text:
-                ids, counts, sizes = await self.offload(self._window_texts, v, texts, heavy=heavy)
-                limit = self.settings.max_windows_per_request
-                if len(ids) > limit:
-                    raise PayloadTooLarge(f"too many windows: {len(texts)} texts make {len(ids)} windows > "
-                                          f"max_windows_per_request={limit}; send fewer or shorter texts")
-                batcher.admit(len(ids) - reserved)
-                reserved = len(ids)
-            else:
-                encoded = await self.offload(self._encode_texts, v, texts, heavy=heavy)
-                ids = np.array([e.ids for e in encoded], dtype=np.int32)
-                counts, sizes = [(e.tokens, e.unknown_tokens) for e in encoded], None
-        except BaseException:
-            batcher.release(reserved)
-            raise
-        m = self.metrics.of_model(name)
-        m.preprocess_seconds.observe(time.perf_counter() - t0)
-        ratio = m.unknown_ratio
-        for tokens, unknown in counts:
-            if tokens:
-                ratio.observe(unknown / tokens)
-        if sizes is not None:
-            m.windows.inc(len(ids))
-        r = await self._classify_ids(v, batcher, ids, counts, deadline, sizes)
-        if explain:
-            await self.offload(self._explain, v, texts, r, sizes, heavy=heavy)
-        return r
-
-    def _explain(self, v: ModelVersion, texts: list[str], r: Result, windows: list[int] | None) -> None:
-        """Attach to each prediction the slots the model saw, from the version's own preprocessor
-        (the same code that made the ids); whole-text: every window's slots and probabilities."""
-        prep, labels = v.preprocessor, v.labels
-        if windows is None:
-            for p, t in zip(r.predictions, texts):
-                p.explanation = SentimentExplanation(slots(prep.explain(t)))
-            return
-        stride, cap = v.whole_text_stride, self.settings.max_windows_per_text
-        rows, start = r.rows.tolist(), 0
-        for p, t, n in zip(r.predictions, texts, windows):
-            scored = []
-            for pairs, row in zip(prep.explain_windows(t, stride, cap), rows[start:start + n]):
-                scored.append(WindowScore(slots(pairs), labels[top(row)], dict(zip(labels, row))))
-            start += n
-            p.explanation = SentimentExplanation(scored[-1].slots, scored)
-
-    async def sentiment_ids(self, ids: np.ndarray, model: str | None = None, version: int | None = None,
-                            deadline: float | None = None, call: Call | None = None, label: str | None = None) -> Result:
-        """Token ids a client made itself ([n, maxlen], the model's vocabulary): checked, not tokenised."""
-        name = model or self.settings.default_sentiment_model
-        v, batcher = self.resolve(name, version, "text", label)
-        n = len(ids)
-        if call:
-            call.version, call.items = v.version, n
-        self._check_count(n, "token id rows")
-        vocab, maxlen = len(v.preprocessor.vocab), v.preprocessor.maxlen
-        if ids.ndim != 2 or ids.shape[1] != maxlen:
-            raise InvalidInput(f"token ids have shape {list(ids.shape)}; {v.name}/{v.version} takes [n, {maxlen}]")
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise InvalidInput(f"token ids must be in 0..{vocab - 1} (the vocabulary of {v.name}/{v.version})")
-        batcher.admit(n)
-        ids = ids.astype(np.int32, copy=False)
-        counts = [(int(t), int(u)) for t, u in zip(np.count_nonzero(ids > START_ID, axis=1), np.count_nonzero(ids == OOV_ID, axis=1))]
-        return await self._classify_ids(v, batcher, ids, counts, deadline)
-
-    async def _classify_ids(self, v: ModelVersion, batcher: Batcher, ids: np.ndarray, counts: list[tuple[int, int]],
-                            deadline: float | None, windows: list[int] | None = None) -> Result:
-        """The model's probabilities for admitted rows of ids; ``counts``: (tokens, unknown tokens)
-        per text; ``windows``: rows per text, combined by mean log-probability (None: one each)."""
-        n = len(counts)
-        probs = rows = await self._predict(batcher, ids, deadline, f"{n} texts for {v.name}/{v.version}")
-        self.metrics.of_model(v.name).items.inc(n)
-        if windows is not None:
-            probs = combine_windows(rows, windows)
-        labels = v.labels
-        preds = []
-        for (tokens, unknown), row, w in zip(counts, probs.tolist(), windows or [1] * n):
-            k = top(row)
-            preds.append(SentimentPrediction(labels[k], row[k], dict(zip(labels, row)), tokens, unknown, w))
-        return Result(v.name, v.version, preds, probs, rows if windows is not None else None)
-
-    # -- digits -----------------------------------------------------------------
-    def _check_encoded(self, images: list[bytes], where: str) -> None:
-        """Per-image and per-request budgets, from the images' headers, before anything is decoded."""
-        s, total = self.settings, 0
-        for i, data in enumerate(images):
-            if len(data) > s.max_image_bytes:
-                raise PayloadTooLarge(f"{where}[{i}] is {len(data)} bytes > max_image_bytes={s.max_image_bytes}")
-            total += image_pixels(data, f"{where}[{i}]", s.max_image_pixels)
-            if total > s.max_request_pixels:
-                raise PayloadTooLarge(
-                    f"{where}[0..{i}] add up to {total} pixels > max_request_pixels={s.max_request_pixels}"
-                )
-
-    def images_from_b64(self, images_b64: list[str]) -> np.ndarray:
-        return self.images_from_encoded(decode_b64(images_b64, "images_b64", self.settings.max_image_bytes), "images_b64")
-
-    def images_from_encoded(self, images: list[bytes], where: str) -> np.ndarray:
-        """PNG/JPEG bytes, checked against the budgets from their headers, then decoded."""
-        self._check_encoded(images, where)
-        return np.stack([decode_image(d, f"{where}[{i}]", self.settings.max_image_pixels) for i, d in enumerate(images)])
-
-    def images_from_proto(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-        """(kind, bytes) pairs from gRPC: kind 'raw' (784 bytes) or 'encoded' (PNG/JPEG)."""
-        for i, (kind, _) in enumerate(images):
-            if kind not in ("raw", "encoded"):
-                raise InvalidInput(f"images[{i}] has no data (set raw or encoded)")
-        self._check_encoded([d for k, d in images if k == "encoded"], "images")
-        out = []
-        for i, (kind, data) in enumerate(images):
-            if kind == "raw":
-                out.append(from_raw_bytes(data, f"images[{i}]"))
-            else:
-                out.append(decode_image(data, f"images[{i}]", self.settings.max_image_pixels))
-        return np.stack(out)
-
-    async def digits(self, n: int, build: Callable[[], np.ndarray], model: str | None = None,
-                     version: int | None = None, heavy: bool = True, deadline: float | None = None,
-                     call: Call | None = None, label: str | None = None, explain: bool = False) -> Result:
-        """``build()`` makes the [n, 28, 28] array (validation and decoding included); it runs
-        only for a resolvable model with room in its queue, off the event loop when ``heavy``.
-        ``explain``: each prediction also carries the 28x28 pixels the model received."""
-        name = model or "digits"
-        v, batcher = self.resolve(name, version, "image", label)
-        if call:
-            call.version, call.items = v.version, n
-        self._check_count(n, "images")
-        batcher.admit(n)
-        try:
-            t0 = time.perf_counter()
-            pixels = await self.offload(build, heavy=heavy)
-        except BaseException:
-            batcher.release(n)
-            raise
-        m = self.metrics.of_model(name)
-        m.preprocess_seconds.observe(time.perf_counter() - t0)
-        probs = await self._predict(batcher, pixels, deadline, f"{n} images for {v.name}/{v.version}")
-        m.items.inc(len(pixels))
-        preds = []
-        for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
-            preds.append(DigitPrediction(k, row[k], row))
-        if explain:
-            for p, img in zip(preds, pixels.tolist()):
-                p.image = img
-        return Result(name, v.version, preds, probs)

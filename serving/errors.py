@@ -1,8 +1,12 @@
-"""One error type for the core; the adapters map it to HTTP and gRPC status codes."""
+"""The one error table: every error the service answers is a :class:`ServiceError` subclass
+carrying its HTTP status, its code (the REST body's ``error.code``, the metrics' ``outcome``)
+and its gRPC status together. The adapters only look these up; :func:`error_body` is the one
+JSON body of a /v1 error, :data:`OUTCOMES` the outcomes the metrics may record."""
 
 from __future__ import annotations
 
 import grpc
+import msgspec
 
 
 class ServiceError(Exception):
@@ -69,7 +73,15 @@ class UnsupportedMediaType(ServiceError):
     grpc_status = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class MethodNotAllowed(ServiceError):
+    http_status = 405
+    code = "METHOD_NOT_ALLOWED"
+    grpc_status = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Unauthenticated(ServiceError):
+    """No valid API key (REST 401 with ``WWW-Authenticate: Bearer``; gRPC UNAUTHENTICATED)."""
+
     http_status = 401
     code = "UNAUTHENTICATED"
     grpc_status = grpc.StatusCode.UNAUTHENTICATED
@@ -77,6 +89,14 @@ class Unauthenticated(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     http_status = 504
+    code = "DEADLINE_EXCEEDED"
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class SlowClient(ServiceError):
+    """The connection did not send its request head or body in time (REST only: 408, then closed)."""
+
+    http_status = 408
     code = "DEADLINE_EXCEEDED"
     grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -94,3 +114,19 @@ class Internal(ServiceError):
     http_status = 500
     code = "INTERNAL"
     grpc_status = grpc.StatusCode.INTERNAL
+
+
+def _codes(cls: type[ServiceError]) -> set[str]:
+    return {cls.code}.union(*(_codes(sub) for sub in cls.__subclasses__()))
+
+
+# What a request can end as: ok, or the code of one of the errors above.
+OUTCOMES = frozenset({"ok"} | _codes(ServiceError))
+
+
+def error_body(e: ServiceError) -> bytes:
+    """The JSON body of a /v1 error: ``{"error": {"code": ..., "message": ...}}``."""
+    return _encode({"error": {"code": e.code, "message": e.message}})
+
+
+_encode = msgspec.json.Encoder().encode

@@ -24,7 +24,7 @@ import threading
 
 import msgspec
 
-from serving.core import request_id
+from serving.request import request_id
 from serving.settings import Settings
 
 

@@ -4,7 +4,7 @@ Names and units follow Prometheus' conventions (base units, ``_total`` for
 counters, the unit as suffix). Every label value comes from a known, bounded
 set: a model name a client asked for that is not configured is recorded as
 ``unknown``, endpoints are the service's own routes/RPCs (anything else is
-``other``), outcomes are ``ok`` or one of the error codes of serving/errors.py.
+``other``), outcomes are ``ok`` or one of the error codes of serving/errors.py (its ``OUTCOMES``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from typing import NamedTuple
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector
 from prometheus_client import ProcessCollector, generate_latest
 
+from serving.errors import OUTCOMES
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-OUTCOMES = frozenset({
-    "ok", "INVALID_ARGUMENT", "PAYLOAD_TOO_LARGE", "UNSUPPORTED_MEDIA_TYPE", "NOT_FOUND", "METHOD_NOT_ALLOWED",
-    "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL",
-})
 
 
 class Metrics:

@@ -1,17 +1,22 @@
-"""All gateway settings, in one place.
+"""All gateway settings, in one place, by group: models, the embedded backend, TF Serving,
+the servers (ports, connections, deadlines, drain), request limits, batching and admission,
+security, logs.
 
 Read from environment variables prefixed ``CLASSIFIER_`` (e.g.
 ``CLASSIFIER_REST_PORT=8080``), or from a ``.env``-style file named by
 ``CLASSIFIER_SETTINGS_FILE``. Defaults are what a single node should run with.
+The limits and batching settings can be overridden per model (``model_settings``, as
+MLServer's ``ModelSettings``): :meth:`Settings.limits` and :meth:`Settings.batching` give
+a model's effective values.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.whole_text import MAX_WINDOWS
@@ -19,12 +24,44 @@ from contract.whole_text import MAX_WINDOWS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CLASSIFIER_", env_file=os.environ.get("CLASSIFIER_SETTINGS_FILE"), extra="ignore"
-    )
+class Limits(BaseModel):
+    """What one request may ask for; per model in ``model_settings`` (see :meth:`Settings.limits`)."""
 
-    # Models
+    max_items_per_request: int = Field(1024, ge=1)
+    max_text_chars: int = Field(20_000, ge=1)
+    # Whole-text scoring (request option whole_text): each text is scored on its maxlen-token
+    # windows, at most max_windows_per_text of them (the last ones); every window is a row
+    # for the batcher's limits, and one request may send at most max_windows_per_request.
+    max_windows_per_text: int = Field(MAX_WINDOWS, ge=1)
+    max_windows_per_request: int = Field(4096, ge=1)
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # one decoded base64 / encoded image
+
+    max_image_pixels: int = Field(4_000_000, ge=784)  # one encoded image's width x height (read from its header)
+    max_request_pixels: int = Field(16_000_000, ge=784)  # all encoded images of one request together
+
+
+class Batching(BaseModel):
+    """Dynamic batching and admission, per model version; per model in ``model_settings``
+    (see :meth:`Settings.batching`)."""
+
+    max_batch_size: int = Field(256, ge=1)
+    # Adaptive batching: a model with no batch in flight gets what is queued at once; while
+    # it is busy, rows collect and wait at most max_batch_wait_us for more to join.
+    # batch_wait_when_idle=true waits max_batch_wait_us even when the model is idle (fixed delay).
+    max_batch_wait_us: int = Field(2000, ge=0)
+    batch_wait_when_idle: bool = False
+    max_queue_items: int = Field(8192, ge=1)
+    # Batches in flight at once per model version; 0 = by backend (embedded 2: two model calls
+    # of one thread each, see tf_intra_op_threads; tfserving 4: keep TF Serving's batch
+    # threads busy while the gateway encodes the next batch).
+    max_concurrent_batches: int = Field(0, ge=0)
+    # A request is refused at once (429 + Retry-After / RESOURCE_EXHAUSTED + pushback) when its
+    # model's queue would hold more than max_queue_items rows or its estimated wait would exceed
+    # max_queue_wait_s.
+    max_queue_wait_s: float = Field(0.1, gt=0)
+
+
+class ModelsGroup(BaseModel):
     backend: Literal["embedded", "tfserving"] = "embedded"
     model_base_path: Path = ROOT / "models"
     models: list[str] = ["digits", "sentiment_lstm", "sentiment_bilstm"]
@@ -35,6 +72,15 @@ class Settings(BaseSettings):
     # AVAILABLE version. Empty: every model's newest version, no labels.
     models_config_file: Path | None = ROOT / "serving" / "tfserving" / "models.config"
     warmup: bool = True
+    # The default model of each kind (text, image: serving/kinds/) for requests that name none;
+    # a kind not listed here: default_sentiment_model for text, else the first configured model of the kind.
+    default_models: dict[str, str] = {"image": "digits"}
+    # Per-model overrides of the Limits and Batching settings, e.g. (environment variable
+    # CLASSIFIER_MODEL_SETTINGS, JSON): {"sentiment_bilstm": {"max_batch_size": 64, "max_items_per_request": 256}}
+    model_settings: dict[str, dict[str, Any]] = {}
+
+
+class EmbeddedGroup(BaseModel):
     # TensorFlow thread pools of the embedded backend (0 = TensorFlow's default: one per core).
     # Default 1 thread per op, with 2 batches in flight (max_concurrent_batches): each model call
     # keeps one core busy instead of splitting every op across cores that the event loop also
@@ -48,6 +94,8 @@ class Settings(BaseSettings):
     # float rounding (~1e-7), so it is off by default. The SavedModels are unchanged.
     tf_jit_compile: bool = False
 
+
+class TFServingGroup(BaseModel):
     # TF Serving backend (backend="tfserving"): its gRPC address, per-call deadline,
     # retries (only on UNAVAILABLE, exponential backoff) and model-status polling.
     tfserving_address: str = "localhost:8500"
@@ -61,7 +109,8 @@ class Settings(BaseSettings):
     tfserving_poll_s: float = Field(2.0, gt=0)
     tfserving_signature: str = "serving_default"
 
-    # Servers
+
+class ServerGroup(BaseModel):
     host: str = "0.0.0.0"
     rest_port: int = 8000
     grpc_port: int = 50051
@@ -72,30 +121,12 @@ class Settings(BaseSettings):
     # every request looks the providers up even if none is configured (about 4 %
     # of py-spy's samples of the gateway under REST load).
     otel_telemetry: bool = False
-
-    # Request limits
-    max_items_per_request: int = Field(1024, ge=1)
-    max_text_chars: int = Field(20_000, ge=1)
-    # Whole-text scoring (request option whole_text): each text is scored on its maxlen-token
-    # windows, at most max_windows_per_text of them (the last ones); every window is a row
-    # for the batcher's limits, and one request may send at most max_windows_per_request.
-    max_windows_per_text: int = Field(MAX_WINDOWS, ge=1)
-    max_windows_per_request: int = Field(4096, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # one decoded base64 / encoded image
-
-    max_image_pixels: int = Field(4_000_000, ge=784)  # one encoded image's width x height (read from its header)
-    max_request_pixels: int = Field(16_000_000, ge=784)  # all encoded images of one request together
     # REST bodies / gRPC messages up to this size are decoded on the event loop (msgspec
     # decodes 1 MiB of texts in ~0.2 ms, cheaper than a thread hop); larger ones in a thread.
     inline_parse_bytes: int = Field(1024 * 1024, ge=0)
-
-    # Admission and deadlines. A request is refused at once (429 + Retry-After /
-    # RESOURCE_EXHAUSTED + pushback) when its model's queue would hold more than
-    # max_queue_items rows or its estimated wait would exceed max_queue_wait_s.
-    # Queued work past its deadline (request_timeout_s; gRPC: the client's deadline
-    # when shorter) or of a client that disconnected is dropped, never computed.
-    max_queue_wait_s: float = Field(0.1, gt=0)
+    # Queued work past its deadline (request_timeout_s; gRPC: the client's deadline when
+    # shorter) or of a client that disconnected is dropped, never computed.
     request_timeout_s: float = Field(30.0, gt=0)
 
     # Connections. REST: a connection must send its request head within
@@ -117,6 +148,16 @@ class Settings(BaseSettings):
     drain_settle_s: float = Field(5.0, ge=0)
     drain_timeout_s: float = Field(30.0, gt=0)
 
+    # POSTs to the two /v1 predict endpoints skip FastAPI's routing (same middlewares, code,
+    # errors; serving/api/rest/hot_path.py); false: every request goes through FastAPI.
+    rest_hot_path: bool = True
+    # The console at / (serving/console/: models, live charts, try sentiment and digits).
+    # Its page and assets hold no data and need no API key; everything it shows comes from
+    # the API with the key the user types in.
+    console: bool = True
+
+
+class SecurityGroup(BaseModel):
     # Authentication (off unless keys are given): API keys, comma-separated in
     # CLASSIFIER_API_KEYS and/or one per line in api_keys_file (re-read when it
     # changes, no restart). REST: "Authorization: Bearer <key>" or "x-api-key: <key>";
@@ -137,6 +178,8 @@ class Settings(BaseSettings):
     cors_allow_headers: list[str] = ["authorization", "content-type", "x-api-key", "x-request-id"]
     cors_max_age_s: int = Field(600, ge=0)
 
+
+class LogsGroup(BaseModel):
     # Logs: one JSON object per line (or plain text), an access log line per request.
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
@@ -144,33 +187,54 @@ class Settings(BaseSettings):
     # Log lines are written in one write per interval (warnings and errors at once).
     log_flush_interval_s: float = Field(0.1, gt=0, le=5)
 
-    # POSTs to the two /v1 predict endpoints skip FastAPI's routing (same middlewares, code,
-    # errors; serving/api/rest/hot_path.py); false: every request goes through FastAPI.
-    rest_hot_path: bool = True
-    # The console at / (serving/console/: models, live charts, try sentiment and digits).
-    # Its page and assets hold no data and need no API key; everything it shows comes from
-    # the API with the key the user types in.
-    console: bool = True
 
-    # Dynamic batching (per model version)
-    max_batch_size: int = Field(256, ge=1)
-    # Adaptive batching: a model with no batch in flight gets what is queued at once; while
-    # it is busy, rows collect and wait at most max_batch_wait_us for more to join.
-    # batch_wait_when_idle=true waits max_batch_wait_us even when the model is idle (fixed delay).
-    max_batch_wait_us: int = Field(2000, ge=0)
-    batch_wait_when_idle: bool = False
-    max_queue_items: int = Field(8192, ge=1)
-    # Batches in flight at once per model version; 0 = by backend (embedded 2: two model calls
-    # of one thread each, see tf_intra_op_threads; tfserving 4: keep TF Serving's batch
-    # threads busy while the gateway encodes the next batch).
-    max_concurrent_batches: int = Field(0, ge=0)
+class Settings(ModelsGroup, EmbeddedGroup, TFServingGroup, ServerGroup, Limits, Batching, SecurityGroup, LogsGroup,
+               BaseSettings):
+    """Every setting, by group (each group a class above; environment variables ``CLASSIFIER_<NAME>``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLASSIFIER_", env_file=os.environ.get("CLASSIFIER_SETTINGS_FILE"), extra="ignore"
+    )
 
     @field_validator("models_config_file", "api_keys_file", "tls_cert_file", "tls_key_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
 
+    @model_validator(mode="after")
+    def _check_model_settings(self):
+        allowed = set(Limits.model_fields) | set(Batching.model_fields)
+        for model, overrides in self.model_settings.items():
+            unknown = sorted(set(overrides) - allowed)
+            if unknown:
+                raise ValueError(f"model_settings[{model!r}]: {unknown} cannot be set per model; "
+                                 f"these can: {sorted(allowed)}")
+            self.limits(model), self.batching(model)  # noqa: B018 - validates the values
+        return self
+
+    def limits(self, model: str | None = None) -> Limits:
+        """The request limits of ``model`` (the global ones, with its overrides)."""
+        return self._group(Limits, model)
+
+    def batching(self, model: str | None = None) -> Batching:
+        """The batching settings of ``model``; ``max_concurrent_batches`` 0 resolved by backend
+        (embedded 2: two model calls of one thread each, see tf_intra_op_threads; tfserving 4:
+        keep TF Serving's batch threads busy while the gateway encodes the next batch)."""
+        return self._group(Batching, model)
+
+    def default_model(self, kind: str) -> str | None:
+        """The model of ``kind`` that a request naming none gets (None: see the core)."""
+        if kind in self.default_models:
+            return self.default_models[kind]
+        return self.default_sentiment_model if kind == "text" else None
+
     def concurrent_batches(self) -> int:
-        if self.max_concurrent_batches:
-            return self.max_concurrent_batches
-        return 2 if self.backend == "embedded" else 4
+        return self.batching().max_concurrent_batches
+
+    def _group(self, cls, model: str | None):
+        values = {name: getattr(self, name) for name in cls.model_fields}
+        values.update(self.model_settings.get(model, {}) if model else {})
+        group = cls(**values)
+        if cls is Batching and not group.max_concurrent_batches:
+            group = group.model_copy(update={"max_concurrent_batches": 2 if self.backend == "embedded" else 4})
+        return group

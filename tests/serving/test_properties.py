@@ -463,7 +463,7 @@ def test_empty_text_means_the_same_to_the_server_and_to_the_openapi_pattern():
     '\\x1e' is whitespace to Python's str.strip() but not to the ECMA regex \\S the schema had)."""
     import re
 
-    from serving.core import BLANK, TEXT_PATTERN
+    from serving.kinds.text import BLANK, TEXT_PATTERN
 
     assert set(BLANK) == {chr(c) for c in range(0x110000) if chr(c).isspace()} | {"\ufeff"}
     pattern = re.compile(TEXT_PATTERN)

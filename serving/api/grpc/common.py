@@ -1,14 +1,18 @@
-"""What the gateway's gRPC services share: parsing request bytes, the call's id and deadline, errors."""
+"""What the gateway's gRPC services share: parsing request bytes, the call's id and deadline,
+and the one place a ServiceError becomes a gRPC status (:func:`grpc_errors`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 
 from google.protobuf.message import DecodeError
 
-from serving.core import Classifier, begin_request_id, request_id
+from serving.core import Classifier
 from serving.errors import InvalidInput, Overloaded, ServiceError
+from serving.request import begin_request_id, request_id
 
 log = logging.getLogger("serving.grpc")
 
@@ -43,12 +47,34 @@ async def parse_message(core: Classifier, cls, data: bytes, method: str):
         raise InvalidInput(f"request is not a valid {cls.DESCRIPTOR.full_name} message ({e})") from None
 
 
-def begin_call(core: Classifier, context) -> float:
-    """Request id (taken from ``x-request-id`` metadata or made; returned in the trailing metadata)
-    and the event-loop deadline of this call."""
+def begin_call(context) -> None:
+    """The call's request id: taken from ``x-request-id`` metadata or made; returned in the trailing metadata."""
     rid = begin_request_id(_metadata(context).get("x-request-id"))
     context.set_trailing_metadata((("x-request-id", rid),))
-    return core.deadline(context.time_remaining())
+
+
+def grpc_errors(method):
+    """A servicer method (unary, or a response stream) with its call's request id begun and any
+    :class:`ServiceError` ending the call with its status (:func:`abort`)."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            begin_call(context)
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except ServiceError as e:
+                await abort(context, e)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        begin_call(context)
+        try:
+            return await method(self, request, context)
+        except ServiceError as e:
+            await abort(context, e)
+    return unary
 
 
 async def abort(context, e: ServiceError):

@@ -23,10 +23,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.auth import ApiKeyInterceptor, ApiKeys
 from serving.api.grpc import v2_servicer
-from serving.api.grpc.common import abort, begin_call, parse_message
-from serving.core import INLINE_IMAGES, Classifier, Result
+from serving.api.grpc.common import abort, grpc_errors, parse_message
+from serving.core import Classifier
 from serving.errors import ServiceError
 from serving.gen.classifier.v1 import classifier_pb2 as pb
+from serving.kinds.image import INLINE_IMAGES, Images, from_proto
+from serving.kinds.text import Texts
+from serving.request import Predict, Result
 
 log = logging.getLogger("serving.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -44,7 +47,7 @@ def _explanation(e) -> pb.Explanation | None:
     return pb.Explanation(slots=_slots(e.slots), windows=windows)
 
 
-def sentiment_response(r: Result) -> pb.SentimentResponse:
+async def sentiment_response(req: Predict, r: Result) -> pb.SentimentResponse:
     return pb.SentimentResponse(
         model=pb.ModelRef(name=r.model, version=r.version),
         predictions=[
@@ -57,63 +60,51 @@ def sentiment_response(r: Result) -> pb.SentimentResponse:
     )
 
 
+async def digits_response(req: Predict, r: Result) -> pb.DigitsResponse:
+    return pb.DigitsResponse(
+        model=pb.ModelRef(name=r.model, version=r.version),
+        predictions=[pb.DigitPrediction(label=p.label, score=p.score, probabilities=p.probabilities,
+                                        image=[x for row in p.image for x in row] if p.image else ())
+                     for p in r.predictions],
+    )
+
+
 class ClassifierServicer:
-    """The three RPCs over the core. Requests come in as bytes (see :func:`handlers`)."""
+    """The three RPCs: parse and render; the rest is the core's request lifecycle. Requests
+    come in as bytes (see :func:`handlers`)."""
 
     def __init__(self, core: Classifier):
         self.core = core
 
-    async def _parse(self, cls, data: bytes, method: str):
-        return await parse_message(self.core, cls, data, method)
+    def _sentiment(self, data: bytes, endpoint: str, context):
+        async def parse() -> Predict:
+            m = await parse_message(self.core, pb.SentimentRequest, data, endpoint)
+            return Predict("text", Texts(list(m.texts), m.whole_text), m.model or None, m.version or None,
+                           m.version_label or None, m.explain)
 
-    def _begin(self, context) -> float:
-        return begin_call(self.core, context)
+        return self.core.handle("grpc", endpoint, parse, sentiment_response, kind="text",
+                                client_timeout=context.time_remaining())
 
-    async def _sentiment(self, data: bytes, endpoint: str, deadline: float) -> pb.SentimentResponse:
-        with self.core.track("grpc", endpoint) as call:
-            self.core.precheck("text")
-            request = await self._parse(pb.SentimentRequest, data, endpoint)
-            call.model = request.model or self.core.settings.default_sentiment_model
-            r = await self.core.sentiment(list(request.texts), call.model, request.version or None, deadline, call,
-                                          request.version_label or None, request.whole_text,
-                                          request.explain)
-        return sentiment_response(r)
-
+    @grpc_errors
     async def ClassifySentiment(self, data: bytes, context):
-        deadline = self._begin(context)
-        try:
-            return await self._sentiment(data, "ClassifySentiment", deadline)
-        except ServiceError as e:
-            await abort(context, e)
+        return await self._sentiment(data, "ClassifySentiment", context)
 
+    @grpc_errors
     async def StreamClassifySentiment(self, request_iterator, context):
-        self._begin(context)
-        try:
-            async for data in request_iterator:
-                yield await self._sentiment(data, "StreamClassifySentiment", self.core.deadline(context.time_remaining()))
-        except ServiceError as e:
-            await abort(context, e)
+        async for data in request_iterator:
+            yield await self._sentiment(data, "StreamClassifySentiment", context)
 
+    @grpc_errors
     async def ClassifyDigits(self, data: bytes, context):
-        deadline = self._begin(context)
-        try:
-            with self.core.track("grpc", "ClassifyDigits") as call:
-                self.core.precheck("image")
-                request = await self._parse(pb.DigitsRequest, data, "ClassifyDigits")
-                images = [(img.WhichOneof("data") or "", getattr(img, img.WhichOneof("data") or "raw")) for img in request.images]
-                call.model = request.model or "digits"
-                heavy = len(images) > INLINE_IMAGES or any(kind == "encoded" for kind, _ in images)
-                r = await self.core.digits(len(images), lambda: self.core.images_from_proto(images), call.model,
-                                           request.version or None, heavy, deadline, call, request.version_label or None,
-                                           request.explain)
-        except ServiceError as e:
-            await abort(context, e)
-        return pb.DigitsResponse(
-            model=pb.ModelRef(name=r.model, version=r.version),
-            predictions=[pb.DigitPrediction(label=p.label, score=p.score, probabilities=p.probabilities,
-                                            image=[x for row in p.image for x in row] if p.image else ())
-                         for p in r.predictions],
-        )
+        async def parse() -> Predict:
+            m = await parse_message(self.core, pb.DigitsRequest, data, "ClassifyDigits")
+            images = [(img.WhichOneof("data") or "", getattr(img, img.WhichOneof("data") or "raw")) for img in m.images]
+            heavy = len(images) > INLINE_IMAGES or any(kind == "encoded" for kind, _ in images)
+            return Predict("image", Images(len(images), lambda limits: from_proto(images, limits), heavy),
+                           m.model or None, m.version or None, m.version_label or None, m.explain)
+
+        return await self.core.handle("grpc", "ClassifyDigits", parse, digits_response, kind="image",
+                                      client_timeout=context.time_remaining())
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):

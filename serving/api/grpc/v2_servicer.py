@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import grpc
 
-from serving.api.grpc.common import abort, begin_call, parse_message
-from serving.api.v2 import DataPlane, Tensor, from_raw, from_values, to_raw
+from serving.api.grpc.common import grpc_errors, parse_message
+from serving.api.v2 import DataPlane
 from serving.core import Classifier
-from serving.errors import InvalidInput, ServiceError
+from serving.errors import InvalidInput
 from serving.gen.inference import open_inference_grpc_pb2 as pb
+from serving.request import Predict, Result
+from serving.tensor import Tensor, from_raw, from_values, to_raw
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -61,47 +63,43 @@ class InferenceServicer:
     async def ServerMetadata(self, data: bytes, context):
         return pb.ServerMetadataResponse(**self.plane.server_metadata())
 
+    @grpc_errors
     async def ModelReady(self, data: bytes, context):
-        begin_call(self.core, context)
-        try:
-            request = await parse_message(self.core, pb.ModelReadyRequest, data, "ModelReady")
-            return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
-        except ServiceError as e:
-            await abort(context, e)
+        request = await parse_message(self.core, pb.ModelReadyRequest, data, "ModelReady")
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
+    @grpc_errors
     async def ModelMetadata(self, data: bytes, context):
-        begin_call(self.core, context)
-        try:
-            request = await parse_message(self.core, pb.ModelMetadataRequest, data, "ModelMetadata")
-            m = self.plane.model_metadata(request.name, request.version)
-        except ServiceError as e:
-            await abort(context, e)
+        request = await parse_message(self.core, pb.ModelMetadataRequest, data, "ModelMetadata")
+        m = self.plane.model_metadata(request.name, request.version)
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=m["name"], versions=m["versions"], platform=m["platform"],
             inputs=[T(**t) for t in m["inputs"]], outputs=[T(**t) for t in m["outputs"]],
         )
 
+    @grpc_errors
     async def ModelInfer(self, data: bytes, context):
-        deadline = begin_call(self.core, context)
-        core = self.core
-        try:
-            with core.track("grpc", "ModelInfer") as call:
-                request = await parse_message(core, pb.ModelInferRequest, data, "ModelInfer")
-                call.model = request.model_name
-                tensors = await core.offload(input_tensors, request, heavy=len(data) > core.settings.inline_parse_bytes)
-                wanted = [o.name for o in request.outputs] or None
-                parameters = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in request.parameters.items()
-                              if v.WhichOneof("parameter_choice")}
-                r = await self.plane.infer(request.model_name, request.model_version, tensors, wanted, deadline, call,
-                                           parameters)
-        except ServiceError as e:
-            await abort(context, e)
-        response = pb.ModelInferResponse(model_name=r.model, model_version=str(r.version), id=request.id)
-        for t in r.outputs:
-            response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
-            response.raw_output_contents.append(to_raw(t))
-        return response
+        core, plane = self.core, self.plane
+        wire: pb.ModelInferRequest | None = None
+
+        async def parse() -> Predict:
+            nonlocal wire
+            wire = await parse_message(core, pb.ModelInferRequest, data, "ModelInfer")
+            tensors = await core.offload(input_tensors, wire, heavy=len(data) > core.settings.inline_parse_bytes)
+            parameters = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in wire.parameters.items()
+                          if v.WhichOneof("parameter_choice")}
+            return plane.request(wire.model_name, wire.model_version, tensors, [o.name for o in wire.outputs], parameters)
+
+        async def render(req: Predict, r: Result) -> pb.ModelInferResponse:
+            out = plane.response(req, r, [o.name for o in wire.outputs])
+            response = pb.ModelInferResponse(model_name=out.model, model_version=str(out.version), id=wire.id)
+            for t in out.outputs:
+                response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+                response.raw_output_contents.append(to_raw(t))
+            return response
+
+        return await core.handle("grpc", "ModelInfer", parse, render, client_timeout=context.time_remaining())
 
 
 def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

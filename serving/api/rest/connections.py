@@ -17,20 +17,20 @@ event loop into one write.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from serving.errors import ServiceError, SlowClient, Unavailable, error_body
 from serving.settings import Settings
 
 log = logging.getLogger("serving.connections")
 
 
-def _response(status: int, reason: str, code: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+def _response(e: ServiceError, reason: str) -> bytes:
+    body = error_body(e)
+    head = (f"HTTP/1.1 {e.http_status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode()
     return head + body
 
@@ -84,8 +84,8 @@ class CoalescingWriter:
 def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     header_s, body_s = settings.http_header_timeout_s, settings.http_body_timeout_s
     limit = max_open_connections(settings.max_connections)
-    busy = _response(503, "Service Unavailable", "UNAVAILABLE",
-                     f"too many open connections (max_connections={limit}); retry later")
+    busy = _response(Unavailable(f"too many open connections (max_connections={limit}); retry later"),
+                     "Service Unavailable")
 
     class GuardedHttpProtocol(HttpToolsProtocol):
         _timer = None
@@ -143,8 +143,8 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             if self.transport.is_closing():
                 return
             if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
-                self.transport.write(_response(408, "Request Timeout", "DEADLINE_EXCEEDED",
-                                               f"{what} not received within {setting}={seconds:g}"))
+                self.transport.write(_response(SlowClient(f"{what} not received within {setting}={seconds:g}"),
+                                               "Request Timeout"))
             if self.cycle is not None and not self.cycle.response_complete:
                 self.cycle.keep_alive = False
             self.transport.close()

@@ -7,7 +7,7 @@ exit-stack middlewares, the endpoint wrapper). The two predict endpoints are the
 ones clients call at high rates, so :class:`HotPath` answers POSTs to exactly these two
 paths itself, through the same middlewares (:func:`serving.api.rest.app.middlewares`:
 body limit, API keys, CORS, request id), the same endpoint code
-(:class:`serving.api.rest.app.V1Predict`) and the same error shapes; everything else
+(:class:`serving.api.rest.v1_endpoints.V1Predict`) and the same error responses; everything else
 (other methods on these paths, /v2, docs, ops) goes to the FastAPI app, whose routes
 still document the two endpoints. ``rest_hot_path=false`` sends everything through FastAPI.
 """
@@ -18,7 +18,9 @@ import logging
 
 from starlette.datastructures import Headers
 
-from serving.api.rest.app import DIGITS, SENTIMENT, V1Predict, _error, create_app, error_response, middlewares, read_body
+from serving.api.rest.app import create_app, middlewares, unexpected
+from serving.api.rest.v1_endpoints import DIGITS, SENTIMENT, V1Predict
+from serving.api.rest.wire import error_response, read_body
 from serving.auth import ApiKeys
 from serving.core import Classifier
 from serving.errors import ServiceError
@@ -37,10 +39,9 @@ class _V1Endpoints:
         try:
             response = await handler(Headers(scope=scope), lambda: read_body(receive), receive)
         except ServiceError as e:
-            response = _error(e)
+            response = error_response(e)
         except Exception as e:  # noqa: BLE001 - as the FastAPI app's handler: logged, one JSON shape
-            log.exception("unexpected error on %s", scope["path"])
-            response = error_response(500, "INTERNAL", f"internal error ({type(e).__name__}); it has been logged")
+            response = unexpected(scope["path"], e)
         # What Response.__call__ sends (these responses have no background tasks), without its layers.
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})

@@ -27,11 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from serving.api.rest.app import ERROR_DOCS, check_content_type, retry_headers, until_done, validation_message
-from serving.api.v2 import DataPlane, InferResponse, Tensor, from_raw, from_values, to_raw
+from serving.api.rest.wire import (ERROR_DOCS, check_content_type, json_response, until_done, v2_error_response,
+                                   validation_message)
+from serving.api.v2 import DataPlane, InferResponse
 from serving.core import Classifier
 from serving.errors import InvalidInput, ServiceError
 from serving.images import decode_b64
+from serving.request import Predict, Result
+from serving.tensor import Tensor, from_raw, from_values, to_raw
 
 INFER = "/v2/models/{name}/infer"
 HEADER_LENGTH = "inference-header-content-length"
@@ -60,6 +63,7 @@ class V2InferRequest(msgspec.Struct):
     outputs: list[V2Output] | None = None
 
 
+SCHEMAS = [V2InferRequest]
 _decode_request = msgspec.json.Decoder(V2InferRequest)
 _decode_any = msgspec.json.Decoder()
 _json = msgspec.json.Encoder()
@@ -113,15 +117,6 @@ class V2Ready(BaseModel):
 class V2ModelReady(BaseModel):
     name: str
     ready: bool
-
-
-def v2_error(e: ServiceError) -> Response:
-    return Response(_json.encode({"error": e.message}), status_code=e.http_status, media_type="application/json",
-                    headers=retry_headers(e))
-
-
-def _json_response(body, status: int = 200) -> Response:
-    return Response(_json.encode(body), status_code=status, media_type="application/json")
 
 
 def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int) -> tuple[V2InferRequest, list[Tensor]]:
@@ -208,20 +203,20 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
     async def server_ready():
         """200 once every model is loaded and warmed; 503 before, and while draining."""
         ready = core.ready()[0]
-        return _json_response({"ready": ready}, 200 if ready else 503)
+        return json_response({"ready": ready}, 200 if ready else 503)
 
     def metadata(name: str, version: str | None) -> Response:
         try:
-            return _json_response(plane.model_metadata(name, version))
+            return json_response(plane.model_metadata(name, version))
         except ServiceError as e:
-            return v2_error(e)
+            return v2_error_response(e)
 
     def ready(name: str, version: str | None) -> Response:
         try:
             ok = plane.model_ready(name, version)
         except ServiceError as e:
-            return v2_error(e)
-        return _json_response({"name": name, "ready": ok}, 200 if ok else 503)
+            return v2_error_response(e)
+        return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
     meta_responses = {404: errors[404]}
     ready_responses = {404: errors[404], 503: {"model": V2ModelReady, "description": "Not ready"}}
@@ -248,26 +243,26 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
         return ready(name, version)
 
     async def infer(request: Request, name: str, version: str | None):
-        deadline = core.deadline()
+        wire: V2InferRequest | None = None
+
+        async def parse() -> Predict:
+            nonlocal wire
+            check_content_type(request.headers, ("application/json", "application/octet-stream"),
+                               "send application/json (application/octet-stream with binary tensors)")
+            body = await request.body()
+            wire, tensors = await core.offload(parse_infer, body, request.headers.get(HEADER_LENGTH),
+                                               s.max_image_bytes, heavy=len(body) > s.inline_parse_bytes)
+            return plane.request(name, version, tensors, [o.name for o in wire.outputs or ()], wire.parameters)
+
+        async def render(req: Predict, r: Result) -> Response:
+            out = plane.response(req, r, [o.name for o in wire.outputs or ()])
+            return await core.offload(render_infer, wire, out, heavy=len(r.predictions) > 64)
+
         try:
-            with core.track("rest", INFER, name) as call:
-                kind = plane.kind(name)
-                if kind is None:
-                    plane.model_version(name, version)  # NotFound naming the models
-                core.precheck(kind)
-                check_content_type(request.headers, ("application/json", "application/octet-stream"),
-                                   "send application/json (application/octet-stream with binary tensors)")
-                body = await request.body()
-                req, tensors = await core.offload(parse_infer, body, request.headers.get(HEADER_LENGTH),
-                                                  s.max_image_bytes, heavy=len(body) > s.inline_parse_bytes)
-                timeout_us = (req.parameters or {}).get("timeout")
-                if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
-                    deadline = min(deadline, core.deadline(timeout_us / 1e6))
-                wanted = [o.name for o in req.outputs] if req.outputs else None
-                r = await until_done(request.receive, plane.infer(name, version, tensors, wanted, deadline, call, req.parameters))
-                return await core.offload(render_infer, req, r, heavy=len(tensors[0].data) > 64)
+            return await core.handle("rest", INFER, parse, render, kind=lambda: core.kind_of(name), model=name,
+                                     watch=lambda work: until_done(request.receive, work))
         except ServiceError as e:
-            return v2_error(e)
+            return v2_error_response(e)
 
     body_doc = {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},

@@ -6,7 +6,6 @@ good ones and every kind of bad one. Status, body and the headers a client reads
 the same; the request is counted in the metrics under the same labels."""
 
 import asyncio
-import contextlib
 import json
 import types
 
@@ -109,14 +108,12 @@ def test_only_posts_to_the_two_predict_paths_take_the_hot_path():
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    def refuse(kind):
+    async def refuse(*args, **kwargs):  # the core's request lifecycle, refusing everything
         from serving.errors import Unavailable
 
         raise Unavailable("not ready")
 
-    call = types.SimpleNamespace(model=None, version=None, items=0)
-    core = types.SimpleNamespace(settings=Settings(_env_file=None), record=lambda *a, **k: None, precheck=refuse,
-                                 deadline=lambda: 0.0, track=lambda *a, **k: contextlib.nullcontext(call))
+    core = types.SimpleNamespace(settings=Settings(_env_file=None), record=lambda *a, **k: None, handle=refuse)
     app = HotPath(fastapi_app, core)
 
     async def main():

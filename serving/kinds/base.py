@@ -1,0 +1,92 @@
+"""What a kind of model is to the gateway: a pipeline from a request's inputs to model rows
+and from the model's probabilities to answers, the same for every protocol.
+
+The core (serving/core.py) runs every request through one kind's pipeline::
+
+    count -> (admission) -> prepare: validate + preprocess -> (batcher, backend) -> result -> explain
+
+``prepare`` and ``explain`` run off the event loop when :meth:`ModelKind.heavy` says so.
+A kind also says how the Open Inference Protocol (V2, REST and gRPC) carries its inputs
+and outputs, so a new kind is served by /v2 and gRPC V2 without touching the adapters.
+The kind of a model version is its card's ``kind`` (:attr:`contract.repository.ModelVersion.kind`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from contract.repository import ModelVersion
+from serving.errors import InvalidInput
+from serving.request import Result
+from serving.settings import Limits
+from serving.tensor import Tensor
+
+
+@dataclass
+class Prepared:
+    """A request's inputs made ready for the model: one row per model input (``rows``),
+    and what the kind needs to turn the rows' probabilities into answers (``info``)."""
+
+    rows: np.ndarray
+    info: object = None
+
+
+class ModelKind:
+    name: str  # the versions' kind: ModelVersion.kind
+    items: str  # what a request's items are called in messages ("texts", "images")
+    v2_inputs: tuple[str, ...] = ()  # the V2 input names the kind takes (any one of them)
+
+    def count(self, inputs) -> tuple[int, str]:
+        """How many items the request has, and what they are called (for the size limits)."""
+        raise NotImplementedError
+
+    def heavy(self, inputs) -> bool:
+        """Whether prepare/explain should run off the event loop."""
+        return True
+
+    def prepare(self, v: ModelVersion, inputs, limits: Limits) -> Prepared:
+        """Validate and preprocess (raises ServiceError naming the broken rule)."""
+        raise NotImplementedError
+
+    def observe(self, series, prepared: Prepared) -> None:
+        """Per-model metrics of a prepared request (serving.metrics.ModelSeries)."""
+
+    def result(self, v: ModelVersion, prepared: Prepared, probs: np.ndarray) -> Result:
+        raise NotImplementedError
+
+    def explain(self, v: ModelVersion, inputs, prepared: Prepared, result: Result, limits: Limits) -> None:
+        """Attach to each prediction what the model saw."""
+
+    # -- the Open Inference Protocol (V2) ----------------------------------------------
+    def v2_io(self, v: ModelVersion) -> tuple[list[dict], list[dict]]:
+        """The inputs a version takes (any one of them) and its outputs, as V2 metadata."""
+        raise NotImplementedError
+
+    def v2_parse(self, name: str, t: Tensor, parameters: dict, version: Callable[[], ModelVersion]):
+        """The kind's inputs from one V2 input tensor and the request's parameters (``version()``
+        resolves the version asked for)."""
+        raise NotImplementedError
+
+    def v2_outputs(self, result: Result, inputs) -> dict[str, Tensor]:
+        """Every output of a result, by name (the request may ask for some)."""
+        raise NotImplementedError
+
+    def v2_output_names(self, inputs) -> list[str]:
+        return ["probabilities", "label"]
+
+
+def expect(t: Tensor, datatypes: set[str], shape: tuple | None, shape_doc: str, rank: int = 1) -> None:
+    """A V2 input's datatype and shape (``shape`` None: any of ``rank`` dimensions)."""
+    if t.datatype not in datatypes:
+        raise InvalidInput(f"input {t.name!r} must be {'/'.join(sorted(datatypes))}, not {t.datatype}")
+    ok = len(t.shape) == rank if shape is None else tuple(t.shape) == tuple(shape)
+    if not ok:
+        raise InvalidInput(f"input {t.name!r} has shape {list(t.shape)}; expected {shape_doc}")
+
+
+def probabilities_tensor(result: Result) -> Tensor:
+    probs = np.asarray(result.probabilities, dtype=np.float32)
+    return Tensor("probabilities", "FP32", probs.shape, probs.reshape(-1))
