@@ -81,72 +81,79 @@ class CoalescingWriter:
         return self.transport.is_closing()
 
 
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the header/body deadlines and the connection cap;
+    :func:`guarded_protocol` makes one with the settings' values."""
+
+    header_s = body_s = 10.0
+    limit = 2048
+    busy = b""
+    _timer = None
+    _refused = False
+    _writer: CoalescingWriter | None = None
+
+    def connection_made(self, transport):
+        if len(self.connections) >= self.limit:
+            self._refused = True
+            transport.write(self.busy)
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._arm(self.header_s, "request head", "http_header_timeout_s")
+
+    def connection_lost(self, exc):
+        if self._refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self):
+        super().on_message_begin()
+        self._arm(self.header_s, "request head", "http_header_timeout_s")
+
+    def on_headers_complete(self):
+        super().on_headers_complete()
+        if self.cycle is not None:
+            if self._writer is None:
+                self._writer = CoalescingWriter(self.transport, self.loop)
+            self.cycle.transport = self._writer
+        self._arm(self.body_s, "request body", "http_body_timeout_s")
+
+    def on_body(self, body: bytes):
+        super().on_body(body)
+        self._arm(self.body_s, "request body", "http_body_timeout_s")
+
+    def on_message_complete(self):
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self, seconds: float, what: str, setting: str):
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expired, what, setting, seconds)
+
+    def _disarm(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self, what: str, setting: str, seconds: float):
+        self._timer = None
+        if self._writer is not None:
+            self._writer.flush()
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+            self.transport.write(_response(SlowClient(f"{what} not received within {setting}={seconds:g}"),
+                                           "Request Timeout"))
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        self.transport.close()
+
+
 def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
-    header_s, body_s = settings.http_header_timeout_s, settings.http_body_timeout_s
+    """The REST server's protocol class with the settings' deadlines and connection cap."""
     limit = max_open_connections(settings.max_connections)
     busy = _response(Unavailable(f"too many open connections (max_connections={limit}); retry later"),
                      "Service Unavailable")
-
-    class GuardedHttpProtocol(HttpToolsProtocol):
-        _timer = None
-        _refused = False
-        _writer: CoalescingWriter | None = None
-
-        def connection_made(self, transport):
-            if len(self.connections) >= limit:
-                self._refused = True
-                transport.write(busy)
-                transport.close()
-                return
-            super().connection_made(transport)
-            self._arm(header_s, "request head", "http_header_timeout_s")
-
-        def connection_lost(self, exc):
-            if self._refused:
-                return
-            self._disarm()
-            super().connection_lost(exc)
-
-        def on_message_begin(self):
-            super().on_message_begin()
-            self._arm(header_s, "request head", "http_header_timeout_s")
-
-        def on_headers_complete(self):
-            super().on_headers_complete()
-            if self.cycle is not None:
-                if self._writer is None:
-                    self._writer = CoalescingWriter(self.transport, self.loop)
-                self.cycle.transport = self._writer
-            self._arm(body_s, "request body", "http_body_timeout_s")
-
-        def on_body(self, body: bytes):
-            super().on_body(body)
-            self._arm(body_s, "request body", "http_body_timeout_s")
-
-        def on_message_complete(self):
-            self._disarm()
-            super().on_message_complete()
-
-        def _arm(self, seconds: float, what: str, setting: str):
-            self._disarm()
-            self._timer = self.loop.call_later(seconds, self._expired, what, setting, seconds)
-
-        def _disarm(self):
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _expired(self, what: str, setting: str, seconds: float):
-            self._timer = None
-            if self._writer is not None:
-                self._writer.flush()
-            if self.transport.is_closing():
-                return
-            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
-                self.transport.write(_response(SlowClient(f"{what} not received within {setting}={seconds:g}"),
-                                               "Request Timeout"))
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.cycle.keep_alive = False
-            self.transport.close()
-
-    return GuardedHttpProtocol
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {
+        "header_s": settings.http_header_timeout_s, "body_s": settings.http_body_timeout_s, "limit": limit, "busy": busy})

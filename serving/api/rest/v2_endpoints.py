@@ -182,67 +182,36 @@ def render_infer(req: V2InferRequest, r: InferResponse) -> Response:
                     headers={"inference-header-content-length": str(len(head))})
 
 
-def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
-    plane = DataPlane(core)
-    s = core.settings
-    errors = {status: {"model": V2Error, "description": doc} for status, doc in ERROR_DOCS.items()}
-    tags = ["v2 (Open Inference Protocol)"]
+TAGS = ["v2 (Open Inference Protocol)"]
+ERRORS = {status: {"model": V2Error, "description": doc} for status, doc in ERROR_DOCS.items()}
+INFER_BODY_DOC = {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
+                                            "JSON request (Inference-Header-Content-Length bytes), then binary tensors"}},
+}}
 
-    @app.get("/v2", tags=tags, response_model=V2ServerMetadata)
-    async def server_metadata():
-        """Server name, version and protocol extensions."""
-        return plane.server_metadata()
 
-    @app.api_route("/v2/health/live", methods=["GET", "HEAD"], tags=tags, response_model=V2Live)
-    async def server_live():
-        """The process is alive."""
-        return {"live": True}
+class V2Endpoints:
+    """The V2 endpoints' work: parse and render; inference goes through the core's lifecycle."""
 
-    @app.api_route("/v2/health/ready", methods=["GET", "HEAD"], tags=tags, response_model=V2Ready,
-                   responses={503: {"model": V2Ready, "description": "Not ready (loading, failed, or draining)"}})
-    async def server_ready():
-        """200 once every model is loaded and warmed; 503 before, and while draining."""
-        ready = core.ready()[0]
-        return json_response({"ready": ready}, 200 if ready else 503)
+    def __init__(self, core: Classifier):
+        self.core, self.plane = core, DataPlane(core)
 
-    def metadata(name: str, version: str | None) -> Response:
+    def metadata(self, name: str, version: str | None) -> Response:
         try:
-            return json_response(plane.model_metadata(name, version))
+            return json_response(self.plane.model_metadata(name, version))
         except ServiceError as e:
             return v2_error_response(e)
 
-    def ready(name: str, version: str | None) -> Response:
+    def ready(self, name: str, version: str | None) -> Response:
         try:
-            ok = plane.model_ready(name, version)
+            ok = self.plane.model_ready(name, version)
         except ServiceError as e:
             return v2_error_response(e)
         return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
-    meta_responses = {404: errors[404]}
-    ready_responses = {404: errors[404], 503: {"model": V2ModelReady, "description": "Not ready"}}
-
-    @app.get("/v2/models/{name}", tags=tags, response_model=V2ModelMetadata, responses=meta_responses)
-    async def model_metadata(name: str):
-        """The model's versions, and the inputs it takes (any one of them) and its outputs."""
-        return metadata(name, None)
-
-    @app.get("/v2/models/{name}/versions/{version}", tags=tags, response_model=V2ModelMetadata, responses=meta_responses)
-    async def model_version_metadata(name: str, version: str):
-        """One version (a number, or a version label such as stable or canary)."""
-        return metadata(name, version)
-
-    @app.get("/v2/models/{name}/ready", tags=tags, response_model=V2ModelReady, responses=ready_responses)
-    async def model_ready(name: str):
-        """200 when the model's default version is loaded and the gateway takes work."""
-        return ready(name, None)
-
-    @app.get("/v2/models/{name}/versions/{version}/ready", tags=tags, response_model=V2ModelReady,
-             responses=ready_responses)
-    async def model_version_ready(name: str, version: str):
-        """200 when that version is loaded and the gateway takes work."""
-        return ready(name, version)
-
-    async def infer(request: Request, name: str, version: str | None):
+    async def infer(self, request: Request, name: str, version: str | None) -> Response:
+        core, plane, s = self.core, self.plane, self.core.settings
         wire: V2InferRequest | None = None
 
         async def parse() -> Predict:
@@ -264,22 +233,68 @@ def add_v2_routes(app: FastAPI, core: Classifier) -> DataPlane:
         except ServiceError as e:
             return v2_error_response(e)
 
-    body_doc = {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
-                                                "JSON request (Inference-Header-Content-Length bytes), then binary tensors"}},
-    }}
 
-    @app.post(INFER, tags=tags, response_model=V2InferResponse, responses=errors, openapi_extra={"requestBody": body_doc})
+def add_v2_routes(app: FastAPI, core: Classifier) -> None:
+    v2 = V2Endpoints(core)
+    _server_routes(app, core, v2.plane)
+    _model_routes(app, v2)
+    _infer_routes(app, v2)
+
+
+def _server_routes(app: FastAPI, core: Classifier, plane: DataPlane) -> None:
+    @app.get("/v2", tags=TAGS, response_model=V2ServerMetadata)
+    async def server_metadata():
+        """Server name, version and protocol extensions."""
+        return plane.server_metadata()
+
+    @app.api_route("/v2/health/live", methods=["GET", "HEAD"], tags=TAGS, response_model=V2Live)
+    async def server_live():
+        """The process is alive."""
+        return {"live": True}
+
+    @app.api_route("/v2/health/ready", methods=["GET", "HEAD"], tags=TAGS, response_model=V2Ready,
+                   responses={503: {"model": V2Ready, "description": "Not ready (loading, failed, or draining)"}})
+    async def server_ready():
+        """200 once every model is loaded and warmed; 503 before, and while draining."""
+        ready = core.ready()[0]
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+
+def _model_routes(app: FastAPI, v2: V2Endpoints) -> None:
+    meta_responses = {404: ERRORS[404]}
+    ready_responses = {404: ERRORS[404], 503: {"model": V2ModelReady, "description": "Not ready"}}
+
+    @app.get("/v2/models/{name}", tags=TAGS, response_model=V2ModelMetadata, responses=meta_responses)
+    async def model_metadata(name: str):
+        """The model's versions, and the inputs it takes (any one of them) and its outputs."""
+        return v2.metadata(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}", tags=TAGS, response_model=V2ModelMetadata, responses=meta_responses)
+    async def model_version_metadata(name: str, version: str):
+        """One version (a number, or a version label such as stable or canary)."""
+        return v2.metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", tags=TAGS, response_model=V2ModelReady, responses=ready_responses)
+    async def model_ready(name: str):
+        """200 when the model's default version is loaded and the gateway takes work."""
+        return v2.ready(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=TAGS, response_model=V2ModelReady,
+             responses=ready_responses)
+    async def model_version_ready(name: str, version: str):
+        """200 when that version is loaded and the gateway takes work."""
+        return v2.ready(name, version)
+
+
+def _infer_routes(app: FastAPI, v2: V2Endpoints) -> None:
+    @app.post(INFER, tags=TAGS, response_model=V2InferResponse, responses=ERRORS,
+              openapi_extra={"requestBody": INFER_BODY_DOC})
     async def model_infer(request: Request, name: str):
         """Inference on the model's default version (as /v1: the 'stable' label, else the newest)."""
-        return await infer(request, name, None)
+        return await v2.infer(request, name, None)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", tags=tags, response_model=V2InferResponse,
-              responses=errors, openapi_extra={"requestBody": body_doc})
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=TAGS, response_model=V2InferResponse,
+              responses=ERRORS, openapi_extra={"requestBody": INFER_BODY_DOC})
     async def model_version_infer(request: Request, name: str, version: str):
         """Inference on one version (a number, or a version label such as stable or canary)."""
-        return await infer(request, name, version)
-
-    return plane
-
+        return await v2.infer(request, name, version)
