@@ -20,7 +20,6 @@ WORKDIR /src
 # pyproject.toml names README.md as the readme; serving imports contract/ (the model repository contract).
 COPY pyproject.toml README.md ./
 COPY contract/ contract/
-COPY training/ training/
 COPY serving/ serving/
 RUN pip install --no-cache-dir '.[serve]' \
  && python -c "import importlib.util, sys; sys.exit('tensorflow must not be in the gateway image' if importlib.util.find_spec('tensorflow') else 0)" \

@@ -367,7 +367,7 @@ def test_gateway_image_installs_the_serve_extra_only_and_never_tensorflow():
         assert "-e " not in seg and "--editable" not in seg, f"the image needs a real install: {seg}"
     copies = [args for ins, args in instructions if ins == "COPY" and "--from" not in args]
     copied = {w.rstrip("/") for args in copies for w in args.split()[:-1]}
-    assert copied == {"pyproject.toml", "README.md", "contract", "training", "serving"}, copied
+    assert copied == {"pyproject.toml", "README.md", "contract", "serving"}, copied
     env = " ".join(args for ins, args in instructions if ins == "ENV")
     assert "CLASSIFIER_BACKEND=tfserving" in env
     exposed = {int(p) for ins, args in instructions if ins == "EXPOSE" for p in args.split()}
