@@ -19,7 +19,12 @@ Measures, side by side:
       with the REST hot path and without it (rest_hot_path=false); the gateway
       process's CPU time per request is read from /proc.
 Prints texts/s and p50/p99 latency for each and the ratio to (a), then every goal of
-the performance issue next to its target. Needs `wrk` (Debian: apt-get install wrk).
+the performance issue next to its target.
+
+``--base-root PATH`` (another checkout, e.g. ``git worktree add /tmp/base <commit>``) runs
+only the cases that measure the gateway's own code -- REST single texts at concurrency 64,
+gRPC batches of 256, and the gateway over the instant backend (CPU per request) -- for
+that tree and this one, alternating, ``--rounds`` times, and prints them side by side. Needs `wrk` (Debian: apt-get install wrk).
 Every server runs on loopback on this machine, so client and server share its cores,
 as they would on one node.
 """
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="sentiment_lstm")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "gateway.json"))
+    p.add_argument("--base-root", type=Path, help="also run another tree's gateway, side by side (see above)")
+    p.add_argument("--rounds", type=int, default=3, help="with --base-root: alternating rounds per tree")
     a = p.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -146,6 +153,8 @@ def main(argv=None) -> int:
     for t in texts:
         bodies.write(json.dumps({"texts": [t], "model": a.model}) + "\n")
     bodies.close()
+    if a.base_root:
+        return compare_trees(a.base_root.resolve(), a.model, texts, bodies.name, a.seconds, a.rounds, a.json)
 
     results = {"model": a.model, "seconds_each": a.seconds, "cpus": os.cpu_count()}
     results["a_raw_batched_model_call"] = raw_ceiling(a.model, texts, a.seconds)
@@ -180,6 +189,49 @@ def main(argv=None) -> int:
     for g in results["goals"]:
         print(f"{g['goal']:<58}{g['figure']:>12.3g}{g['op'] + format(g['target'], '.3g'):>12}  {'yes' if g['met'] else 'NO'}")
     save(a.json, results)
+    return 0
+
+
+def tree_cases(root: Path, model: str, texts: list[str], bodies_file: str, seconds: float) -> dict:
+    """The gateway of the tree at ``root`` (its own ``python -m serving``): REST c64, gRPC batches, instant backend."""
+    rest, grpc_port = free_port(), free_port()
+    env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest),
+           "CLASSIFIER_GRPC_PORT": str(grpc_port), "CLASSIFIER_DRAIN_SETTLE_S": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "serving"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = {}
+    try:
+        import httpx
+
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz", timeout=2).status_code == 200, 120)
+        url = f"http://127.0.0.1:{rest}/v1/sentiment:predict"
+        wrk(url, bodies_file, 16, 2)
+        out["rest_single_text_c64"] = wrk(url, bodies_file, 64, seconds)
+        out["grpc_batches_256"] = grpc_batches(f"127.0.0.1:{grpc_port}", model, texts, seconds)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    out["instant_backend_c64"] = instant(bodies_file, seconds, root=root)
+    return out
+
+
+def compare_trees(base: Path, model: str, texts: list[str], bodies_file: str, seconds: float, rounds: int,
+                  json_path: str) -> int:
+    trees = {"base": base, "this": ROOT}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for r in range(rounds):
+        for name, root in trees.items():
+            runs[name].append(tree_cases(root, model, texts, bodies_file, seconds))
+            print(f"round {r + 1}/{rounds} {name} ({root}) done", flush=True)
+    print(f"\n{'case (median of ' + str(rounds) + ' rounds)':<44}{'base':>12}{'this':>12}{'this/base':>11}")
+    table = {}
+    for case, field in (("rest_single_text_c64", "texts_per_s"), ("rest_single_text_c64", "p99_ms"),
+                        ("grpc_batches_256", "texts_per_s"), ("grpc_batches_256", "p99_ms"),
+                        ("instant_backend_c64", "texts_per_s"), ("instant_backend_c64", "gateway_cpu_us_per_request")):
+        med = {name: sorted(run[case][field] for run in runs[name])[rounds // 2] for name in trees}
+        table[f"{case} {field}"] = med
+        print(f"{case + ' ' + field:<44}{med['base']:>12.1f}{med['this']:>12.1f}{med['this'] / med['base']:>11.3f}")
+    save(json_path, {"base": str(base), "this": str(ROOT), "seconds_each": seconds, "rounds": runs, "medians": table})
     return 0
 
 
