@@ -39,16 +39,11 @@ from serving.settings import Limits, Settings
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")
 
-ENDPOINTS = ["/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
-             "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment",
-             "/v2/models/{name}/infer", "ModelInfer"]
-
-
 class Classifier:
     def __init__(self, settings: Settings, backend: Backend, metrics: Metrics | None = None):
         self.settings = settings
         self.backend = backend
-        self.metrics = metrics or Metrics(settings.models, ENDPOINTS)
+        self.metrics = metrics or Metrics(settings.models)
         self.models_config = ModelsConfig(settings.models_config_file)
         self._batchers: dict[tuple[str, int], Batcher] = {}
         self._limits: dict[str, Limits] = {}

@@ -20,12 +20,17 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+# The endpoint label's values: the service's own routes and RPCs (anything else is "other").
+ENDPOINTS = ("/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
+             "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment", "/v2/models/{name}/infer", "ModelInfer")
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, models: list[str] | None = None, endpoints: list[str] | None = None) -> None:
+    def __init__(self, models: list[str] | None = None, endpoints: tuple[str, ...] = ENDPOINTS) -> None:
         self.known_models = frozenset(models or ())
-        self.known_endpoints = frozenset(endpoints or ())
+        self.known_endpoints = frozenset(endpoints)
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)

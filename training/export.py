@@ -30,11 +30,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from contract.layout import ASSETS_EXTRA, CARD_FILE, WARMUP_FILE, existing_versions, next_version  # noqa: F401
-from training.models import SPECS
+from contract.layout import ASSETS_EXTRA, CARD_FILE, WARMUP_FILE, next_version
+from contract.signature import SIGNATURE
 from contract.text import TextPreprocessor
-
-SIGNATURE = "serving_default"
+from training.models import SPECS
 OUTPUT_NAME = "probabilities"
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.export import VersionExistsError, export_model, next_version
+from contract.layout import next_version
+from training.export import VersionExistsError, export_model
 from training.models import SPECS
 from contract.text import TextPreprocessor
 from training.train import fit, prepare

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from training.data import load_mnist
 from training.evaluate import load_version, predict
-from training.export import existing_versions
+from contract.layout import existing_versions
 from training.models import SPECS
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
