@@ -97,3 +97,21 @@ def test_the_new_kind_has_its_own_limits_and_clear_errors(gw):
     limits = {s.labels["model"]: s.value for f in text_string_to_metric_families(httpx.get(gw.rest + "/metrics").text)
               if f.name == "classifier_queue_limit_rows" for s in f.samples}
     assert limits == {"toy": 64.0}  # its batching settings too (max_queue_items)
+
+
+def test_the_timeout_parameter_bounds_a_request_on_rest_and_grpc(gw):
+    """Triton's ``parameters.timeout`` (µs): 1 µs has passed before the model is reached."""
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 3], "data": [0.0, 1.0, 2.0]}],
+            "parameters": {"timeout": 1}}
+    r = httpx.post(gw.rest + "/v2/models/toy/infer", json=body, timeout=30)
+    assert r.status_code == 503 and "not answered within its deadline" in r.json()["error"]
+    with grpc.insecure_channel(gw.grpc) as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        request = v2.ModelInferRequest(model_name="toy", inputs=[v2.ModelInferRequest.InferInputTensor(
+            name="features", datatype="FP32", shape=[1, 3])], raw_input_contents=[np.zeros((1, 3), "<f4").tobytes()])
+        request.parameters["timeout"].int64_param = 1
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+        request.parameters["timeout"].int64_param = 30_000_000
+        assert stub.ModelInfer(request, timeout=30).model_name == "toy"
