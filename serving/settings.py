@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.whole_text import MAX_WINDOWS
@@ -209,7 +209,11 @@ class Settings(ModelsGroup, EmbeddedGroup, TFServingGroup, ServerGroup, Limits, 
             if unknown:
                 raise ValueError(f"model_settings[{model!r}]: {unknown} cannot be set per model; "
                                  f"these can: {sorted(allowed)}")
-            self.limits(model), self.batching(model)  # noqa: B018 - validates the values
+            try:
+                self.limits(model), self.batching(model)  # noqa: B018 - validates the values
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"model_settings[{model!r}]: {problems}") from None
         return self
 
     def limits(self, model: str | None = None) -> Limits:
