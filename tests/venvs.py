@@ -1,7 +1,8 @@
 """Virtual environments of their own for outside tools whose pins clash with the project's
 (checkov pins packaging < 24; tritonclient and kserve pin protobuf < 7). Made once under
 .pytest_cache/ and reused; the test that needs one is skipped, saying why, when pip cannot
-install it (no package index)."""
+install it (no package index). Those tests are marked ``slow`` (the first run installs for
+minutes); they run by default, ``-m "not slow"`` leaves them out."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.classifier_client.test_client import GATEWAY, run_cli
-from testkit.gateway import ROOT, free_port, gateway_process, wait_until
+from testkit.gateway import ROOT, free_port, gateway_processes, wait_until
 from tests.serving.test_conformance import log_path
 
 SETTINGS = {**GATEWAY, "models": '["sentiment_lstm"]'}
@@ -36,10 +36,38 @@ def reviews(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair():
+def certs(tmp_path_factory) -> Path:
+    """A certificate of a throwaway CA (trustme) for 127.0.0.1 and localhost (server.pem, server.key),
+    that CA (ca.pem) and another CA (wrong_ca.pem)."""
+    d = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    (d / "server.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(d / "server.key"))
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(d / "wrong_ca.pem"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def gateways(certs):
+    """The module's four gateways, started together (their start-ups overlap): two plain ones, one
+    serving TLS with the certificate of ``certs``, one that wants an API key (KEY or 'other-key').
+    Their logs are kept (gateway_process writes .pytest_cache/gateway-<port>.log when that folder
+    exists, as on a fresh clone it may not)."""
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+    with_tls = dict(SETTINGS, tls_cert_file=certs / "server.pem", tls_key_file=certs / "server.key",
+                    verify=ssl.create_default_context(cafile=str(certs / "ca.pem")))
+    with_key = dict(SETTINGS, api_keys=f"{KEY},other-key")
+    with gateway_processes(SETTINGS, SETTINGS, with_tls, with_key) as (a, b, tls, keyed):
+        tls.ca, tls.wrong_ca = certs / "ca.pem", certs / "wrong_ca.pem"
+        yield {"pair": (a, b), "tls": tls, "keyed": keyed}
+
+
+@pytest.fixture(scope="module")
+def pair(gateways):
     """Two plain gateways."""
-    with gateway_process(**SETTINGS) as a, gateway_process(**SETTINGS) as b:
-        yield a, b
+    return gateways["pair"]
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +170,10 @@ def test_an_unreachable_target_is_a_clear_error(reviews):
 # -- 3. TLS -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory):
+def tls(gateways):
     """A gateway serving TLS with a certificate of a throwaway CA (trustme) for 127.0.0.1 and localhost;
     ``ca`` the CA file, ``wrong_ca`` another CA's."""
-    d = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_file, key_file = d / "server.pem", d / "server.key"
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key_file))
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    trustme.CA().cert_pem.write_to_path(str(d / "wrong_ca.pem"))
-    with gateway_process(**SETTINGS, tls_cert_file=cert_file, tls_key_file=key_file,
-                         verify=ssl.create_default_context(cafile=str(d / "ca.pem"))) as gw:
-        gw.ca, gw.wrong_ca = d / "ca.pem", d / "wrong_ca.pem"
-        yield gw
+    return gateways["tls"]
 
 
 @pytest.mark.parametrize("extra", [[], ["--unary"], ["--tls"]], ids=["stream", "unary", "with-tls-flag"])
@@ -208,12 +225,9 @@ def test_a_missing_ca_file_is_a_usage_error(tls, reviews, tmp_path):
 # -- 4. API keys and headers --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def keyed():
-    """A gateway that wants an API key (KEY or 'other-key'); its log is kept (gateway_process
-    writes .pytest_cache/gateway-<port>.log when that folder exists, as on a fresh clone it may not)."""
-    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-    with gateway_process(**SETTINGS, api_keys=f"{KEY},other-key") as gw:
-        yield gw
+def keyed(gateways):
+    """A gateway that wants an API key (KEY or 'other-key'); its log is kept."""
+    return gateways["keyed"]
 
 
 @pytest.mark.parametrize("extra", [[], ["--unary"]], ids=["stream", "unary"])

@@ -272,6 +272,7 @@ def checkov_report(reports: list[dict]) -> tuple[list[str], list[dict]]:
     return failed, skipped
 
 
+@pytest.mark.slow  # checkov's own virtual environment (tool_venv), made on first run
 def test_checkov_passes_on_the_rendered_manifests(rendered, tmp_path):
     for target, docs in rendered.items():
         (tmp_path / f"{target.replace('/', '-')}.yaml").write_text(yaml.safe_dump_all(docs))
@@ -287,6 +288,7 @@ def test_checkov_passes_on_the_rendered_manifests(rendered, tmp_path):
     assert {s["check_id"] for s in skipped} <= {"CKV_K8S_43", "CKV_K8S_15"}, sorted({s["check_id"] for s in skipped})
 
 
+@pytest.mark.slow  # checkov's own virtual environment (tool_venv), made on first run
 def test_checkov_passes_on_the_dockerfiles():
     args = [a for p in DOCKERFILES for a in ("--file", str(p.relative_to(ROOT)))]
     failed, skipped = checkov_report(run_checkov([*args, "--framework", "dockerfile"]))

@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -184,18 +185,23 @@ def test_max_concurrent_batches_are_in_flight_together(concurrent):
 
 
 def test_admission_refuses_when_the_measured_wait_exceeds_max_queue_wait():
-    """Refused by time, not rows: after measuring ~1 ms/row, 128 rows ahead is ~0.13 s > 0.1 s."""
+    """Refused by time, not rows: after measuring >= 1 ms/row, 128 rows ahead is >= 0.128 s > 0.1 s."""
     release = threading.Event()
+    calls = []
 
     def model(x):
-        release.wait(5)
+        calls.append(len(x))
+        if len(calls) == 1:
+            time.sleep(0.064)  # the call it learns from: 64 rows in (at least) 64 ms
+        else:
+            release.wait(5)
         return x
 
     async def main():
         b = Batcher("m", model, max_batch_size=64, max_batch_wait_s=0, max_queue_items=10_000,
                     executor=ThreadPoolExecutor(1), max_queue_wait_s=0.1)
         b.start()
-        b._measured(64, 0.064)  # what a 64-row call that took 64 ms teaches it
+        await b.submit(np.zeros((64, 1)))  # what a 64-row call that took 64 ms teaches it
         first = asyncio.create_task(b.submit(np.zeros((64, 1))))
         await asyncio.sleep(0.05)  # taken into a call, held
         second = asyncio.create_task(b.submit(np.zeros((64, 1))))  # queued: ~0.064 s ahead, admitted
@@ -212,6 +218,7 @@ def test_admission_refuses_when_the_measured_wait_exceeds_max_queue_wait():
     assert "max_queue_wait_s=0.1" in refused.message
     assert 0.05 <= refused.retry_after_s < 1
     assert after is None  # once the queue drained, work is admitted again
+    assert calls == [64, 64, 64]
 
 
 def test_cancelled_and_expired_entries_are_dropped_never_computed():

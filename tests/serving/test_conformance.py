@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from testkit.gateway import ROOT, gateway_process, stable_version, wait_until
+from testkit.gateway import ROOT, gateway_processes, stable_version, wait_until
 
 SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 LOGS = ROOT / ".pytest_cache"
@@ -48,19 +48,44 @@ def without_tf_log_env():
 
 
 @pytest.fixture(scope="module")
-def gw():
-    LOGS.mkdir(exist_ok=True)
-    with without_tf_log_env(), gateway_process(models='["sentiment_lstm", "digits"]', drain_settle_s=0) as running:
-        yield running
+def tls_files(tmp_path_factory) -> dict:
+    """server.pem/server.key for 127.0.0.1 and localhost from a throwaway CA (trustme), and that CA."""
+    d = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file, ca_file = d / "server.pem", d / "server.key", d / "ca.pem"
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return {"cert": cert_file, "key": key_file, "ca": ca_file, "ca_pem": ca.cert_pem.bytes()}
 
 
 @pytest.fixture(scope="module")
-def configured_gw():
-    """CORS for one origin and a 4 KiB body limit (both off the defaults)."""
+def gateways(tls_files):
+    """The module's three gateways, started together (their start-ups overlap), all without
+    TF_CPP_MIN_LOG_LEVEL (see without_tf_log_env): the default settings (two models, no drain
+    pause); CORS and a small body limit; TLS."""
     LOGS.mkdir(exist_ok=True)
-    with gateway_process(models='["sentiment_lstm"]', drain_settle_s=0, max_body_bytes=4096,
-                         cors_allow_origins=json.dumps([ORIGIN])) as running:
-        yield running
+    verify = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    default = dict(models='["sentiment_lstm", "digits"]')
+    # CORS for one origin and a 4 KiB body limit (both off the defaults).
+    configured = dict(models='["sentiment_lstm"]', max_body_bytes=4096, cors_allow_origins=json.dumps([ORIGIN]))
+    tls = dict(models='["sentiment_lstm"]', tls_cert_file=tls_files["cert"], tls_key_file=tls_files["key"], verify=verify)
+    with without_tf_log_env(), gateway_processes(default, configured, tls) as (running, configured_running, tls_running):
+        tls_running.verify = verify
+        yield {"gw": running, "configured": configured_running, "tls": tls_running}
+
+
+@pytest.fixture(scope="module")
+def gw(gateways):
+    """The default settings (two models, no drain pause), started without TF_CPP_MIN_LOG_LEVEL."""
+    return gateways["gw"]
+
+
+@pytest.fixture(scope="module")
+def configured_gw(gateways):
+    """CORS for one origin and a 4 KiB body limit (both off the defaults)."""
+    return gateways["configured"]
 
 
 def post(gw, path, body: bytes, **headers) -> httpx.Response:
@@ -369,20 +394,10 @@ def test_no_cors_headers_without_configured_origins(gw):
 
 # -- 10. TLS on both servers ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tls_gw(tmp_path_factory):
+def tls_gw(gateways, tls_files):
     """A gateway with tls_cert_file/tls_key_file from a throwaway CA (trustme), ready over https."""
-    d = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_file, key_file, ca_file = d / "server.pem", d / "server.key", d / "ca.pem"
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key_file))
-    ca.cert_pem.write_to_path(str(ca_file))
-
-    verify = ssl.create_default_context(cafile=str(ca_file))
-    with gateway_process(models='["sentiment_lstm"]', drain_settle_s=0, tls_cert_file=cert_file,
-                         tls_key_file=key_file, verify=verify) as g:
-        yield {"rest": int(g.rest.rsplit(":", 1)[1]), "grpc": g.grpc, "verify": verify, "ca_pem": ca.cert_pem.bytes()}
+    g = gateways["tls"]
+    return {"rest": int(g.rest.rsplit(":", 1)[1]), "grpc": g.grpc, "verify": g.verify, "ca_pem": tls_files["ca_pem"]}
 
 
 def test_tls_rest_predict_verified_by_the_ca(tls_gw):

@@ -16,7 +16,7 @@ from serving.backends.embedded import EmbeddedBackend
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.settings import Settings
-from testkit.gateway import ROOT, gateway_in_thread, stable_version, wait_until
+from testkit.gateway import ROOT, gateway_in_thread, queue_rows, wait_until
 
 
 class HeldBackend(EmbeddedBackend):
@@ -95,7 +95,7 @@ def test_full_queue_is_refused_at_once_and_nothing_in_flight_is_lost():
                 while backend.calls == calls_before:
                     await asyncio.sleep(0.01)
                 second = asyncio.create_task(post(8))  # fills the queue
-                while gw.core._batchers[("sentiment_lstm", stable_version("sentiment_lstm"))]._queued_rows < 8:
+                while queue_rows(gw, "sentiment_lstm") < 16:  # the 8 rows in the model + 8 queued
                     await asyncio.sleep(0.01)
                 refused = await post(1)
                 async with grpc.aio.insecure_channel(gw.grpc) as ch:

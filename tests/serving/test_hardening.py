@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.settings import Settings
-from testkit.gateway import gateway_in_thread, gateway_process, stable_version, wait_until
+from testkit.gateway import gateway_in_thread, gateway_processes, queue_rows, stable_version, wait_until
 from tests.serving.test_gateway_lifecycle import HeldBackend
 
 PREDICT = "/v1/sentiment:predict"
@@ -44,11 +44,24 @@ def big_digit_png(side: int) -> bytes:
     return buf.getvalue()
 
 
+# The gateway of the SIGTERM test (7.): it drains with a settle delay, and queues whatever it is sent.
+SETTLE_S = 1.5
+DRAINING = dict(models='["sentiment_lstm"]', drain_settle_s=SETTLE_S, drain_timeout_s=60,
+                max_queue_wait_s=120, max_queue_items=100_000, request_timeout_s=120)
+
+
 @pytest.fixture(scope="module")
-def gw():
+def processes():
+    """The module's gateway processes, started together (their start-ups overlap)."""
+    defaults = dict(models='["sentiment_lstm", "digits"]', max_request_pixels=64_000_000)
+    with gateway_processes(defaults, DRAINING) as (g, draining):
+        yield {"gw": g, "draining": draining}
+
+
+@pytest.fixture(scope="module")
+def gw(processes):
     """One gateway for the tests that only need the defaults (and a larger pixel budget)."""
-    with gateway_process(models='["sentiment_lstm", "digits"]', max_request_pixels=64_000_000, drain_settle_s=0) as g:
-        yield g
+    return processes["gw"]
 
 
 # -- 1. nothing heavy on the event loop -------------------------------------------------------
@@ -200,7 +213,7 @@ def held():
     with gateway_in_thread(settings, backend) as g:
         wait_until(lambda: httpx.get(g.rest + "/readyz").status_code == 200, 60)
         g.backend = backend
-        g.batcher = lambda: g.core._batchers[("sentiment_lstm", stable_version("sentiment_lstm"))]
+        g.queue_rows = lambda: queue_rows(g, "sentiment_lstm")  # rows queued, admitted or in the model
         yield g
         backend.may_predict.set()
 
@@ -230,7 +243,7 @@ def test_overload_is_refused_before_tokenising_with_retry_after(held):
             first = asyncio.create_task(c.post(PREDICT, json={"texts": texts(256)}))  # held in the model
             await _until(lambda: held.backend.calls > calls)
             second = asyncio.create_task(c.post(PREDICT, json={"texts": texts(1024)}))  # fills the queue
-            await _until(lambda: held.batcher()._queued_rows == 1024)
+            await _until(lambda: held.queue_rows() == 256 + 1024)  # the first's rows in the model, the second's queued
             n = len(encoded)
             t0 = time.perf_counter()
             refused = await c.post(PREDICT, json={"texts": texts(1024)})
@@ -271,7 +284,7 @@ def test_work_of_clients_that_left_is_dropped_not_computed(held):
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await pb_grpc.ClassifierStub(ch).ClassifySentiment(pb.SentimentRequest(texts=texts(64)), timeout=0.3)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await _until(lambda: held.batcher()._queued_rows == 0)
+            await _until(lambda: held.queue_rows() == 256)  # only the first's rows, in the model: nothing queued
             held.backend.may_predict.set()
             r = await first
             after = await c.post(PREDICT, json={"texts": texts(3)})
@@ -309,59 +322,53 @@ def test_request_timeout_answers_503_and_drops_the_queued_rows(held):
 
 
 # -- 7. drain on SIGTERM ------------------------------------------------------------------------------
-def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly():
-    settle = 1.5
-    with gateway_process(models='["sentiment_lstm"]', drain_settle_s=settle, drain_timeout_s=60,
-                         max_queue_wait_s=120, max_queue_items=100_000, request_timeout_s=120) as g:
-        body = json.dumps({"texts": texts(1024)}).encode()
+def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly(processes):
+    settle = SETTLE_S
+    g = processes["draining"]  # (DRAINING: its settings)
+    body = json.dumps({"texts": texts(1024)}).encode()
 
-        async def scenario():
-            async with httpx.AsyncClient(base_url=g.rest, timeout=120,
-                                         headers={"content-type": "application/json"}) as c, \
-                    grpc.aio.insecure_channel(g.grpc) as ch:
-                stub = pb_grpc.ClassifierStub(ch)
-                health = health_pb2_grpc.HealthStub(ch)
-                rest_work = [asyncio.create_task(c.post(PREDICT, content=body)) for _ in range(20)]
-                grpc_work = [asyncio.ensure_future(stub.ClassifySentiment(pb.SentimentRequest(texts=texts(1024))))
-                             for _ in range(3)]
-                stream = stub.StreamClassifySentiment(iter([pb.SentimentRequest(texts=texts(512))] * 4))
-                stream_work = asyncio.create_task(_collect(stream))
-                await _until(lambda: _queued(g) > 4096, 30)
-                t_term = time.monotonic()
-                g.process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
-                ready = await c.get("/readyz")
-                serving = (await health.Check(health_pb2.HealthCheckRequest())).status
-                # Taken while balancers catch up (queued behind the work, answered when its turn comes).
-                during_settle = asyncio.create_task(c.post(PREDICT, json={"texts": ["still taken while balancers catch up"]}))
-                await asyncio.sleep(settle + 0.2 - (time.monotonic() - t_term))
-                refused = await c.post(PREDICT, json={"texts": ["too late"]})  # after the settle delay: refused
-                refused_after = time.monotonic() - t_term
-                with pytest.raises(grpc.aio.AioRpcError) as grpc_refused:
-                    await stub.ClassifySentiment(pb.SentimentRequest(texts=["too late"]))
-                results = await asyncio.gather(*rest_work, *grpc_work, stream_work, return_exceptions=True)
-                return ready, serving, await during_settle, refused, refused_after, grpc_refused.value, results
+    async def scenario():
+        async with httpx.AsyncClient(base_url=g.rest, timeout=120,
+                                     headers={"content-type": "application/json"}) as c, \
+                grpc.aio.insecure_channel(g.grpc) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            rest_work = [asyncio.create_task(c.post(PREDICT, content=body)) for _ in range(20)]
+            grpc_work = [asyncio.ensure_future(stub.ClassifySentiment(pb.SentimentRequest(texts=texts(1024))))
+                         for _ in range(3)]
+            stream = stub.StreamClassifySentiment(iter([pb.SentimentRequest(texts=texts(512))] * 4))
+            stream_work = asyncio.create_task(_collect(stream))
+            await _until(lambda: queue_rows(g, "sentiment_lstm") > 4096, 30)
+            t_term = time.monotonic()
+            g.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            ready = await c.get("/readyz")
+            serving = (await health.Check(health_pb2.HealthCheckRequest())).status
+            # Taken while balancers catch up (queued behind the work, answered when its turn comes).
+            during_settle = asyncio.create_task(c.post(PREDICT, json={"texts": ["still taken while balancers catch up"]}))
+            await asyncio.sleep(settle + 0.2 - (time.monotonic() - t_term))
+            refused = await c.post(PREDICT, json={"texts": ["too late"]})  # after the settle delay: refused
+            refused_after = time.monotonic() - t_term
+            with pytest.raises(grpc.aio.AioRpcError) as grpc_refused:
+                await stub.ClassifySentiment(pb.SentimentRequest(texts=["too late"]))
+            results = await asyncio.gather(*rest_work, *grpc_work, stream_work, return_exceptions=True)
+            return ready, serving, await during_settle, refused, refused_after, grpc_refused.value, results
 
-        ready, serving, during_settle, refused, refused_after, grpc_refused, results = asyncio.run(scenario())
-        assert ready.status_code == 503 and "draining" in ready.json()["error"]["message"]
-        assert serving == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert during_settle.status_code == 200
-        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
-        assert refused_after >= settle
-        assert grpc_refused.code() == grpc.StatusCode.UNAVAILABLE
-        assert [getattr(r, "status_code", None) for r in results[:20]] == [200] * 20
-        assert all(isinstance(r, pb.SentimentResponse) and len(r.predictions) == 1024 for r in results[20:23]), results[20:23]
-        # An open stream: every chunk it sent before the settle delay ended is answered; then it
-        # ends UNAVAILABLE (the client resends the rest elsewhere) unless it finished first.
-        answered, error = results[23]
-        assert answered and set(answered) == {512}
-        assert (len(answered) == 4 and error is None) or error.code() == grpc.StatusCode.UNAVAILABLE
-        assert g.process.wait(timeout=60) == 0
-
-
-def _queued(g) -> float:
-    m = samples(g.rest)
-    return m.get(("classifier_queue_rows", (("model", "sentiment_lstm"),)), 0)
+    ready, serving, during_settle, refused, refused_after, grpc_refused, results = asyncio.run(scenario())
+    assert ready.status_code == 503 and "draining" in ready.json()["error"]["message"]
+    assert serving == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert during_settle.status_code == 200
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert refused_after >= settle
+    assert grpc_refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert [getattr(r, "status_code", None) for r in results[:20]] == [200] * 20
+    assert all(isinstance(r, pb.SentimentResponse) and len(r.predictions) == 1024 for r in results[20:23]), results[20:23]
+    # An open stream: every chunk it sent before the settle delay ended is answered; then it
+    # ends UNAVAILABLE (the client resends the rest elsewhere) unless it finished first.
+    answered, error = results[23]
+    assert answered and set(answered) == {512}
+    assert (len(answered) == 4 and error is None) or error.code() == grpc.StatusCode.UNAVAILABLE
+    assert g.process.wait(timeout=60) == 0
 
 
 async def _collect(stream) -> tuple[list[int], grpc.aio.AioRpcError | None]:
@@ -382,9 +389,14 @@ def test_work_left_at_the_drain_timeout_is_answered_503_not_dropped(held):
             calls = held.backend.calls
             in_flight = asyncio.create_task(c.post(PREDICT, json={"texts": texts(256)}))
             await _until(lambda: held.backend.calls > calls)
-            queued = [asyncio.create_task(c.post(PREDICT, json={"texts": texts(100)})) for _ in range(3)]
+            # Queued one after the other, so that the depth says each one is queued (the gauge
+            # counts rows admitted and still being preprocessed too).
+            queued = []
+            for _ in range(3):
+                queued.append(asyncio.create_task(c.post(PREDICT, json={"texts": texts(100)})))
+                await _until(lambda n=len(queued): held.queue_rows() == 256 + 100 * n)
             queued_grpc = asyncio.ensure_future(pb_grpc.ClassifierStub(ch).ClassifySentiment(pb.SentimentRequest(texts=texts(5))))
-            await _until(lambda: held.batcher()._queued_rows == 305)
+            await _until(lambda: held.queue_rows() == 256 + 305)
             held.loop_call(held.gateway.request_stop)  # what SIGTERM does (drain_settle_s=0.2, drain_timeout_s=0.5)
             results = await asyncio.gather(in_flight, *queued, queued_grpc, return_exceptions=True)
             return results

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from contract.text import TextPreprocessor
 from training.train import fit, prepare
 
 CARD = {"test_accuracy": 0.5, "note": "tiny test run"}
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 @pytest.fixture(scope="module", params=["sentiment_lstm", "digits"])
@@ -105,16 +107,32 @@ def test_export_refuses_to_overwrite_and_versions_grow(exported):
 
 def test_training_cli_end_to_end(tmp_path, data_dir):
     env = {**os.environ, "CLASSIFIER_DATA_DIR": str(data_dir)}
-    cmd = [sys.executable, "-m", "training", "sentiment_bilstm", "--epochs", "1", "--limit", "300", "--out", str(tmp_path), "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["path"] == str(tmp_path / "sentiment_bilstm" / "1")
-    card = json.loads((tmp_path / "sentiment_bilstm" / "1" / "assets.extra" / "model_card.json").read_text())
-    for key in ("test_accuracy", "validation_accuracy", "epochs", "training_seconds", "data_files_sha256",
-                "vocab_sha256", "parameters", "tensorflow_version", "keras_version", "git_commit"):
-        assert key in card, key
-    assert card["parameters"] == 1352674 and card["epochs"] == 1
-    assert card["vocab_sha256"] == TextPreprocessor.load(tmp_path / "sentiment_bilstm" / "1" / "assets.extra").vocab.sha256()
-    # Running it again exports version 2; --version 1 is refused with a clear message.
-    r2 = subprocess.run(cmd + ["--version", "1"], capture_output=True, text=True, env=env)
-    assert r2.returncode == 2 and "already exists" in r2.stderr and "Traceback" not in r2.stderr
+    cmd = [sys.executable, "-m", "training", "sentiment_bilstm", "--epochs", "1", "--limit", "300", "--quiet"]
+    # --version 1 where version 1 exists (the shipped export, linked into a repository of its own) is
+    # refused with a clear message. That run goes alongside the first one: each trains for seconds first.
+    taken = tmp_path / "taken"
+    (taken / "sentiment_bilstm").mkdir(parents=True)
+    (taken / "sentiment_bilstm" / "1").symlink_to(MODELS / "sentiment_bilstm" / "1")
+    refused_log = tmp_path / "refused.stderr"
+    with open(refused_log, "w") as log:
+        refused = subprocess.Popen([*cmd, "--out", str(taken), "--version", "1"], stdout=subprocess.DEVNULL,
+                                   stderr=log, env=env)
+    try:
+        out = tmp_path / "out"
+        r = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, check=True)
+        summary = json.loads(r.stdout.strip().splitlines()[-1])
+        assert summary["path"] == str(out / "sentiment_bilstm" / "1")
+        card = json.loads((out / "sentiment_bilstm" / "1" / "assets.extra" / "model_card.json").read_text())
+        for key in ("test_accuracy", "validation_accuracy", "epochs", "training_seconds", "data_files_sha256",
+                    "vocab_sha256", "parameters", "tensorflow_version", "keras_version", "git_commit"):
+            assert key in card, key
+        assert card["parameters"] == 1352674 and card["epochs"] == 1
+        assert card["vocab_sha256"] == TextPreprocessor.load(out / "sentiment_bilstm" / "1" / "assets.extra").vocab.sha256()
+        refused.wait(timeout=600)
+    finally:
+        if refused.poll() is None:
+            refused.kill()
+            refused.wait()
+    refused_stderr = refused_log.read_text()
+    assert refused.returncode == 2 and "already exists" in refused_stderr and "Traceback" not in refused_stderr
+    assert [p.name for p in (taken / "sentiment_bilstm").iterdir()] == ["1"]  # nothing written beside it

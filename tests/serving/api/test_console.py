@@ -18,7 +18,7 @@ import pytest
 
 from serving.model_config import ModelsConfig
 from contract.repository import read_version
-from testkit.gateway import MODELS_CONFIG, gateway_process, wait_until
+from testkit.gateway import MODELS_CONFIG, gateway_processes, wait_until
 from tests.serving.conftest import MODELS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -203,9 +203,21 @@ def test_page_and_assets_are_served_from_the_package(gw):
 
 
 @pytest.fixture(scope="module")
-def keyed(request):
-    with gateway_process(api_keys="console-key-1") as running:
-        yield running
+def own_gateways(tmp_path_factory):
+    """The gateways of this module's own settings, started together (their start-ups overlap): one
+    with API keys, one reading a models.config of its own (``config``, for a test to change), one
+    with the console switched off."""
+    config = tmp_path_factory.mktemp("console") / "models.config"
+    config.write_text(MODELS_CONFIG.read_text())
+    with gateway_processes(dict(api_keys="console-key-1"), dict(models_config_file=config),
+                           dict(console="false")) as (keyed, configured, off):
+        configured.config = config
+        yield {"keyed": keyed, "configured": configured, "off": off}
+
+
+@pytest.fixture(scope="module")
+def keyed(own_gateways):
+    return own_gateways["keyed"]
 
 
 def test_console_asks_for_the_api_key_when_keys_are_on(browser, keyed):
@@ -230,39 +242,38 @@ def test_console_asks_for_the_api_key_when_keys_are_on(browser, keyed):
         w.close()
 
 
-def test_models_table_follows_a_label_move(browser, tmp_path):
+def test_models_table_follows_a_label_move(browser, own_gateways):
     """Promoting a version in models.config (no restart) shows in the open console."""
-    config = tmp_path / "models.config"
-    config.write_text(MODELS_CONFIG.read_text())
-    with gateway_process(models_config_file=config) as gw:
-        w = Watched(browser, gw.rest)
-        try:
-            p = w.page
-            p.goto(gw.rest + "/")
-            shipped = ModelsConfig(MODELS_CONFIG).labels("sentiment_lstm")
-            canary, stable = shipped["canary"], shipped["stable"]
-            assert canary != stable
-            labels = p.locator(f'#models tr[data-model="sentiment_lstm"][data-version="{canary}"] .label-chip')
-            labels.first.wait_for()
-            assert labels.all_inner_texts() == ["canary"]
-            text = config.read_text()
-            moved = text.replace(
-                f'version_labels {{ key: "stable" value: {stable} }}\n    version_labels {{ key: "canary" value: {canary} }}',
-                f'version_labels {{ key: "stable" value: {canary} }}\n    version_labels {{ key: "canary" value: {canary} }}')
-            assert moved != text
-            config.write_text(moved)
-            now = time.time_ns()
-            os.utime(config, ns=(now, now + 5 * 10**9))
-            wait_until(lambda: labels.all_inner_texts() == ["canary", "stable", "default"], timeout=30, interval=0.5)
-            assert w.problems == []
-        finally:
-            w.close()
+    gw = own_gateways["configured"]
+    config = gw.config
+    w = Watched(browser, gw.rest)
+    try:
+        p = w.page
+        p.goto(gw.rest + "/")
+        shipped = ModelsConfig(MODELS_CONFIG).labels("sentiment_lstm")
+        canary, stable = shipped["canary"], shipped["stable"]
+        assert canary != stable
+        labels = p.locator(f'#models tr[data-model="sentiment_lstm"][data-version="{canary}"] .label-chip')
+        labels.first.wait_for()
+        assert labels.all_inner_texts() == ["canary"]
+        text = config.read_text()
+        moved = text.replace(
+            f'version_labels {{ key: "stable" value: {stable} }}\n    version_labels {{ key: "canary" value: {canary} }}',
+            f'version_labels {{ key: "stable" value: {canary} }}\n    version_labels {{ key: "canary" value: {canary} }}')
+        assert moved != text
+        config.write_text(moved)
+        now = time.time_ns()
+        os.utime(config, ns=(now, now + 5 * 10**9))
+        wait_until(lambda: labels.all_inner_texts() == ["canary", "stable", "default"], timeout=30, interval=0.5)
+        assert w.problems == []
+    finally:
+        w.close()
 
 
-def test_console_can_be_switched_off():
-    with gateway_process(console="false") as off:
-        assert httpx.get(off.rest + "/").status_code == 404
-        assert httpx.get(off.rest + "/console/console.js").status_code == 404
+def test_console_can_be_switched_off(own_gateways):
+    off = own_gateways["off"]
+    assert httpx.get(off.rest + "/").status_code == 404
+    assert httpx.get(off.rest + "/console/console.js").status_code == 404
 
 
 def test_every_console_file_is_packaged():

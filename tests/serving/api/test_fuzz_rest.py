@@ -1,7 +1,7 @@
 """Schema-driven fuzzing of the REST API: schemathesis against a real gateway, every check.
 
-One real gateway (``python -m serving``, the embedded TensorFlow models) for the
-module; schemathesis loads its schema from ``/openapi.json`` over HTTP and makes
+One real gateway (``python -m serving``, the embedded TensorFlow models; the default one
+the read-only modules share); schemathesis loads its schema from ``/openapi.json`` over HTTP and makes
 one pytest test per operation (``POST /v1/sentiment:predict``,
 ``POST /v1/digits:predict``, ``GET /v1/models``, ``GET|HEAD /healthz``,
 ``GET|HEAD /readyz``, ``GET /metrics``). Each runs three phases:
@@ -71,7 +71,6 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from testkit.gateway import ROOT, gateway_process
 
 SEED = int(os.environ.get("FUZZ_REST_SEED", "20240611"))
 MAX_EXAMPLES = int(os.environ.get("FUZZ_REST_MAX_EXAMPLES", "100"))
@@ -107,15 +106,10 @@ CONFIG = schemathesis.Config.from_str(CONFIG_TOML)
 
 
 @pytest.fixture(scope="module")
-def gw(request):
-    # gateway_process logs to .pytest_cache/gateway-<restport>.log only when that folder exists.
-    try:
-        request.config.cache.mkdir("rest_fuzz")
-    except AttributeError:  # -p no:cacheprovider
-        (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-    # No drain pause on shutdown: nothing balances load in front of this gateway.
-    with gateway_process(drain_settle_s=0) as running:
-        yield running
+def gw(shared_gateways):
+    # The default embedded gateway, shared by the modules that only read from it (tests/serving/conftest.py);
+    # it logs to .pytest_cache/gateway-<restport>.log.
+    return shared_gateways.get("embedded")
 
 
 @pytest.fixture(scope="module")

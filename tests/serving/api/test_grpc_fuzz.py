@@ -1,6 +1,6 @@
 """The gRPC API fed malformed protobuf bytes: INVALID_ARGUMENT, never UNKNOWN/INTERNAL, and the server stays up.
 
-One real gateway (``python -m serving``) for the module. Raw bytes go through
+One real gateway (``python -m serving``, the default one the read-only modules share). Raw bytes go through
 ``channel.unary_unary``/``stream_stream`` with no serializer, so what the server
 parses is exactly what the test wrote: hypothesis-drawn bytes (fixed seed), a
 small protobuf-wire-format generator, and hand-made cases (truncated messages,
@@ -30,7 +30,6 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
-from testkit.gateway import ROOT, gateway_process
 from tests.fuzzing import fixed_seed
 
 SERVICE = "/classifier.v1.Classifier/"
@@ -51,17 +50,13 @@ VALID_DIGITS = pb.DigitsRequest(images=[pb.Image(raw=bytes(range(256)) * 3 + byt
 
 
 @pytest.fixture(scope="module")
-def gw(request):
-    # gateway_process logs to .pytest_cache/gateway-<restport>.log only when that folder exists.
-    try:
-        request.config.cache.mkdir("grpc_fuzz")  # creates .pytest_cache the way pytest does
-    except AttributeError:  # -p no:cacheprovider
-        (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-    # No drain pause on shutdown (drain_settle_s): nothing balances load in front of this gateway.
-    with gateway_process(drain_settle_s=0) as running:
-        running.log_path = ROOT / ".pytest_cache" / f"gateway-{running.rest.rsplit(':', 1)[1]}.log"
-        assert running.log_path.exists()
-        yield running
+def gw(shared_gateways):
+    # The default embedded gateway, shared by the modules that only read from it (tests/serving/conftest.py);
+    # it logs to .pytest_cache/gateway-<restport>.log (log_path), read below: the whole of it, whatever
+    # other modules sent it before, must be free of tracebacks.
+    running = shared_gateways.get("embedded")
+    assert running.log_path is not None and running.log_path.exists()
+    return running
 
 
 @pytest.fixture(scope="module")

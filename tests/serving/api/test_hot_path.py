@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from serving.settings import Settings
-from testkit.gateway import gateway_process
+from testkit.gateway import gateway_processes
 
 KEY = "hot-path-key"
 ORIGIN = "https://app.example"
@@ -53,7 +53,7 @@ HEADERS_READ = ("content-type", "location", "www-authenticate", "retry-after", "
 def gateways():
     common = {"api_keys": KEY, "cors_allow_origins": json.dumps([ORIGIN]), "max_body_bytes": 2 * 2**20,
               "models": '["sentiment_lstm", "digits"]'}
-    with gateway_process(rest_hot_path="true", **common) as hot, gateway_process(rest_hot_path="false", **common) as plain:
+    with gateway_processes(dict(rest_hot_path="true", **common), dict(rest_hot_path="false", **common)) as (hot, plain):
         yield hot, plain
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from contract.repository import read_version
-from testkit.gateway import ROOT, gateway_process, stable_version
+from testkit.gateway import ROOT, stable_version
 from tests.serving.api.test_v2 import png
 from tests.serving.test_gateway import MODELS, TEXTS
 from tests.venvs import tool_venv
@@ -28,9 +28,11 @@ SCRIPT = ROOT / "tests" / "serving" / "api" / "v2_clients.py"
 CASES = ["sentiment_lstm text", "sentiment_bilstm text", "sentiment_lstm token_ids", "digits image UINT8",
          "digits image FP32", "digits image_encoded"]
 
+pytestmark = pytest.mark.slow  # the clients' own virtual environment (tool_venv), made on first run
+
 
 @pytest.fixture(scope="module")
-def results(data_dir, tmp_path_factory):
+def results(data_dir, tmp_path_factory, shared_gateways):
     python = tool_venv("v2clients", CLIENTS)
     with np.load(data_dir / "mnist.npz") as f:
         digits = f["x_test"][:5]
@@ -40,28 +42,28 @@ def results(data_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("v2clients") / "input.json"
     path.write_text(json.dumps(data))
     got = {}
-    with gateway_process() as gw:
-        for which in ("tritonclient", "kserve"):
-            r = subprocess.run([str(python), str(SCRIPT), which, str(path), gw.rest, gw.grpc], capture_output=True,
-                               text=True, timeout=300, cwd=ROOT)
-            assert r.returncode == 0, r.stderr[-4000:]
-            got |= json.loads(r.stdout)
+    gw = shared_gateways.get("embedded")  # the default gateway (tests/serving/conftest.py): only read here
+    for which in ("tritonclient", "kserve"):
+        r = subprocess.run([str(python), str(SCRIPT), which, str(path), gw.rest, gw.grpc], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-4000:]
+        got |= json.loads(r.stdout)
 
-        def v1(path, body):
-            return httpx.post(gw.rest + path, json=body, timeout=30).json()
+    def v1(path, body):
+        return httpx.post(gw.rest + path, json=body, timeout=30).json()
 
-        expected = {
-            "sentiment_lstm text": v1("/v1/sentiment:predict", {"texts": TEXTS, "model": "sentiment_lstm"}),
-            "sentiment_bilstm text": v1("/v1/sentiment:predict", {"texts": TEXTS, "model": "sentiment_bilstm"}),
-            "digits image UINT8": v1("/v1/digits:predict", {"images": digits.tolist()}),
-            "digits image_encoded": v1("/v1/digits:predict", {"images_b64": data["pngs_b64"]}),
-        }
-        expected["sentiment_lstm token_ids"] = expected["sentiment_lstm text"]
-        expected["digits image FP32"] = expected["digits image UINT8"]
-        v1_errors = {
-            "unknown model": httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["fine"], "model": "nope"}).json(),
-            "too long": httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["x" * 20_001]}).json(),
-        }
+    expected = {
+        "sentiment_lstm text": v1("/v1/sentiment:predict", {"texts": TEXTS, "model": "sentiment_lstm"}),
+        "sentiment_bilstm text": v1("/v1/sentiment:predict", {"texts": TEXTS, "model": "sentiment_bilstm"}),
+        "digits image UINT8": v1("/v1/digits:predict", {"images": digits.tolist()}),
+        "digits image_encoded": v1("/v1/digits:predict", {"images_b64": data["pngs_b64"]}),
+    }
+    expected["sentiment_lstm token_ids"] = expected["sentiment_lstm text"]
+    expected["digits image FP32"] = expected["digits image UINT8"]
+    v1_errors = {
+        "unknown model": httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["fine"], "model": "nope"}).json(),
+        "too long": httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["x" * 20_001]}).json(),
+    }
     return got, expected, v1_errors
 
 

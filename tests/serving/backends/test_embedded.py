@@ -15,7 +15,7 @@ def test_xla_path_pads_to_buckets_and_answers_as_the_signature_does():
     backend = EmbeddedBackend(s)
     backend.load()
     assert backend.status() == (True, "all models loaded and warmed")
-    assert backend._buckets == [1, 2, 4, 8, 16]
+    assert backend.buckets == [1, 2, 4, 8, 16]
     rng = np.random.default_rng(0)
     for name, versions in backend.versions().items():
         for v in versions.values():
