@@ -35,6 +35,11 @@ class EmbeddedBackend:
     def versions(self) -> dict[str, dict[int, ModelVersion]]:
         return self._versions
 
+    @property
+    def buckets(self) -> list[int]:
+        """The batch sizes the XLA path pads to (tf_jit_compile; known once loaded), else empty."""
+        return list(self._buckets)
+
     def load(self) -> None:
         try:
             import tensorflow as tf
@@ -74,11 +79,12 @@ class EmbeddedBackend:
 
     def _callable(self, tf, sig, v: ModelVersion):
         """batch (a tf.Tensor) -> probabilities: the signature, or (tf_jit_compile) the signature
-        through XLA, called on batches padded to the next of ``self._buckets``."""
+        through XLA, called on batches padded to the next of ``self._buckets`` (powers of two up to
+        the largest max_batch_size of any model)."""
         name = v.input_name
         if not self.settings.tf_jit_compile:
             return lambda x: sig(**{name: x})["probabilities"]
-        m = self.settings.max_batch_size
+        m = max(self.settings.batching(n).max_batch_size for n in self.settings.models)
         self._buckets = sorted({min(2**k, m) for k in range(m.bit_length() + 1)})
         return tf.function(lambda x: sig(**{name: x})["probabilities"], jit_compile=True)
 
@@ -86,7 +92,11 @@ class EmbeddedBackend:
         """Run the model once at every batch size the batcher may send first (with XLA: every
         padded size, so no request waits for a compilation)."""
         spec = v.signature["inputs"][v.input_name]
-        sizes = self._buckets or sorted({1, 8, 32, self.settings.max_batch_size})
+        top = self.settings.batching(v.name).max_batch_size  # the model's own (model_settings)
+        if self._buckets:
+            sizes = [b for b in self._buckets if b < top] + [next(b for b in self._buckets if b >= top)]
+        else:
+            sizes = sorted({1, 8, 32, top})
         for n in sizes:
             self.predict(v.name, v.version, np.zeros((n, *spec["shape"][1:]), dtype=spec["dtype"]))
 
