@@ -80,8 +80,11 @@ test-tools:
 	  echo "$$pkg could not be installed: the tests that need $$cmd will be skipped"; \
 	done
 
+# The suite on TEST_WORKERS processes (pytest-xdist), one test file each at a time;
+# TEST_WORKERS=0 runs it in this process (plain `pytest` does too).
+TEST_WORKERS ?= 2
 test: setup test-tools
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Reproduce the shipped models (each exports the next version under models/).
 train-digits: setup
