@@ -231,7 +231,6 @@ class Classifier:
             if kind is not None:
                 self.precheck(kind if isinstance(kind, str) else kind())
             req = await parse()
-            call.model = req.model or self.default_model(req.kind)
             if req.timeout_s is not None:
                 deadline = min(deadline, self.deadline(req.timeout_s))
             work = self.predict(req, call, deadline)
@@ -240,8 +239,10 @@ class Classifier:
     async def predict(self, req: Predict, call: Call | None = None, deadline: float | None = None) -> Result:
         """The request's model version and batcher; its items counted and admitted, prepared by its
         kind (off the event loop when large), batched, scored, and turned into answers."""
-        kind = kinds.get(req.kind)
         name = req.model or self.default_model(req.kind)
+        if call:
+            call.model = name
+        kind = kinds.get(req.kind)
         v, batcher = self.resolve(name, req.version, req.kind, req.label)
         n, what = kind.count(req.inputs)
         if call:
