@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from testkit.gateway import ROOT
+from testkit.gateway import ROOT, gateway_process
 from tests.deploy.test_deploy import host_path, load
 
 ALERTS = ROOT / "deploy" / "alerts.yml"
@@ -98,10 +98,10 @@ def test_prometheus_loads_the_mounted_rule_file():
 
 # -- metric names against a live gateway ---------------------------------------------
 @pytest.fixture(scope="module")
-def exported(fresh_gateways) -> set[str]:
-    """Every series name the gateway's /metrics can contain, samples or not (a gateway of its own:
-    tests/deploy/conftest.py)."""
-    r = httpx.get(fresh_gateways["alerts"].rest + "/metrics", timeout=10)
+def exported() -> set[str]:
+    """Every series name the gateway's /metrics can contain, samples or not (a gateway of its own)."""
+    with gateway_process() as gw:
+        r = httpx.get(gw.rest + "/metrics", timeout=10)
     r.raise_for_status()
     names = set()
     for family in text_string_to_metric_families(r.text):

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.test_alerts import HISTOGRAM_SUFFIXES, metric_names
 from tests.deploy.test_deploy import assert_pinned, container_ports, environment, host_path, load, mounts
-from testkit.gateway import ROOT
+from testkit.gateway import ROOT, gateway_process
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "classifier.json"
@@ -210,16 +210,15 @@ def test_tfserving_metric_list_is_well_formed():
 
 
 @pytest.fixture(scope="module")
-def gateway_series(fresh_gateways) -> dict[str, set[str] | None]:
+def gateway_series() -> dict[str, set[str] | None]:
     """Series names of a live gateway's /metrics after one sentiment and one digits request
-    -> the label names seen on them (None: a name the metric families declare without samples).
-    A gateway of its own (tests/deploy/conftest.py): nothing else has sent it anything."""
-    gw = fresh_gateways["grafana"]
-    r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["A wonderful film, I loved it."]}, timeout=60)
-    assert r.status_code == 200, r.text
-    r = httpx.post(gw.rest + "/v1/digits:predict", json={"images": [[[0] * 28] * 28]}, timeout=60)
-    assert r.status_code == 200, r.text
-    scrape = httpx.get(gw.rest + "/metrics", timeout=10)
+    -> the label names seen on them (None: a name the metric families declare without samples)."""
+    with gateway_process() as gw:
+        r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["A wonderful film, I loved it."]}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(gw.rest + "/v1/digits:predict", json={"images": [[[0] * 28] * 28]}, timeout=60)
+        assert r.status_code == 200, r.text
+        scrape = httpx.get(gw.rest + "/metrics", timeout=10)
     scrape.raise_for_status()
     out: dict[str, set[str] | None] = {}
     for family in text_string_to_metric_families(scrape.text):
