@@ -196,6 +196,14 @@ def test_openapi_operation_ids_are_unique(openapi):
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
+def test_get_and_head_of_one_route_have_their_own_operation_ids(openapi):
+    both = {path: ops for path, ops in openapi["paths"].items() if "get" in ops and "head" in ops}
+    assert "/healthz" in both
+    for path, ops in both.items():
+        assert ops["get"]["operationId"].endswith("_get") and ops["head"]["operationId"].endswith("_head"), path
+        assert ops["head"]["operationId"] == ops["get"]["operationId"].removesuffix("_get") + "_head"
+
+
 # -- 5. media types ------------------------------------------------------------------------
 def test_non_json_content_type_is_415(gw):
     r = post(gw, SENTIMENT, b'{"texts": ["good"]}', **{"content-type": "text/plain"})

@@ -69,4 +69,8 @@ def _fix_operations(schema: dict, s: Settings) -> None:
         schema["components"]["schemas"].pop(unused, None)
     for ops in schema["paths"].values():
         if "head" in ops and "get" in ops and ops["head"].get("operationId") == ops["get"].get("operationId"):
-            ops["head"]["operationId"] = ops["get"]["operationId"].removesuffix("_get") + "_head"
+            # FastAPI names both after whichever of the route's methods (a set) comes first in this
+            # process, and may hand both the same operation object: one id per method, new dicts.
+            base = ops["get"]["operationId"].removesuffix("_get").removesuffix("_head")
+            ops["get"] = {**ops["get"], "operationId": base + "_get"}
+            ops["head"] = {**ops["head"], "operationId": base + "_head"}
