@@ -271,15 +271,6 @@ class Classifier:
         return result
 
     # -- model selection ------------------------------------------------------
-    def kind_of(self, name: str) -> str:
-        """The kind of a configured model (its versions'); NotFound naming the models otherwise."""
-        versions = self.models().get(name)
-        if versions is None:
-            raise NotFound(f"unknown model {name[:100]!r}; models: {sorted(self.models())}")
-        if not versions:
-            raise NotFound(f"model {name!r} has no version")
-        return next(iter(versions.values())).kind
-
     def default_model(self, kind: str) -> str:
         """The model a request of ``kind`` that names none gets: the setting, else the first
         configured model of that kind."""

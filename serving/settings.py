@@ -232,9 +232,6 @@ class Settings(ModelsGroup, EmbeddedGroup, TFServingGroup, ServerGroup, Limits, 
             return self.default_models[kind]
         return self.default_sentiment_model if kind == "text" else None
 
-    def concurrent_batches(self) -> int:
-        return self.batching().max_concurrent_batches
-
     def _group(self, cls, model: str | None):
         values = {name: getattr(self, name) for name in cls.model_fields}
         values.update(self.model_settings.get(model, {}) if model else {})

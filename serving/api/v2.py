@@ -75,11 +75,23 @@ class DataPlane:
             return int(version), None
         return None, version
 
-    def model_version(self, name: str, version: str | None) -> ModelVersion:
-        """The version a request names (loaded or not), or NotFound naming what exists."""
+    def _versions(self, name: str) -> dict[int, ModelVersion]:
+        """A configured model's versions; NotFound naming the models for any other name."""
         versions = self.core.models().get(name)
         if versions is None:
             raise NotFound(f"unknown model {name[:100]!r}; models: {sorted(self.core.models())}")
+        return versions
+
+    def kind(self, name: str) -> str:
+        """The kind of a configured model (its versions'), known before the request body is read."""
+        versions = self._versions(name)
+        if not versions:
+            raise NotFound(f"model {name!r} has no version")
+        return next(iter(versions.values())).kind
+
+    def model_version(self, name: str, version: str | None) -> ModelVersion:
+        """The version a request names (loaded or not), or NotFound naming what exists."""
+        versions = self._versions(name)
         number, label = self.parse_version(version)
         if number == 0:
             raise NotFound(f"model {name!r} has no version 0; loaded versions: {sorted(versions)}")
@@ -114,7 +126,7 @@ class DataPlane:
         number, label = self.parse_version(version)
         if number == 0:
             self.model_version(name, version)  # NotFound naming the versions
-        kind = kinds.get(self.core.kind_of(name))
+        kind = kinds.get(self.kind(name))
         if len(inputs) != 1:
             raise InvalidInput(f"give exactly one input, one of {list(kind.v2_inputs)}; got {[t.name for t in inputs]}")
         data = kind.v2_parse(name, inputs[0], parameters, lambda: self.core.resolve(name, number, kind.name, label)[0])

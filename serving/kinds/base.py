@@ -87,6 +87,12 @@ def expect(t: Tensor, datatypes: set[str], shape: tuple | None, shape_doc: str, 
         raise InvalidInput(f"input {t.name!r} has shape {list(t.shape)}; expected {shape_doc}")
 
 
+def classifier_outputs(v: ModelVersion, label_datatype: str) -> list[dict]:
+    """V2 metadata of a classifier's outputs: ``probabilities`` FP32 [n, classes] and ``label`` [n]."""
+    return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(v.labels)]},
+            {"name": "label", "datatype": label_datatype, "shape": [-1]}]
+
+
 def probabilities_tensor(result: Result) -> Tensor:
     probs = np.asarray(result.probabilities, dtype=np.float32)
     return Tensor("probabilities", "FP32", probs.shape, probs.reshape(-1))

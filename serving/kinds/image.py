@@ -16,7 +16,7 @@ import numpy as np
 from contract.repository import ModelVersion
 from serving.errors import InvalidInput, PayloadTooLarge
 from serving.images import SIZE, decode_b64, decode_image, from_raw_bytes, image_pixels
-from serving.kinds.base import ModelKind, Prepared, expect, probabilities_tensor
+from serving.kinds.base import ModelKind, Prepared, classifier_outputs, expect, probabilities_tensor
 from serving.request import Result
 from serving.settings import Limits
 from serving.tensor import PIXEL_TYPES, Tensor
@@ -64,8 +64,7 @@ class ImageClassification(ModelKind):
     def v2_io(self, v: ModelVersion) -> tuple[list[dict], list[dict]]:
         inputs = [{"name": "image", "datatype": "UINT8", "shape": [-1, SIZE, SIZE]},
                   {"name": "image_encoded", "datatype": "BYTES", "shape": [-1]}]
-        return inputs, [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(v.labels)]},
-                        {"name": "label", "datatype": "INT64", "shape": [-1]}]
+        return inputs, classifier_outputs(v, "INT64")
 
     def v2_parse(self, name: str, t: Tensor, parameters: dict, version) -> Images:
         if parameters.get("whole_text", False):
@@ -89,9 +88,8 @@ class ImageClassification(ModelKind):
                            f"(BYTES PNG/JPEG), not {t.name[:100]!r}")
 
     def v2_outputs(self, r: Result, inputs: Images) -> dict[str, Tensor]:
-        probs = np.asarray(r.probabilities, dtype=np.float32)
         return {"probabilities": probabilities_tensor(r),
-                "label": Tensor("label", "INT64", (len(r.predictions),), probs.argmax(1).astype(np.int64))}
+                "label": Tensor("label", "INT64", (len(r.predictions),), np.array([p.label for p in r.predictions], np.int64))}
 
 
 # -- decoding: the per-image and per-request budgets, from the images' headers first -------

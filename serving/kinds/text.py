@@ -18,7 +18,7 @@ from contract.repository import ModelVersion
 from contract.text import OOV_ID, PAD_ID, START_ID
 from contract.whole_text import combine_windows, window_rows
 from serving.errors import InvalidInput, PayloadTooLarge
-from serving.kinds.base import ModelKind, Prepared, expect, probabilities_tensor
+from serving.kinds.base import ModelKind, Prepared, classifier_outputs, expect, probabilities_tensor
 from serving.request import Result
 from serving.settings import Limits
 from serving.tensor import INTEGER_TYPES, Tensor
@@ -180,8 +180,7 @@ class TextClassification(ModelKind):
     def v2_io(self, v: ModelVersion) -> tuple[list[dict], list[dict]]:
         inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]},
                   {"name": "token_ids", "datatype": "INT32", "shape": [-1, v.preprocessor.maxlen]}]
-        return inputs, [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(v.labels)]},
-                        {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+        return inputs, classifier_outputs(v, "BYTES")
 
     def v2_parse(self, name: str, t: Tensor, parameters: dict, version) -> Texts | TokenIds:
         whole_text = parameters.get("whole_text", False)

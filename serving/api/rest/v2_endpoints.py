@@ -228,7 +228,7 @@ class V2Endpoints:
             return await core.offload(render_infer, wire, out, heavy=len(r.predictions) > 64)
 
         try:
-            return await core.handle("rest", INFER, parse, render, kind=lambda: core.kind_of(name), model=name,
+            return await core.handle("rest", INFER, parse, render, kind=lambda: plane.kind(name), model=name,
                                      watch=lambda work: until_done(request.receive, work))
         except ServiceError as e:
             return v2_error_response(e)
