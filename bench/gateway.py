@@ -194,23 +194,12 @@ def main(argv=None) -> int:
 
 def tree_cases(root: Path, model: str, texts: list[str], bodies_file: str, seconds: float) -> dict:
     """The gateway of the tree at ``root`` (its own ``python -m serving``): REST c64, gRPC batches, instant backend."""
-    rest, grpc_port = free_port(), free_port()
-    env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest),
-           "CLASSIFIER_GRPC_PORT": str(grpc_port), "CLASSIFIER_DRAIN_SETTLE_S": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "serving"], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = {}
-    try:
-        import httpx
-
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{rest}/readyz", timeout=2).status_code == 200, 120)
-        url = f"http://127.0.0.1:{rest}/v1/sentiment:predict"
+    with gateway_process(root=root) as gw:
+        url = gw.rest + "/v1/sentiment:predict"
         wrk(url, bodies_file, 16, 2)
         out["rest_single_text_c64"] = wrk(url, bodies_file, 64, seconds)
-        out["grpc_batches_256"] = grpc_batches(f"127.0.0.1:{grpc_port}", model, texts, seconds)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        out["grpc_batches_256"] = grpc_batches(gw.grpc, model, texts, seconds)
     out["instant_backend_c64"] = instant(bodies_file, seconds, root=root)
     return out
 

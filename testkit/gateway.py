@@ -74,6 +74,7 @@ def gateway_process(command: list[str] | None = None, wait_ready: bool = True, v
 
     ``verify`` (an ssl context or CA file): the gateway serves TLS (give tls_cert_file/tls_key_file);
     readiness is then awaited over https, and ``running.rest`` is the https URL.
+    ``root``: another checkout whose gateway to run (benchmarks before/after); default this one.
     ``drain_settle_s`` is 0 unless given (no load balancer waits for the gateway's shutdown here:
     each stop would otherwise cost the default 5 s); the tests of draining give it.
     The gateway's output goes to ``running.log_path`` (.pytest_cache/gateway-<rest port>.log) when
@@ -113,15 +114,17 @@ def _stop(started) -> None:
 
 
 def _spawn(command: list[str] | None = None, wait_ready: bool = True, verify=None, drain_settle_s: float = 0,
-           **env_settings) -> Running:
-    """Start one gateway process (see gateway_process); ``running.wait_ready()`` waits for it."""
+           root: Path = ROOT, **env_settings) -> Running:
+    """Start one gateway process (see gateway_process) in the tree at ``root`` (another checkout's
+    gateway for a benchmark: its ``python -m serving`` finds its own packages first);
+    ``running.wait_ready()`` waits for it."""
     rest, grpc_port = free_port(), free_port()
     env_settings["drain_settle_s"] = drain_settle_s
     env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest), "CLASSIFIER_GRPC_PORT": str(grpc_port)}
     env.update({f"CLASSIFIER_{k.upper()}": str(v) for k, v in env_settings.items()})
     log_path = ROOT / ".pytest_cache" / f"gateway-{rest}.log"
     log = open(log_path, "w") if log_path.parent.is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen(command or [sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command or [sys.executable, "-m", "serving"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     if log is not subprocess.DEVNULL:
         log.close()  # the child has its own copy
     running = Running(rest, grpc_port)
