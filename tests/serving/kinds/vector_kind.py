@@ -12,7 +12,7 @@ import numpy as np
 
 from serving.errors import InvalidInput
 from serving.kinds import ModelKind, Prepared, register
-from serving.kinds.base import expect, probabilities_tensor
+from serving.kinds.base import classifier_outputs, expect, probabilities_tensor
 from serving.request import Result
 from serving.tensor import Tensor
 
@@ -48,9 +48,7 @@ class VectorClassification(ModelKind):
         return Result(v.name, v.version, preds, probs)
 
     def v2_io(self, v):
-        return ([{"name": "features", "datatype": "FP32", "shape": [-1, self.width(v)]}],
-                [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(v.labels)]},
-                 {"name": "label", "datatype": "BYTES", "shape": [-1]}])
+        return [{"name": "features", "datatype": "FP32", "shape": [-1, self.width(v)]}], classifier_outputs(v, "BYTES")
 
     def v2_parse(self, name, t: Tensor, parameters, version) -> np.ndarray:
         width = self.width(version())
