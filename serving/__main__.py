@@ -1,6 +1,8 @@
 """Run the gateway: REST (uvicorn) and gRPC in one process and one event loop.
 
     python -m serving            # REST on :8000, gRPC on :50051 (see serving/settings.py)
+    python -m serving check-config FILE [--previous F] [--traffic F] [--models DIR]
+                                 # would the gateway apply this models.config? (exit 0/1)
 
 On SIGTERM (or SIGINT) it drains as an orchestrator expects: /readyz answers
 503 and gRPC health NOT_SERVING at once; new work is still taken for
@@ -116,6 +118,12 @@ class Gateway:
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["check-config"]:
+        from serving.model_config import check_main
+
+        sys.exit(check_main(sys.argv[2:]))
     from serving.logs import setup_logging
 
     settings = Settings()

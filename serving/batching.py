@@ -106,6 +106,19 @@ class Batcher:
         """Rows waiting, admitted or in flight."""
         return self._queued_rows + self._reserved_rows + self._in_flight_rows
 
+    @property
+    def waiting(self) -> int:
+        """Rows admitted or queued that no batch has taken yet."""
+        return self._queued_rows + self._reserved_rows
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no row is admitted, queued or in flight; False if some still are after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.depth and loop.time() < end:
+            await asyncio.sleep(0.01)
+        return not self.depth
+
     def estimated_wait(self) -> float:
         """Seconds until rows admitted now would start being computed (0 until calls were measured)."""
         return self._rows_seconds(self.depth)

@@ -32,8 +32,9 @@ from serving.backends import Backend
 from serving.batching import Batcher
 from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from serving.metrics import Metrics
-from serving.model_config import STABLE, ModelsConfig
+from serving.model_config import MODELS_CONFIG, STABLE, TRAFFIC
 from serving.request import Call, Predict, Result, request_id
+from serving.rollout import Rollout
 from serving.settings import Limits, Settings
 
 log = logging.getLogger("serving.core")
@@ -44,7 +45,8 @@ class Classifier:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics or Metrics(settings.models)
-        self.models_config = ModelsConfig(settings.models_config_file)
+        self.rollout = Rollout(self)
+        self.models_config = self.rollout.config
         self._batchers: dict[tuple[str, int], Batcher] = {}
         self._limits: dict[str, Limits] = {}
         # Enough threads for every model's batches in flight: backend calls run off the event loop.
@@ -53,6 +55,7 @@ class Classifier:
         # Validation, tokenising and image decoding of large requests (kept apart from model calls).
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._load_task: asyncio.Task | None = None
+        self._follow_task: asyncio.Task | None = None
         self._load_error: str | None = None
         self.draining = False  # readiness fails (set on SIGTERM)
         self.accepting = True  # new work is taken (cleared drain_settle_s later)
@@ -62,12 +65,15 @@ class Classifier:
 
     # -- life cycle -----------------------------------------------------------
     async def start(self) -> None:
-        """Start loading in the background; readiness flips once loaded and warmed."""
-        self._load_task = asyncio.get_running_loop().create_task(self._load())
+        """Start loading in the background; readiness flips once loaded and warmed. Then follow
+        models.config and the traffic file (serving/rollout.py)."""
+        loop = asyncio.get_running_loop()
+        self._load_task = loop.create_task(self._load())
+        self._follow_task = loop.create_task(self.rollout.follow(self._load_task))
 
     async def _load(self) -> None:
         try:
-            await asyncio.to_thread(self.backend.load)
+            await asyncio.to_thread(self.backend.load, self.models_config)
         except Exception as e:  # noqa: BLE001 - the process stays up and /readyz says why
             log.exception("loading the models failed")
             self._load_error = f"loading the models failed: {e}"
@@ -77,7 +83,7 @@ class Classifier:
         gc.collect()
         gc.freeze()
 
-    def _batcher(self, v: ModelVersion) -> Batcher:
+    def batcher(self, v: ModelVersion) -> Batcher:
         """The batcher of one model version, made on first use (new versions can appear)."""
         key = (v.name, v.version)
         b = self._batchers.get(key)
@@ -89,7 +95,9 @@ class Classifier:
                 s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self._executor,
                 on_batch=lambda rows, sec, r=m.batch_rows.labels(name), b=m.backend_seconds.labels(name): (
                     r.observe(rows), b.observe(sec)),
-                on_depth=m.queue_rows.labels(name).set,
+                # The model's rows over all its versions (stable and canary share the gauge).
+                on_depth=lambda _, g=m.queue_rows.labels(name), name=name: g.set(
+                    sum(b.depth for (n, _), b in self._batchers.items() if n == name)),
                 on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),
                 max_concurrent=s.max_concurrent_batches,
                 max_queue_wait_s=s.max_queue_wait_s,
@@ -101,6 +109,10 @@ class Classifier:
             self._batchers[key] = b
         return b
 
+    def forget_batcher(self, v: ModelVersion) -> Batcher | None:
+        """Take a retired version's batcher out of use (the caller stops it)."""
+        return self._batchers.pop((v.name, v.version), None)
+
     def render_metrics(self) -> bytes:
         """Prometheus text, with the model versions as the backend knows them right now."""
         info = self.metrics.model_info
@@ -109,6 +121,9 @@ class Classifier:
             for v in versions.values():
                 info.labels(name, str(v.version), v.state).set(1 if v.state == "AVAILABLE" else 0)
         self.metrics.ready.set(1 if self.ready()[0] else 0)
+        for file in (MODELS_CONFIG, TRAFFIC):
+            self.metrics.config_valid.labels(file).set(1 if self.models_config.valid(file) else 0)
+        self.rollout.export()
         return self.metrics.render()
 
     def begin_drain(self) -> None:
@@ -135,9 +150,11 @@ class Classifier:
         if self._stopped:
             return
         self._stopped = True
-        if self._load_task:
-            self._load_task.cancel()
-            await asyncio.gather(self._load_task, return_exceptions=True)
+        for task in (self._load_task, self._follow_task):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.rollout.stop()
         for b in self._batchers.values():
             await b.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -152,7 +169,26 @@ class Classifier:
             return False, reason if not ready else "loading"
         if self._load_error:
             return False, self._load_error
-        return self.backend.status()
+        ready, reason = self.backend.status()
+        if not ready:
+            return ready, reason
+        if not self.models_config.applied:
+            return False, f"models_config_file is invalid: {self.models_config.error}"
+        for name, versions in self.backend.versions().items():
+            n = self.default_version(name, versions)
+            v = versions.get(n)
+            if v is None or v.state != "AVAILABLE":
+                which = f"the {STABLE!r} label's version {n}" if STABLE in self.models_config.labels(name) else f"version {n}"
+                state = f"is {v.state}" + (f" ({v.error})" if v.error else "") if v else f"is not loaded (loaded: {sorted(versions)})"
+                return False, f"model {name!r}: its default version, {which}, {state}"
+        return True, reason
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped or not self.accepting
+
+    def kind(self, name: str) -> kinds.ModelKind:
+        return kinds.get(name)
 
     def models(self) -> dict[str, dict[int, ModelVersion]]:
         return self.backend.versions()
@@ -183,7 +219,7 @@ class Classifier:
     def record(self, protocol: str, endpoint: str, model: str | None, outcome: str, seconds: float,
                version: int | None = None, items: int = 0) -> None:
         """Metrics and the access log line of one finished request (also those refused before a handler)."""
-        self.metrics.observe(protocol, endpoint, model, outcome, seconds)
+        self.metrics.observe(protocol, endpoint, model, outcome, seconds, version)
         if self.settings.access_log:
             access_log.info(
                 "%s %s %s", protocol, endpoint[:200], outcome,
@@ -268,6 +304,7 @@ class Classifier:
         result = kind.result(v, prepared, probs)
         if req.explain:
             await self.offload(kind.explain, v, req.inputs, prepared, result, limits, heavy=heavy)
+        self.rollout.served(req, v, batcher, result)
         return result
 
     # -- model selection ------------------------------------------------------
@@ -286,7 +323,8 @@ class Classifier:
         return limits
 
     def default_version(self, name: str, versions: dict[int, ModelVersion]) -> int:
-        """The ``stable`` label's version when models.config defines one, else the newest AVAILABLE."""
+        """The ``stable`` label's version when models.config defines one, else the newest AVAILABLE.
+        (A request naming no version may be routed to the canary instead: :meth:`version_number`.)"""
         stable = self.models_config.labels(name).get(STABLE)
         if stable is not None:
             return stable
@@ -294,14 +332,15 @@ class Classifier:
         return max(available or versions)
 
     def version_number(self, name: str, versions: dict[int, ModelVersion], version: int | None, label: str | None) -> int:
-        """The version a request means: its label's (models.config), else its own, else the default
-        (0 or None; see :meth:`default_version`). Not checked against the loaded ``versions``."""
+        """The version a request means: its label's (models.config), else its own, else (0 or None)
+        the default (:meth:`default_version`) or, for the traffic file's share, the canary
+        (serving/rollout.py). Not checked against the loaded ``versions``."""
         if label:
             labels = self.models_config.labels(name)
             if label not in labels:
                 raise NotFound(f"model {name!r} has no version label {label[:100]!r}; labels: {sorted(labels)}")
             return labels[label]
-        return version or self.default_version(name, versions)
+        return version or self.rollout.route(name, versions, self.default_version(name, versions))
 
     def resolve(self, name: str, version: int | None, kind: str, label: str | None = None) -> tuple[ModelVersion, Batcher]:
         self.check_accepting()
@@ -327,7 +366,7 @@ class Classifier:
             raise InvalidInput(f"model {name!r} classifies {kinds.get(v.kind).items}, not {kinds.get(kind).items}")
         if v.state != "AVAILABLE" or not self._load_task or not self._load_task.done():
             raise Unavailable(f"model {name!r} version {v.version} is not ready ({v.state})")
-        return v, self._batcher(v)
+        return v, self.batcher(v)
 
     def _check_count(self, n: int, what: str, limits: Limits) -> None:
         if n == 0:

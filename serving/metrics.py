@@ -4,7 +4,9 @@ Names and units follow Prometheus' conventions (base units, ``_total`` for
 counters, the unit as suffix). Every label value comes from a known, bounded
 set: a model name a client asked for that is not configured is recorded as
 ``unknown``, endpoints are the service's own routes/RPCs (anything else is
-``other``), outcomes are ``ok`` or one of the error codes of serving/errors.py (its ``OUTCOMES``).
+``other``), outcomes are ``ok`` or one of the error codes of serving/errors.py (its ``OUTCOMES``),
+versions are those a configured model's request was served by (resolved, so loaded), labels
+are the model card's classes.
 """
 
 from __future__ import annotations
@@ -34,15 +36,44 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        labels = ["protocol", "endpoint", "model", "outcome"]
+        labels = ["protocol", "endpoint", "model", "version", "outcome"]
         self.requests = Counter(
-            "classifier_requests", "Requests by protocol, endpoint, model and outcome (ok or the error code)",
-            labels, registry=r,
+            "classifier_requests", "Requests by protocol, endpoint, model, the version that served them "
+            "(empty when none was chosen) and outcome (ok or the error code)", labels, registry=r,
         )
         self.request_seconds = Histogram(
-            "classifier_request_duration_seconds", "Whole request latency by protocol, endpoint, model and outcome",
-            labels, buckets=LATENCY_BUCKETS, registry=r,
+            "classifier_request_duration_seconds", "Whole request latency by protocol, endpoint, model, version "
+            "and outcome", labels, buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.predictions = Counter("classifier_predictions", "Labels predicted, by model and version",
+                                   ["model", "version", "label"], registry=r)
+        # Rollouts (serving/rollout.py, serving/model_config.py).
+        self.version_label = Gauge("classifier_model_version_label", "1 per version label of the applied models.config",
+                                   ["model", "label", "version"], registry=r)
+        self.canary_percent = Gauge("classifier_canary_percent", "Share of default requests sent to the canary (traffic file)",
+                                    ["model"], registry=r)
+        self.shadow_percent = Gauge("classifier_shadow_percent", "Share of default requests also scored by the canary",
+                                    ["model"], registry=r)
+        self.config_reloads = Counter(
+            "classifier_model_config_reloads", "New contents of models.config or the traffic file, applied or rejected "
+            "(invalid: the previous one stays)", ["file", "outcome"], registry=r)
+        self.config_applied_at = Gauge(
+            "classifier_model_config_last_reload_success_timestamp_seconds", "When the file's applied contents were read",
+            ["file"], registry=r)
+        self.config_valid = Gauge("classifier_model_config_valid",
+                                  "1 when the file on disk is the one applied, 0 while a rejected one is there", ["file"],
+                                  registry=r)
+        self.shadow_requests = Counter(
+            "classifier_shadow_requests", "Default requests sampled for shadow scoring by the canary: scored, skipped "
+            "(no spare capacity) or failed", ["model", "outcome"], registry=r)
+        self.shadow_items = Counter("classifier_shadow_items", "Items scored by stable and canary: same label or not",
+                                    ["model", "agreement"], registry=r)
+        self.shadow_abs_diff = Counter(
+            "classifier_shadow_probability_abs_diff", "Sum over shadow items of the total-variation distance between "
+            "the two versions' probabilities (2 classes: |dp|); / classifier_shadow_items_total = mean", ["model"],
+            registry=r)
+        self.shadow_labels = Counter("classifier_shadow_labels", "Labels each version predicted on the shadow sample",
+                                     ["model", "version", "label"], registry=r)
         self.items = Counter("classifier_items", "Texts or images classified", ["model"], registry=r)
         self.windows = Counter("classifier_whole_text_windows", "Windows scored for whole-text requests", ["model"], registry=r)
         self.preprocess_seconds = Histogram(
@@ -87,10 +118,13 @@ class Metrics:
     def endpoint(self, name: str) -> str:
         return name if name in self.known_endpoints else "other"
 
-    def observe(self, protocol: str, endpoint: str, model: str | None, outcome: str, seconds: float) -> None:
+    def observe(self, protocol: str, endpoint: str, model: str | None, outcome: str, seconds: float,
+                version: int | None = None) -> None:
         """Count and time one finished request (all label values bounded here, so the cache of
         labelled series is bounded too: ``labels()`` costs a few microseconds per call)."""
-        labels = (protocol, self.endpoint(endpoint), self.model(model), outcome if outcome in OUTCOMES else "INTERNAL")
+        model = self.model(model)
+        labels = (protocol, self.endpoint(endpoint), model, str(version) if version and model != "unknown" else "",
+                  outcome if outcome in OUTCOMES else "INTERNAL")
         series = self._series.get(labels)
         if series is None:
             series = self._series[labels] = (self.requests.labels(*labels), self.request_seconds.labels(*labels))

@@ -11,13 +11,17 @@ import numpy as np
 
 # The request id of the request being handled (REST header / gRPC metadata x-request-id).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# What a weighted canary splits by (REST header / gRPC metadata x-routing-key, e.g. a user id):
+# one key always gets the same version. None: the request id.
+routing_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("routing_key", default=None)
 
 
-def begin_request_id(client_value: str | None) -> str:
+def begin_request_id(client_value: str | None, client_routing_key: str | None = None) -> str:
     """The request id of a new request, set for its logs: the client's ``x-request-id`` when it is
-    ASCII (cut to 128 characters), else a new random one (32 hex digits)."""
+    ASCII (cut to 128 characters), else a new random one (32 hex digits). Also sets its routing key."""
     rid = client_value[:128] if client_value and client_value.isascii() else secrets.token_hex(16)
     request_id.set(rid)
+    routing_key.set(client_routing_key[:256] if client_routing_key else None)
     return rid
 
 

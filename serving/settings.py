@@ -71,6 +71,13 @@ class ModelsGroup(BaseModel):
     # version goes to the `stable` label when the model defines one, else to the newest
     # AVAILABLE version. Empty: every model's newest version, no labels.
     models_config_file: Path | None = ROOT / "serving" / "tfserving" / "models.config"
+    # Per model, the share of requests naming no version that go to the `canary` label's version
+    # (by routing key: x-routing-key, else the request id) and the share also scored by the canary
+    # in the shadow (JSON; serving/model_config.py). A relative path is taken from models.config's
+    # folder (the default: traffic.json beside it, in the same ConfigMap). Empty: no split.
+    traffic_file: Path | None = Path("traffic.json")
+    # How often both files are checked for changes (a new version is loaded, labels and splits move).
+    models_config_poll_s: float = Field(1.0, gt=0)
     warmup: bool = True
     # The default model of each kind (text, image: serving/kinds/) for requests that name none;
     # a kind not listed here: default_sentiment_model for text, else the first configured model of the kind.
@@ -196,10 +203,17 @@ class Settings(ModelsGroup, EmbeddedGroup, TFServingGroup, ServerGroup, Limits, 
         env_prefix="CLASSIFIER_", env_file=os.environ.get("CLASSIFIER_SETTINGS_FILE"), extra="ignore"
     )
 
-    @field_validator("models_config_file", "api_keys_file", "tls_cert_file", "tls_key_file", mode="before")
+    @field_validator("models_config_file", "traffic_file", "api_keys_file", "tls_cert_file", "tls_key_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _traffic_beside_models_config(self):
+        if self.traffic_file is not None and not self.traffic_file.is_absolute():
+            base = self.models_config_file.parent if self.models_config_file else Path.cwd()
+            self.traffic_file = base / self.traffic_file
+        return self
 
     @model_validator(mode="after")
     def _check_model_settings(self):

@@ -11,6 +11,7 @@ and comes back).
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -45,15 +46,21 @@ class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
                  config: Path | None = None):
         """Serves every version on disk, or, with ``config`` (a models.config), the versions its
         policy lists and its labels, as TF Serving does with --model_config_file."""
-        chosen = {name: existing_versions(base_path / name) for name in models}
+        self.base_path, self.models = base_path, models
+        self.config = None
+        self.loaded: dict[str, dict[int, object]] = {}
         if config is not None:
             from serving.model_config import ModelsConfig
 
-            cfg = ModelsConfig(config)
-            chosen = {name: cfg.policy(name).choose(versions) for name, versions in chosen.items()}
-            labels = labels or {name: cfg.labels(name) for name in models}
-        self.loaded = {name: {v: load(base_path / name / str(v)) for v in versions} for name, versions in chosen.items()}
+            self.config = ModelsConfig(config)
+            self._apply()
+            labels = labels or self.labels
+        else:
+            self.loaded = {name: {v: load(base_path / name / str(v)) for v in existing_versions(base_path / name)}
+                           for name in models}
         self.labels = labels or {}
+        self._following: threading.Thread | None = None
+        self._stop_following = threading.Event()
         self.delay_s = 0.0
         # What GetModelStatus reports, per model or (model, version): AVAILABLE unless a test says otherwise.
         self.state: dict = {}
@@ -75,9 +82,28 @@ class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
         return self.port
 
     def stop(self) -> None:
+        self._stop_following.set()
         if self.server:
             self.server.stop(grace=None).wait()
             self.server = None
+
+    def _apply(self) -> None:
+        """Serve what the models.config's policies choose, with its labels (TF Serving loads new
+        versions before it serves them, and unloads removed ones)."""
+        chosen = {name: self.config.policy(name).choose(existing_versions(self.base_path / name)) for name in self.models}
+        self.loaded = {name: {v: self.loaded.get(name, {}).get(v) or load(self.base_path / name / str(v)) for v in vs}
+                       for name, vs in chosen.items()}
+        self.labels = {name: self.config.labels(name) for name in self.models}
+
+    def follow(self, poll_s: float = 0.2) -> None:
+        """Re-read the models.config every ``poll_s`` in a thread, as --model_config_file_poll_wait_seconds."""
+        def run():
+            while not self._stop_following.wait(poll_s):
+                if self.config.refresh():
+                    self._apply()
+
+        self._following = threading.Thread(target=run, name="standin-config", daemon=True)
+        self._following.start()
 
     @property
     def address(self) -> str:

@@ -15,12 +15,21 @@ from typing import Protocol
 import numpy as np
 
 from contract.repository import ModelVersion
+from serving.model_config import ModelsConfig
 from serving.settings import Settings
 
 
 class Backend(Protocol):
-    def load(self) -> None:
+    def load(self, config: ModelsConfig | None = None) -> None:
         """Load and warm every configured model (blocking; run in a thread)."""
+
+    def sync(self, config: ModelsConfig) -> list[ModelVersion]:
+        """models.config changed: serve what its version policies choose now (blocking). Returns the
+        versions taken out of :meth:`versions`; the core lets their queued work finish, then
+        :meth:`unload`\ s them. (TF Serving reads the file itself: nothing to do there.)"""
+
+    def unload(self, v: ModelVersion) -> None:
+        """Release a version :meth:`sync` retired."""
 
     def versions(self) -> dict[str, dict[int, ModelVersion]]:
         """Every configured model's versions, loaded or not, with their state."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -13,24 +15,24 @@ from contract.repository import ModelVersion, read_version, versions_on_disk
 from serving.settings import Settings
 
 log = logging.getLogger("serving.backend")
+NOT_LOADED = "models not loaded yet"
 
 
 class EmbeddedBackend:
     """SavedModels loaded in this process with TensorFlow: the versions models.config names
-    for each model (its version policy, as TF Serving reads it), else the newest on disk."""
+    for each model (its version policy, as TF Serving reads it), else the newest on disk;
+    followed as the file changes (:meth:`sync`), without a restart."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._versions: dict[str, dict[int, ModelVersion]] = {}
+        self._versions: dict[str, dict[int, ModelVersion]] = {name: {} for name in settings.models}
         self._signatures: dict[tuple[str, int], object] = {}
-        self._loaded: list[object] = []  # the loaded SavedModels (the XLA-wrapped calls need their variables)
+        # The loaded SavedModels, by version (the XLA-wrapped calls need their variables).
+        self._loaded: dict[tuple[str, int], object] = {}
         self._buckets: list[int] = []
-        self._reason = "models not loaded yet"
+        self._reason: str | None = NOT_LOADED
         self._tf = None
-        config = ModelsConfig(settings.models_config_file)
-        for name in settings.models:
-            chosen = config.policy(name).choose(versions_on_disk(settings.model_base_path, name))
-            self._versions[name] = {n: read_version(settings.model_base_path, name, n) for n in chosen}
+        self._lock = threading.Lock()  # one sync at a time
 
     def versions(self) -> dict[str, dict[int, ModelVersion]]:
         return self._versions
@@ -40,14 +42,13 @@ class EmbeddedBackend:
         """The batch sizes the XLA path pads to (tf_jit_compile; known once loaded), else empty."""
         return list(self._buckets)
 
-    def load(self) -> None:
+    def load(self, config: ModelsConfig | None = None) -> None:
+        """Load and warm the versions ``config`` names (else models_config_file's)."""
         try:
             import tensorflow as tf
         except ImportError as e:
             error = f"the embedded backend needs TensorFlow (install the 'embedded' extra): {type(e).__name__}: {e}"
-            for versions in self._versions.values():
-                for v in versions.values():
-                    v.state, v.error = "FAILED", error
+            self._reason = error
             raise RuntimeError(error) from e
         self._tf = tf
         try:
@@ -57,25 +58,75 @@ class EmbeddedBackend:
                 tf.config.threading.set_inter_op_parallelism_threads(self.settings.tf_inter_op_threads)
         except RuntimeError as e:  # TensorFlow already ran in this process: its pools are fixed
             log.warning("TensorFlow thread pools left as they are: %s", e)
-        for name, versions in self._versions.items():
-            if not versions:
-                self._reason = f"no version of model {name!r} under {self.settings.model_base_path / name}"
-                log.error(self._reason)
-                continue
-            for v in versions.values():
-                try:
-                    t0 = time.perf_counter()
-                    loaded = tf.saved_model.load(str(v.path))
-                    self._loaded.append(loaded)
-                    self._signatures[(name, v.version)] = self._callable(tf, loaded.signatures["serving_default"], v)
-                    v.state = "WARMING"
-                    if self.settings.warmup:
-                        self._warm(v)
-                    v.state = "AVAILABLE"
-                    log.info("loaded %s/%s in %.1fs", name, v.version, time.perf_counter() - t0)
-                except Exception as e:  # noqa: BLE001 - a broken model must not kill the others
-                    v.state, v.error = "FAILED", f"{type(e).__name__}: {e}"
-                    log.exception("loading %s/%s failed", name, v.version)
+        config = config or ModelsConfig(self.settings.models_config_file)
+        for name in self.settings.models:  # listed (LOADING) before any is loaded
+            for n in self._wanted(config, name):
+                self._add(name, n, load=False)
+        self.sync(config)
+        self._reason = None
+
+    def _wanted(self, config: ModelsConfig, name: str) -> list[int]:
+        try:
+            return config.policy(name).choose(versions_on_disk(self.settings.model_base_path, name))
+        except OSError:
+            return []
+
+    def sync(self, config: ModelsConfig) -> list[ModelVersion]:
+        """Serve what ``config``'s version policies choose, as TF Serving does when its config changes:
+        new versions are loaded and warmed (LOADING, then AVAILABLE: only then can a request reach
+        them); versions no longer chosen leave :meth:`versions` (no new request resolves to them) and
+        are returned: the caller lets their queued work finish, then calls :meth:`unload`."""
+        retired = []
+        with self._lock:
+            for name in self.settings.models:
+                wanted = self._wanted(config, name)
+                current = self._versions[name]
+                for n in wanted:
+                    if n not in current or current[n].state in ("LOADING", "FAILED"):
+                        self._add(name, n)
+                gone = [v for n, v in self._versions[name].items() if n not in wanted]
+                if gone:
+                    self._versions[name] = {n: v for n, v in self._versions[name].items() if n in wanted}
+                    retired += gone
+                    log.info("%s: versions %s no longer in the version policy: unloading them once their "
+                             "queued work is done", name, [v.version for v in gone])
+        return retired
+
+    def _add(self, name: str, n: int, load: bool = True) -> None:
+        """Read, load and warm one version; it is listed (LOADING, WARMING) while that happens."""
+        try:
+            v = read_version(self.settings.model_base_path, name, n)
+        except (OSError, ValueError, KeyError) as e:
+            log.error("%s/%s cannot be read: %s", name, n, e)
+            return
+        v.state = "LOADING"
+        self._versions[name] = {**self._versions[name], n: v}  # a new dict: readers never see it change
+        if not load:
+            return
+        try:
+            t0 = time.perf_counter()
+            loaded = self._tf.saved_model.load(str(v.path))
+            self._loaded[(name, n)] = loaded
+            self._signatures[(name, n)] = self._callable(self._tf, loaded.signatures["serving_default"], v)
+            v.state = "WARMING"
+            if self.settings.warmup:
+                self._warm(v)
+            v.state = "AVAILABLE"
+            log.info("loaded %s/%s in %.1fs", name, n, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a broken model must not kill the others
+            v.state, v.error = "FAILED", f"{type(e).__name__}: {e}"
+            self._signatures.pop((name, n), None)
+            self._loaded.pop((name, n), None)
+            log.exception("loading %s/%s failed", name, n)
+
+    def unload(self, v: ModelVersion) -> None:
+        """Drop a retired version's graph and variables (its memory returns once collected)."""
+        self._signatures.pop((v.name, v.version), None)
+        loaded = self._loaded.pop((v.name, v.version), None)
+        v.state = "END"
+        del loaded
+        gc.collect()
+        log.info("unloaded %s/%s", v.name, v.version)
 
     def _callable(self, tf, sig, v: ModelVersion):
         """batch (a tf.Tensor) -> probabilities: the signature, or (tf_jit_compile) the signature
@@ -112,10 +163,20 @@ class EmbeddedBackend:
         pass
 
     def status(self) -> tuple[bool, str]:
+        """Ready once loaded, with a version of every model AVAILABLE (or loading: one added later).
+        Whether each model's default version is AVAILABLE is the core's check: it knows the labels."""
+        loading = self._reason == NOT_LOADED
+        if self._reason and not loading:
+            return False, self._reason
         for name, versions in self._versions.items():
+            for v in sorted(versions.values(), key=lambda v: v.version):
+                if loading and v.state != "AVAILABLE":
+                    return False, f"model {name!r} version {v.version} is {v.state}"
+            if loading:
+                continue
             if not versions:
                 return False, f"model {name!r}: no version found under {self.settings.model_base_path / name}"
-            for v in versions.values():
-                if v.state != "AVAILABLE":
-                    return False, f"model {name!r} version {v.version} is {v.state}" + (f": {v.error}" if v.error else "")
-        return True, "all models loaded and warmed"
+            if all(v.state == "FAILED" for v in versions.values()):
+                v = max(versions.values(), key=lambda v: v.version)
+                return False, f"model {name!r} version {v.version} is FAILED: {v.error}"
+        return (False, NOT_LOADED) if loading else (True, "all models loaded and warmed")

@@ -77,11 +77,18 @@ class TFServingBackend:
         self._thread: threading.Thread | None = None
 
     # -- model status ---------------------------------------------------------
-    def load(self) -> None:
+    def load(self, config=None) -> None:
         """First status poll, then keep polling in the background."""
         self.poll()
         self._thread = threading.Thread(target=self._poll_forever, name="tfserving-status", daemon=True)
         self._thread.start()
+
+    def sync(self, config) -> list[ModelVersion]:
+        """TF Serving follows models.config itself; its version states come from the status poll."""
+        return []
+
+    def unload(self, v: ModelVersion) -> None:
+        pass
 
     def close(self) -> None:
         self._stop.set()

@@ -78,6 +78,20 @@
         const card = v.card || {};
         const labels = el("td", {}, ...v.labels.map((l) => el("span", { class: "label-chip" }, l)));
         if (v.version === m.default_version) labels.append(el("span", { class: "label-chip" }, "default"));
+        // The traffic file's split of requests that name no version (weighted canary, shadow scoring).
+        const split = m.traffic || {};
+        if (split.canary_version !== null && split.canary_version !== undefined) {
+          const share = split.canary_version === v.version ? split.canary_percent
+            : v.version === m.default_version ? 100 - split.canary_percent : null;
+          if (share !== null && split.canary_percent > 0) {
+            labels.append(el("span", { class: "label-chip traffic-chip", title: "share of requests that name no version" },
+              `${+share.toFixed(2)}% of traffic`));
+          }
+          if (split.canary_version === v.version && split.shadow_percent > 0) {
+            labels.append(el("span", { class: "label-chip traffic-chip", title: "share of the default version's requests also scored by this version, off the request path" },
+              `shadow ${+split.shadow_percent.toFixed(2)}%`));
+          }
+        }
         body.append(el("tr", { dataset: { model: m.name, version: v.version } },
           el("td", {}, m.name), el("td", {}, v.version), el("td", { class: "state-" + v.state }, v.state), labels,
           el("td", {}, pct(card.test_accuracy)), el("td", {}, pct(card.whole_text_accuracy)),

@@ -268,9 +268,10 @@ def test_metrics_are_exposed(gw):
                  "classifier_unknown_token_ratio_bucket", "classifier_model_version_info", "process_cpu_seconds_total"):
         assert name in names, name
     labels = (("endpoint", "/v1/sentiment:predict"), ("model", "sentiment_lstm"))
-    ok = ("classifier_requests_total", (*labels, ("outcome", "ok"), ("protocol", "rest")))
-    bad = ("classifier_requests_total", (*labels, ("outcome", "INVALID_ARGUMENT"), ("protocol", "rest")))
-    assert m[ok] >= 1 and m[bad] >= 1
+    version = ("version", str(stable_version("sentiment_lstm")))  # the version that served it
+    ok = ("classifier_requests_total", (*labels, ("outcome", "ok"), ("protocol", "rest"), version))
+    bad = ("classifier_requests_total", (*labels, ("outcome", "INVALID_ARGUMENT"), ("protocol", "rest"), version))
+    assert m[ok] >= 1 and m[bad] >= 1  # (the empty request was refused after its version was chosen)
     available = sorted((dict(k[1])["model"], int(dict(k[1])["version"])) for k, v in m.items()
                        if k[0] == "classifier_model_version_info" and v == 1)
     assert available == sorted((n, v) for n in ("digits", "sentiment_lstm", "sentiment_bilstm") for v in served_versions(n))

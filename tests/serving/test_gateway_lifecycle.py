@@ -27,9 +27,9 @@ class HeldBackend(EmbeddedBackend):
         self.may_predict.set()
         self.calls = 0
 
-    def load(self):
+    def sync(self, config):
         self.may_load.wait(60)
-        super().load()
+        return super().sync(config)
 
     def predict(self, model, version, batch, request_ids=()):
         self.calls += 1

@@ -132,7 +132,7 @@ def test_client_chosen_names_do_not_grow_the_metrics(gw):
     assert models <= {"", "unknown", "sentiment_lstm", "digits"}
     assert not any(e.startswith("/no/such") for e in endpoints) and "other" in endpoints
     assert m[("classifier_requests_total", (("endpoint", PREDICT), ("model", "unknown"), ("outcome", "NOT_FOUND"),
-                                            ("protocol", "rest")))] >= 300
+                                            ("protocol", "rest"), ("version", "")))] >= 300
     assert len(httpx.get(gw.rest + "/metrics").content) < before + 20_000
 
 
@@ -297,7 +297,8 @@ def test_work_of_clients_that_left_is_dropped_not_computed(held):
     assert m[("classifier_dropped_rows_total", (("model", "sentiment_lstm"), ("reason", "cancelled")))] == 8 * 64
     assert m[("classifier_dropped_rows_total", (("model", "sentiment_lstm"), ("reason", "deadline")))] == 64
     cancelled = ("classifier_requests_total", (("endpoint", PREDICT), ("model", "sentiment_lstm"),
-                                               ("outcome", "CANCELLED"), ("protocol", "rest")))
+                                               ("outcome", "CANCELLED"), ("protocol", "rest"),
+                                               ("version", str(stable_version("sentiment_lstm")))))
     assert m[cancelled] == 8
 
 

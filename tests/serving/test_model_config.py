@@ -18,7 +18,7 @@ from tensorflow_serving.config import model_server_config_pb2 as official
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.tensorflow_serving.config import model_server_config_pb2 as lean
-from serving.model_config import ModelPolicy, ModelsConfig, parse
+from serving.model_config import ConfigError, ModelPolicy, ModelsConfig, Traffic, parse, parse_traffic, problems
 from testkit.gateway import ROOT, WITHOUT_TENSORFLOW, gateway_process, wait_until
 from tests.serving.backends.test_tfserving import TEXT, two_versions  # noqa: F401 - a fixture: v1 and a v2 with another vocabulary
 from testkit.standin import StandIn
@@ -82,19 +82,97 @@ def test_version_policies_choose_like_tf_serving():
     assert parse('model_config_list { config { name: "m" model_version_policy { all { } } } }')["m"].all
 
 
-def test_config_is_reread_when_it_changes_and_kept_when_broken(tmp_path, caplog):
+def touch(path):
+    now = time.time_ns()
+    os.utime(path, ns=(now, now + 5 * 10**9))  # a distinct mtime even within one clock tick
+
+
+def test_config_is_reread_when_it_changes_and_a_broken_one_is_rejected(tmp_path):
     path = tmp_path / "models.config"
     path.write_text(config_text(1, 2))
-    config = ModelsConfig(path, check_interval_s=0)
-    assert config.labels("sentiment_lstm") == {"stable": 1, "canary": 2}
+    seen = []
+    config = ModelsConfig(path, on_reload=lambda file, outcome: seen.append((file, outcome)))
+    assert config.labels("sentiment_lstm") == {"stable": 1, "canary": 2} and config.generation == 1
     path.write_text(config_text(2, 2))
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert config.labels("sentiment_lstm") == {"stable": 2, "canary": 2}
-    path.write_text("model_config_list { config { name: ")  # half-written
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
-    assert config.labels("sentiment_lstm") == {"stable": 2, "canary": 2} and "invalid" in config.error
+    touch(path)
+    assert config.refresh() and config.labels("sentiment_lstm") == {"stable": 2, "canary": 2}
+    for broken in ("model_config_list { config { name: ",  # half-written
+                   "",  # truncated: names none of the models served now
+                   config_text(stable=3, canary=2),  # a label outside the policy
+                   config_text(1, 2).replace("sentiment_lstm", "other")):  # a model removed
+        path.write_text(broken)
+        touch(path)
+        assert not config.refresh() and config.labels("sentiment_lstm") == {"stable": 2, "canary": 2}
+        assert not config.valid("models_config") and config.error
+    path.write_text(config_text(1, 2))
+    touch(path)
+    assert config.refresh() and config.valid("models_config") and config.generation == 3
+    assert seen == [("models_config", "applied")] * 2 + [("models_config", "rejected")] * 4 + [("models_config", "applied")]
+    path.unlink()
+    assert not config.refresh() and config.labels("sentiment_lstm") == {"stable": 1, "canary": 2}  # gone: kept
     assert ModelsConfig(tmp_path / "missing.config").labels("sentiment_lstm") == {}
     assert ModelsConfig(None).policy("anything") == ModelPolicy()
+
+
+def test_validation_names_the_broken_rule(tmp_path):
+    models = parse(config_text(stable=3, canary=2))
+    assert problems(models) == ["model 'sentiment_lstm': label 'stable' points to version 3, which its version "
+                                "policy does not serve (versions [1, 2])"]
+    latest = parse('model_config_list { config { name: "m" model_version_policy { latest { num_versions: 1 } } '
+                   'version_labels { key: "stable" value: 1 } } }')
+    assert problems(latest) == []  # without the repository it cannot be known
+    assert problems(latest, on_disk=lambda name: [1, 2]) == [
+        "model 'm': label 'stable' points to version 1, which its version policy does not serve (versions [2])"]
+    assert problems({}, previous=["m"])[0].startswith("model 'm' is served now but missing from the new config")
+    with pytest.raises(ConfigError, match="configured twice"):
+        parse('model_config_list { config { name: "m" } config { name: "m" } }')
+
+
+def test_traffic_file(tmp_path):
+    models = parse(config_text(1, 2))
+    assert parse_traffic('{"sentiment_lstm": {"canary_percent": 10}}', models) == {
+        "sentiment_lstm": Traffic(canary_percent=10.0)}
+    for text, message in [('{"nope": {"canary_percent": 1}}', "model 'nope' is not in models.config"),
+                          ('{"sentiment_lstm": {"canary_percent": 101}}', "canary_percent must be a number from 0 to 100"),
+                          ('{"sentiment_lstm": {"canary_percent": true}}', "canary_percent must be a number"),
+                          ('{"sentiment_lstm": {"weight": 5}}', "expected an object with canary_percent"),
+                          ("[1]", "expected a JSON object"), ("{", "not JSON")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_traffic(text, models)
+    no_canary = parse(config_text(1, 2).replace('    version_labels {{ key: "canary" value: 2 }}\n', "")
+                      .replace('version_labels { key: "canary" value: 2 }', ""))
+    with pytest.raises(ConfigError, match="need a 'canary' label"):
+        parse_traffic('{"sentiment_lstm": {"shadow_percent": 5}}', no_canary)
+    config_path, traffic_path = tmp_path / "models.config", tmp_path / "traffic.json"
+    config_path.write_text(config_text(1, 2))
+    traffic_path.write_text('{"sentiment_lstm": {"canary_percent": 25, "shadow_percent": 5}}')
+    config = ModelsConfig(config_path, traffic_path)
+    assert config.split("sentiment_lstm") == Traffic(25.0, 5.0) and config.split("digits") == Traffic()
+    traffic_path.write_text('{"sentiment_lstm": {"canary_percent": 250}}')
+    touch(traffic_path)
+    config.refresh()
+    assert config.split("sentiment_lstm") == Traffic(25.0, 5.0) and not config.valid("traffic")
+
+
+def test_check_config_command(tmp_path):
+    import subprocess
+    import sys
+
+    new, old = tmp_path / "new.config", tmp_path / "old.config"
+    old.write_text(SHIPPED.read_text())
+    new.write_text(SHIPPED.read_text().replace('key: "stable" value: 2', 'key: "stable" value: 7'))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "serving", "check-config", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, cwd=ROOT, timeout=60)
+    ok = run(old, "--previous", old, "--models", ROOT / "models",
+             "--traffic", ROOT / "serving" / "tfserving" / "traffic.json")
+    assert ok.returncode == 0 and "digits: versions [1, 2]" in ok.stdout, ok.stderr
+    bad = run(new, "--previous", old)
+    assert bad.returncode == 1
+    assert "model 'digits': label 'stable' points to version 7, which its version policy does not serve" in bad.stderr
+    empty = tmp_path / "empty.config"
+    empty.write_text("")
+    r = run(empty, "--previous", old)
+    assert r.returncode == 1 and "'sentiment_lstm' is served now but missing from the new config" in r.stderr
 
 
 # -- version labels through real gateways, both backends ---------------------------------------------

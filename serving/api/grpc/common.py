@@ -48,8 +48,10 @@ async def parse_message(core: Classifier, cls, data: bytes, method: str):
 
 
 def begin_call(context) -> None:
-    """The call's request id: taken from ``x-request-id`` metadata or made; returned in the trailing metadata."""
-    rid = begin_request_id(_metadata(context).get("x-request-id"))
+    """The call's request id: taken from ``x-request-id`` metadata or made; returned in the trailing
+    metadata. Its routing key (weighted canary): ``x-routing-key`` metadata."""
+    metadata = _metadata(context)
+    rid = begin_request_id(metadata.get("x-request-id"), metadata.get("x-routing-key"))
     context.set_trailing_metadata((("x-request-id", rid),))
 
 

@@ -216,17 +216,25 @@ def add_v1_routes(app: FastAPI, core: Classifier) -> None:
 
     @app.get("/v1/models", tags=["models"], responses={401: {**ERROR_REF, "description": ERROR_DOCS[401]}})
     async def list_models():
-        """Every configured model: its version labels and default version; each version's state,
+        """Every configured model: its version labels, default version and traffic split; each version's state,
         labels, signature and the model card's accuracy and headline figures (``card``)."""
         return {"models": [_model(core, name, versions) for name, versions in core.models().items()]}
 
 
 def _model(core: Classifier, name: str, versions: dict) -> dict:
     labels = core.models_config.labels(name)
+    split = core.models_config.split(name)
+    canary = core.rollout.canary(name, versions)
     return {
         "name": name,
         "labels": labels,
         "default_version": core.default_version(name, versions) if versions else None,
+        # The traffic file's split of requests that name no version (canary_version: the version
+        # that gets canary_percent of them now; null while there is no AVAILABLE canary).
+        "traffic": {"canary_percent": split.canary_percent if canary else 0.0,
+                    "configured_canary_percent": split.canary_percent,
+                    "shadow_percent": split.shadow_percent if canary else 0.0,
+                    "canary_version": canary.version if canary else None},
         "versions": [
             {
                 "version": v.version,

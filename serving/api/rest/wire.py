@@ -167,8 +167,13 @@ class RequestId:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = begin_request_id(rid.decode("latin-1"))
+        rid, key = b"", None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v
+            elif k == b"x-routing-key":
+                key = v.decode("latin-1")
+        rid = begin_request_id(rid.decode("latin-1"), key)
         header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message):

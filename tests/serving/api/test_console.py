@@ -10,15 +10,13 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from serving.model_config import ModelsConfig
 from contract.repository import read_version
-from testkit.gateway import MODELS_CONFIG, gateway_processes, wait_until
+from testkit.gateway import gateway_processes, wait_until
 from tests.serving.conftest import MODELS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -202,16 +200,37 @@ def test_page_and_assets_are_served_from_the_package(gw):
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, f.name
 
 
+CONFIG = """model_config_list {
+  config {
+    name: "sentiment_lstm"
+    base_path: "/models/sentiment_lstm"
+    model_platform: "tensorflow"
+    model_version_policy { specific { versions: 1 versions: 4 } }
+    version_labels { key: "stable" value: 1 }
+    version_labels { key: "canary" value: 4 }
+  }
+}
+"""
+
+
+def write(path, text: str) -> None:
+    """As scripts/rollout.sh does: a temporary file renamed over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @pytest.fixture(scope="module")
 def own_gateways(tmp_path_factory):
     """The gateways of this module's own settings, started together (their start-ups overlap): one
     with API keys, one reading a models.config of its own (``config``, for a test to change), one
     with the console switched off."""
-    config = tmp_path_factory.mktemp("console") / "models.config"
-    config.write_text(MODELS_CONFIG.read_text())
-    with gateway_processes(dict(api_keys="console-key-1"), dict(models_config_file=config),
+    folder = tmp_path_factory.mktemp("console")
+    config = folder / "models.config"
+    config.write_text(CONFIG)
+    with gateway_processes(dict(api_keys="console-key-1"), dict(models_config_file=config, models='["sentiment_lstm"]', models_config_poll_s=0.2),
                            dict(console="false")) as (keyed, configured, off):
-        configured.config = config
+        configured.config, configured.traffic = config, folder / "traffic.json"
         yield {"keyed": keyed, "configured": configured, "off": off}
 
 
@@ -242,31 +261,27 @@ def test_console_asks_for_the_api_key_when_keys_are_on(browser, keyed):
         w.close()
 
 
-def test_models_table_follows_a_label_move(browser, own_gateways):
-    """Promoting a version in models.config (no restart) shows in the open console."""
+def test_models_table_follows_a_label_move_and_shows_the_traffic_split(browser, own_gateways):
+    """Promoting a version in models.config (no restart) and splitting traffic show in the open console."""
     gw = own_gateways["configured"]
-    config = gw.config
     w = Watched(browser, gw.rest)
     try:
         p = w.page
         p.goto(gw.rest + "/")
-        shipped = ModelsConfig(MODELS_CONFIG).labels("sentiment_lstm")
-        canary, stable = shipped["canary"], shipped["stable"]
-        assert canary != stable
-        labels = p.locator(f'#models tr[data-model="sentiment_lstm"][data-version="{canary}"] .label-chip')
-        labels.first.wait_for()
-        assert labels.all_inner_texts() == ["canary"]
-        text = config.read_text()
-        moved = text.replace(
-            f'version_labels {{ key: "stable" value: {stable} }}\n    version_labels {{ key: "canary" value: {canary} }}',
-            f'version_labels {{ key: "stable" value: {canary} }}\n    version_labels {{ key: "canary" value: {canary} }}')
-        assert moved != text
-        config.write_text(moved)
-        now = time.time_ns()
-        os.utime(config, ns=(now, now + 5 * 10**9))
-        wait_until(lambda: labels.all_inner_texts() == ["canary", "stable", "default"], timeout=30, interval=0.5)
+        chips = lambda version: p.locator(  # noqa: E731
+            f'#models tr[data-model="sentiment_lstm"][data-version="{version}"] .label-chip')
+        chips(4).first.wait_for()
+        assert chips(4).all_inner_texts() == ["canary"] and chips(1).all_inner_texts() == ["stable", "default"]
+        write(gw.traffic, '{"sentiment_lstm": {"canary_percent": 25, "shadow_percent": 10}}')
+        wait_until(lambda: chips(4).all_inner_texts() == ["canary", "25% of traffic", "shadow 10%"], timeout=30, interval=0.5)
+        assert chips(1).all_inner_texts() == ["stable", "default", "75% of traffic"]
+        write(gw.config, CONFIG.replace('key: "stable" value: 1', 'key: "stable" value: 4'))  # promote
+        wait_until(lambda: chips(4).all_inner_texts() == ["canary", "stable", "default"], timeout=30, interval=0.5)
+        assert chips(1).all_inner_texts() == []
         assert w.problems == []
     finally:
+        write(gw.traffic, "{}")
+        write(gw.config, CONFIG)
         w.close()
 
 

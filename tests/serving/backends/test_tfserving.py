@@ -233,7 +233,8 @@ def test_a_repository_that_disagrees_with_tf_serving_is_refused(tmp_path):
     standin.start()
     try:
         with gateway_process(WITHOUT_TENSORFLOW, wait_ready=False, backend="tfserving", tfserving_address=standin.address,
-                             model_base_path=tmp_path, models='["sentiment_lstm"]', tfserving_poll_s=0.2) as gw:
+                             model_base_path=tmp_path, models='["sentiment_lstm"]', tfserving_poll_s=0.2,
+                             models_config_file="") as gw:  # the repository has version 1 only: no labels
             wait_until(lambda: "LOADING" in readyz(gw).text, timeout=20)
             standin.state.clear()
             wait_until(lambda: "differs from the model card" in readyz(gw).text, timeout=20)
