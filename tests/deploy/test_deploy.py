@@ -4,7 +4,8 @@ No Docker engine needed. Checks that the files are valid (YAML, the Compose
 Specification schema vendored by check-jsonschema, ``docker compose config`` when
 a Compose CLI is installed) and that they agree with each other and with the code:
 mounted paths exist, images are pinned, ports / env names / addresses / metrics
-paths line up, the gateway image has no TensorFlow, containers run as non-root,
+paths line up, the config files edited by scripts/rollout.sh are seen through folder
+mounts, the gateway image has no TensorFlow, containers run as non-root,
 and TF Serving's healthcheck really waits for every model to be AVAILABLE.
 """
 
@@ -279,6 +280,44 @@ def test_tfserving_models_are_mounted_and_listed_everywhere(compose):
     script = healthcheck_script(svc)
     loop = re.search(r"for m in ([\w\s]+?); do", script)
     assert loop and sorted(loop.group(1).split()) == sorted(names), "the healthcheck must wait for every model"
+
+
+def mount_of(service: dict, container_path: str) -> tuple[str, str, bool] | None:
+    """The bind mount through which a container sees a path (the deepest one, as in Docker)."""
+    p = PurePosixPath(container_path)
+    found = [(source, target, ro) for source, target, ro in mounts(service)
+             if is_bind(source) and (p == PurePosixPath(target) or PurePosixPath(target) in p.parents)]
+    return max(found, key=lambda m: len(PurePosixPath(m[1]).parts), default=None)
+
+
+@pytest.mark.parametrize("which", ["base", "base+gpu"])
+def test_hot_reloaded_config_files_are_seen_through_a_folder_mount(which, compose, gpu):
+    """scripts/rollout.sh replaces models.config and traffic.json by renaming a new file over the
+    old one. A bind mount of the file itself pins the old inode: the container would never see an
+    edit. So TF Serving's --model_config_file and the gateway's models.config and traffic file must
+    be reached through a mount of their folder, serving/tfserving/, and nothing mounts one of its
+    files alone."""
+    doc = compose if which == "base" else gpu
+    tfs, gw = services(doc)["tfserving"], services(doc)["gateway"]
+    env = environment(gw)
+    assert "CLASSIFIER_TRAFFIC_FILE" in env, "the gateway must read the traffic file scripts/rollout.sh edits"
+    files = [(tfs, "tfserving", flags(tfs["command"])["model_config_file"], "models.config"),
+             (gw, "gateway", env["CLASSIFIER_MODELS_CONFIG_FILE"], "models.config"),
+             (gw, "gateway", env["CLASSIFIER_TRAFFIC_FILE"], "traffic.json")]
+    for svc, name, path, file in files:
+        m = mount_of(svc, path)
+        assert m is not None, f"{name}: {path} is under no bind mount"
+        source, target, _ = m
+        assert PurePosixPath(target) == PurePosixPath(path).parent and (ROOT / source).is_dir(), \
+            f"{name}: {source}:{target} is not the folder of {path}: an edit (a rename) would never be seen"
+        assert host_path(svc, path) == ROOT / "serving" / "tfserving" / file and host_path(svc, path).is_file(), path
+    assert (PurePosixPath(env["CLASSIFIER_MODELS_CONFIG_FILE"]).parent
+            == PurePosixPath(env["CLASSIFIER_TRAFFIC_FILE"]).parent), "one folder, as in the ConfigMap"
+    for name, svc in services(doc).items():
+        for source, target, _ in mounts(svc):
+            path = (ROOT / source).resolve()
+            assert not (is_bind(source) and path.is_file() and path.is_relative_to(ROOT / "serving" / "tfserving")), \
+                f"{name}: {source}:{target} mounts one file of serving/tfserving/: edits by rename are never seen"
 
 
 def test_gateway_ports_and_env_agree_with_settings(compose):

@@ -5,8 +5,8 @@ is rendered with ``kubectl kustomize``; every object is validated against the
 Kubernetes API's JSON schemas (``kubernetes-validate``, strict) and scanned with
 ``checkov`` (the Dockerfiles too); then invariants tie the objects to each other and to
 the code: selectors, ports, probe paths, settings, mounted ConfigMap keys, images,
-GPU placement, drain timing, resources and security contexts. ``scripts/rollout.sh``
-is run on a copy of models.config and the result parsed with TF Serving's own proto.
+GPU placement, drain timing, resources and security contexts. The edits of
+``scripts/rollout.sh`` are tested in tests/deploy/test_rollout.py; here its k8s commands.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -480,8 +479,9 @@ def test_config_files_come_from_serving_tfserving_and_are_mounted(target, render
     for cm in cms.values():
         for key, value in cm["data"].items():
             assert value == (TFSERVING_CONFIG / key).read_text(), f"ConfigMap {cm['metadata']['name']}: {key}"
-    # models.config keeps a stable name (updated in place, hot-reloaded); the others are hashed.
-    assert "tfserving-models-config" in cms and list(cms["tfserving-models-config"]["data"]) == ["models.config"]
+    # models.config and traffic.json keep a stable name (updated in place, hot-reloaded); the others are hashed.
+    assert "tfserving-models-config" in cms
+    assert sorted(cms["tfserving-models-config"]["data"]) == ["models.config", "traffic.json"]
     for w in workloads(docs):
         for c in containers(pod_spec(w)):
             mounted_files(docs, pod_spec(w), c)  # every key exists, no subPath
@@ -495,6 +495,62 @@ def test_config_files_come_from_serving_tfserving_and_are_mounted(target, render
     gw_files = mounted_files(docs, pod_spec(gw), container(docs, "gateway"))
     models_config = env(container(docs, "gateway"))["CLASSIFIER_MODELS_CONFIG_FILE"]
     assert gw_files[models_config] == files[f["model_config_file"]] == (TFSERVING_CONFIG / "models.config").read_text()
+    traffic = env(container(docs, "gateway"))["CLASSIFIER_TRAFFIC_FILE"]
+    assert gw_files[traffic] == (TFSERVING_CONFIG / "traffic.json").read_text()
+
+
+def configmap_mount(spec: dict, c: dict, path: str) -> tuple[dict, dict]:
+    """(volumeMount, volume) through which container ``c`` sees ``path`` (the deepest mount)."""
+    p = PurePosixPath(path)
+    found = [m for m in c.get("volumeMounts", [])
+             if PurePosixPath(m["mountPath"]) == p or PurePosixPath(m["mountPath"]) in p.parents]
+    assert found, f"{c['name']}: {path} is under no volume mount"
+    m = max(found, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+    (v,) = [v for v in spec["volumes"] if v["name"] == m["name"]]
+    return m, v
+
+
+def configmap_names(volume: dict) -> list[str]:
+    if "configMap" in volume:
+        return [volume["configMap"]["name"]]
+    return [s["configMap"]["name"] for s in volume.get("projected", {}).get("sources", []) if "configMap" in s]
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_models_config_and_traffic_file_are_one_configmap_mounted_as_a_folder(target, rendered):
+    """scripts/rollout.sh edits both files; `kubectl apply` updates their ConfigMap in place and the
+    kubelet swaps the mounted folder's contents, both files at once. That reaches a container only
+    through a whole-volume mount: a subPath mount is a bind of one file, frozen at pod start."""
+    docs = rendered[target]
+    cm = one(docs, "ConfigMap", "tfserving-models-config")  # no hash suffix: updated in place, no pod restart
+    assert sorted(cm["data"]) == ["models.config", "traffic.json"]
+    tfs, gw = one(docs, "Deployment", "tfserving"), one(docs, "Deployment", "gateway")
+    e = env(container(docs, "gateway"))
+    paths = [(tfs, container(docs, "tfserving"), flags(container(docs, "tfserving")["args"])["model_config_file"]),
+             (gw, container(docs, "gateway"), e["CLASSIFIER_MODELS_CONFIG_FILE"]),
+             (gw, container(docs, "gateway"), e["CLASSIFIER_TRAFFIC_FILE"])]
+    for workload, c, path in paths:
+        m, v = configmap_mount(pod_spec(workload), c, path)
+        assert "subPath" not in m and "subPathExpr" not in m, \
+            f"{c['name']}: {path} is mounted with subPath: never updated"
+        assert PurePosixPath(m["mountPath"]) == PurePosixPath(path).parent, \
+            f"{c['name']}: {path} is not a file of its mount"
+        assert "tfserving-models-config" in configmap_names(v), f"{c['name']}: {path} does not come from the ConfigMap"
+        sources = [v] if "configMap" in v else v["projected"]["sources"]
+        for s in sources:
+            if s.get("configMap", {}).get("name") == "tfserving-models-config":
+                items = s["configMap"].get("items")
+                assert items is None or PurePosixPath(path).name in [i["path"] for i in items], path
+    folders = {PurePosixPath(e[k]).parent for k in ("CLASSIFIER_MODELS_CONFIG_FILE", "CLASSIFIER_TRAFFIC_FILE")}
+    assert len(folders) == 1, "one folder, one ConfigMap"
+    # No workload mounts any ConfigMap file with subPath.
+    for w in workloads(docs):
+        spec = pod_spec(w)
+        cm_volumes = {v["name"] for v in spec.get("volumes", []) if configmap_names(v)}
+        for c in containers(spec):
+            for m in c.get("volumeMounts", []):
+                assert not (m["name"] in cm_volumes and ("subPath" in m or "subPathExpr" in m)), \
+                    f"{w['metadata']['name']}/{c['name']}: ConfigMap volume {m['name']} mounted with subPath"
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
@@ -809,88 +865,7 @@ def test_seed_script_copies_missing_versions_and_never_overwrites(tmp_path):
     assert missing.returncode != 0 and "not a writable directory" in missing.stderr
 
 
-# -- scripts/rollout.sh on a copy of models.config -----------------------------------------
-def rollout(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["bash", str(ROLLOUT), *args], capture_output=True, text=True, timeout=30,
-                       env={**os.environ, "MODELS_CONFIG": str(config)})
-    if check:
-        assert r.returncode == 0, f"rollout.sh {shlex.join(args)}: {r.stderr}"
-    return r
-
-
-def parse_models_config(path: Path) -> dict[str, tuple[list[int], dict[str, int]]]:
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
-    return {c.name: (list(c.model_version_policy.specific.versions), dict(c.version_labels))
-            for c in config.model_config_list.config}
-
-
-def only_version_1(text: str) -> str:
-    """The shipped models.config (its comments and layout) with every model back at version 1 only."""
-    text = re.sub(r"specific \{[^}]*\}", "specific { versions: 1 }", text)
-    return re.sub(r'(version_labels \{ key: "\w+" value: )\d+', r"\g<1>1", text)
-
-
-def test_rollout_moves_versions_and_labels_and_keeps_the_file_valid(tmp_path):
-    config = tmp_path / "models.config"
-    original = only_version_1((TFSERVING_CONFIG / "models.config").read_text())
-    config.write_text(original)
-    before = parse_models_config(config)
-    assert before["digits"] == ([1], {"stable": 1, "canary": 1})
-
-    def state(model="sentiment_lstm"):
-        return parse_models_config(config)[model]
-
-    rollout(config, "add-version", "sentiment_lstm", "2")
-    assert state() == ([1, 2], {"stable": 1, "canary": 1})
-    rollout(config, "add-version", "sentiment_lstm", "10")
-    assert state() == ([1, 2, 10], {"stable": 1, "canary": 1})
-    rollout(config, "canary", "sentiment_lstm", "2")
-    assert state() == ([1, 2, 10], {"stable": 1, "canary": 2})
-    rollout(config, "promote", "sentiment_lstm")
-    assert state() == ([1, 2, 10], {"stable": 2, "canary": 2})
-    rollout(config, "rollback", "sentiment_lstm", "1")
-    assert state() == ([1, 2, 10], {"stable": 1, "canary": 2})
-    # Refusals leave the file untouched.
-    for args, message in [
-        (("canary", "sentiment_lstm", "7"), "not served"),
-        (("rollback", "sentiment_lstm", "7"), "not served"),
-        (("remove-version", "sentiment_lstm", "2"), "label canary points at version 2"),
-        (("remove-version", "sentiment_lstm", "1"), "label stable points at version 1"),
-        (("canary", "no_such_model", "1"), "no model named"),
-        (("canary", "sentiment_lstm", "two"), "invalid version"),
-    ]:
-        text = config.read_text()
-        r = rollout(config, *args, check=False)
-        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
-        assert config.read_text() == text, args
-    rollout(config, "remove-version", "sentiment_lstm", "10")
-    assert state() == ([1, 2], {"stable": 1, "canary": 2})
-    r = rollout(config, "show", "sentiment_lstm")
-    assert "served versions 1 2; stable=1 canary=2" in r.stdout
-    # Only sentiment_lstm changed; comments and layout are kept.
-    after = parse_models_config(config)
-    assert {k: v for k, v in after.items() if k != "sentiment_lstm"} == {
-        k: v for k, v in before.items() if k != "sentiment_lstm"}
-    comments = [ln for ln in original.splitlines() if ln.lstrip().startswith("#")]
-    assert [ln for ln in config.read_text().splitlines() if ln.lstrip().startswith("#")] == comments
-    assert len(config.read_text().splitlines()) == len(original.splitlines())
-
-
-def test_rollout_adds_a_missing_label_line(tmp_path):
-    config = tmp_path / "models.config"
-    config.write_text(re.sub(r'\n\s*version_labels \{ key: "canary" value: \d+ \}', "",
-                             only_version_1((TFSERVING_CONFIG / "models.config").read_text())))
-    assert parse_models_config(config)["digits"] == ([1], {"stable": 1})
-    r = rollout(config, "promote", "digits", check=False)
-    assert r.returncode != 0 and "no canary label" in r.stderr
-    rollout(config, "add-version", "digits", "3")
-    rollout(config, "canary", "digits", "3")
-    assert parse_models_config(config)["digits"] == ([1, 3], {"stable": 1, "canary": 3})
-
-
+# -- scripts/rollout.sh: its k8s commands (its edits: tests/deploy/test_rollout.py) ------------------
 def test_rollout_render_uses_the_overlays(rendered):
     kubectl()
     r = subprocess.run(["bash", str(ROLLOUT), "render", "dev"], capture_output=True, text=True, timeout=60)
@@ -915,6 +890,6 @@ def test_shell_scripts_pass_shellcheck():
 def test_operator_guide_covers_the_essentials():
     guide = (K8S / "README.md").read_text()
     for needed in ("kubectl apply -k k8s/overlays/", "ReadWriteMany", "prometheus-adapter",
-                   "classifier_queue_rows", "subPath", "version_label", "grpcurl", "scripts/rollout.sh",
+                   "classifier_queue_rows", "subPath", "version_label", "grpcurl", "scripts/rollout.sh", "traffic.json",
                    "k8s/jobs/train", "kind", "minikube"):
         assert needed in guide, f"k8s/README.md does not mention {needed}"
