@@ -169,11 +169,11 @@ class Classifier:
             return False, reason if not ready else "loading"
         if self._load_error:
             return False, self._load_error
+        if not self.models_config.applied:
+            return False, f"models_config_file is invalid: {self.models_config.error}"
         ready, reason = self.backend.status()
         if not ready:
             return ready, reason
-        if not self.models_config.applied:
-            return False, f"models_config_file is invalid: {self.models_config.error}"
         for name, versions in self.backend.versions().items():
             n = self.default_version(name, versions)
             v = versions.get(n)

@@ -277,6 +277,13 @@ def test_metrics_are_exposed(gw):
     assert available == sorted((n, v) for n in ("digits", "sentiment_lstm", "sentiment_bilstm") for v in served_versions(n))
 
 
+def test_default_sentiment_versions_are_the_promoted_ones(gw):
+    """Issue 21: the versions that passed the restated gate (training.gate) serve requests naming no version."""
+    for model, version in (("sentiment_lstm", 4), ("sentiment_bilstm", 2)):
+        r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["a fine film"], "model": model}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == {"name": model, "version": version}, r.text
+
+
 def test_models_listing(gw):
     models = {m["name"]: m for m in httpx.get(gw.rest + "/v1/models").json()["models"]}
     assert set(models) == {"digits", "sentiment_lstm", "sentiment_bilstm"}

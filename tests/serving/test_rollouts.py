@@ -229,3 +229,22 @@ def test_versions_added_to_the_policy_are_loaded_and_removed_ones_unloaded(resto
         assert "loaded sentiment_lstm/3" in log and "unloaded sentiment_lstm/3" in log
         print(f"gateway RSS after each add/remove cycle of sentiment_lstm v3: {[round(x) for x in rss]} MB")
         assert rss[-1] - rss[0] < 100, rss  # no version's memory kept per cycle
+
+
+def test_an_invalid_models_config_at_start_keeps_the_gateway_unready_until_fixed(repo, tmp_path):
+    config = tmp_path / "models.config"
+    config.write_text(config_text([1, 4], stable=3))  # a label outside the policy: TF Serving would not start
+    with gateway_process(WITHOUT_TENSORFLOW, wait_ready=False, backend="tfserving", tfserving_address="127.0.0.1:1",
+                         model_base_path=repo, models=f'["{MODEL}"]', models_config_file=config,
+                         models_config_poll_s=0.2) as gw:
+        def reason():
+            r = httpx.get(gw.rest + "/readyz", timeout=5)
+            return r.status_code == 503 and r.json()["error"]["message"]
+
+        assert "label 'stable' points to version 3, which its version policy does not serve" in wait_until(reason, 30)
+        samples = metric_samples(gw)
+        assert samples[("classifier_model_config_valid", (("file", "models_config"),))] == 0
+        assert samples[("classifier_model_config_reloads_total", (("file", "models_config"), ("outcome", "rejected")))] == 1
+        config.write_text(config_text([1, 4], stable=1))  # fixed: now the (absent) TF Serving is what is missing
+        assert "TF Serving at 127.0.0.1:1" in wait_until(lambda: "TF Serving" in (reason() or "") and reason(), 30)
+        assert metric_samples(gw)[("classifier_model_config_valid", (("file", "models_config"),))] == 1
