@@ -248,3 +248,45 @@ def test_an_invalid_models_config_at_start_keeps_the_gateway_unready_until_fixed
         config.write_text(config_text([1, 4], stable=1))  # fixed: now the (absent) TF Serving is what is missing
         assert "TF Serving at 127.0.0.1:1" in wait_until(lambda: "TF Serving" in (reason() or "") and reason(), 30)
         assert metric_samples(gw)[("classifier_model_config_valid", (("file", "models_config"),))] == 1
+
+
+def test_shadow_work_is_skipped_while_real_rows_wait(repo, tmp_path):
+    """Shadow scoring is the first work shed: a default request answered while another request's rows
+    wait for the model gets no shadow score; once nothing waits, the next one does."""
+    import threading
+
+    from serving.settings import Settings
+    from testkit.gateway import gateway_in_thread
+    from tests.serving.test_gateway_lifecycle import HeldBackend
+
+    config, traffic = tmp_path / "models.config", tmp_path / "traffic.json"
+    config.write_text(config_text([1, 4], stable=1, canary=4))
+    traffic.write_text(f'{{"{MODEL}": {{"shadow_percent": 100}}}}')
+    settings = Settings(models=[MODEL], model_base_path=repo, models_config_file=config, max_batch_wait_us=0,
+                        max_concurrent_batches=1, tf_intra_op_threads=0)
+    backend = HeldBackend(settings)
+    backend.may_load.set()
+    with gateway_in_thread(settings, backend) as gw, httpx.Client(base_url=gw.rest, timeout=30) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 60)
+
+        def shadow(outcome):
+            return metric_samples(gw).get(("classifier_shadow_requests_total", (("model", MODEL), ("outcome", outcome))), 0)
+
+        assert c.post("/v1/sentiment:predict", json={"texts": [TEXT]}).status_code == 200
+        wait_until(lambda: shadow("scored") == 1, 10)
+        backend.may_predict.clear()
+        calls = backend.calls
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(c.post("/v1/sentiment:predict", json={"texts": [TEXT]})))
+        first.start()
+        wait_until(lambda: backend.calls == calls + 1, 10)  # the first request's batch is in the model
+        second = threading.Thread(target=lambda: answers.append(
+            httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": [TEXT] * 3}, timeout=30)))
+        second.start()
+        wait_until(lambda: metric_samples(gw)[("classifier_queue_rows", (("model", MODEL),))] == 4, 10)  # 3 wait
+        backend.may_predict.set()
+        first.join(30)
+        second.join(30)
+        assert [a.status_code for a in answers] == [200, 200]
+        wait_until(lambda: shadow("skipped") >= 1 and shadow("scored") == 2, 10)  # the first skipped, the second scored
+        assert shadow("failed") == 0
