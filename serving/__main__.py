@@ -51,11 +51,38 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
+FD_RESERVE = 256  # file descriptors kept for model files, logs, TF Serving channels, the listeners
+
+
+def fit_connection_caps(settings: Settings) -> Settings:
+    """The settings with both ports' connection caps (max_connections, grpc_max_connections) lowered,
+    with a WARNING, so that together they fit the process' file-descriptor limit (first raised to
+    its hard limit) less FD_RESERVE: a flood of connections then meets a cap, never the fd limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    rest, grpc_ = settings.max_connections, settings.grpc_max_connections
+    if soft == resource.RLIM_INFINITY or rest + grpc_ + FD_RESERVE <= soft:
+        return settings
+    room = max(32, soft - FD_RESERVE)
+    fitted = {"max_connections": max(16, room * rest // (rest + grpc_)),
+              "grpc_max_connections": max(16, room * grpc_ // (rest + grpc_))}
+    log.warning("file descriptor limit %d (ulimit -n) is below max_connections=%d + grpc_max_connections=%d + %d "
+                "in reserve: caps lowered to %s", soft, rest, grpc_, FD_RESERVE, fitted)
+    return settings.model_copy(update=fitted)
+
+
 class Gateway:
     """Both servers over one core. ``await run()`` serves until ``stop()`` or a signal (then drains)."""
 
     def __init__(self, settings: Settings, backend: Backend | None = None):
-        self.settings = s = settings
+        self.settings = s = settings = fit_connection_caps(settings)
         self.core = Classifier(settings, backend or make_backend(settings))
         keys = ApiKeys.from_settings(settings)
         self.grpc = GrpcServer(self.core, keys)

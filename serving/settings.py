@@ -115,6 +115,11 @@ class TFServingGroup(BaseModel):
     tfserving_backoff_s: float = Field(0.05, ge=0)
     tfserving_poll_s: float = Field(2.0, gt=0)
     tfserving_signature: str = "serving_default"
+    # Circuit breaker toward TF Serving: after this many calls in a row that time out or find it
+    # unavailable, fail fast (503 with Retry-After) for tfserving_breaker_open_s, then let one
+    # probe call through; it closes on success. Readiness fails while it is open. 0: off.
+    tfserving_breaker_failures: int = Field(5, ge=0)
+    tfserving_breaker_open_s: float = Field(5.0, gt=0)
 
 
 class ServerGroup(BaseModel):
@@ -136,17 +141,39 @@ class ServerGroup(BaseModel):
     # shorter) or of a client that disconnected is dropped, never computed.
     request_timeout_s: float = Field(30.0, gt=0)
 
-    # Connections. REST: a connection must send its request head within
-    # http_header_timeout_s and each body chunk within http_body_timeout_s; an
-    # idle keep-alive connection is closed after http_keepalive_timeout_s; at most
-    # max_connections are open (more are closed at once). gRPC: idle connections are
-    # closed after grpc_max_connection_idle_s, at most grpc_max_concurrent_streams per connection.
+    # Per-port resource limits (README "Resource limits"). REST: a connection must send its
+    # request head within http_header_timeout_s, at most http_max_header_bytes in all (request
+    # line included), http_max_headers fields, http_max_header_line_bytes per line (431 and
+    # close beyond); each body chunk within http_body_timeout_s, the whole body within
+    # http_body_deadline_s and, after its first http_body_rate_grace_s, at no less than
+    # http_min_body_bytes_per_s on average (408 and close); an idle keep-alive connection is
+    # closed after http_keepalive_timeout_s; at most max_connections are open (more are closed
+    # at once). gRPC: at most grpc_max_connections open (more are refused); a connection that has
+    # not finished its HTTP/2 handshake within grpc_handshake_timeout_s is closed, an idle one
+    # after grpc_max_connection_idle_s, any one after grpc_max_connection_age_s (+ the grace
+    # for its calls; 0: never); at most grpc_max_concurrent_streams calls at once per
+    # connection (more are refused with REFUSED_STREAM, which clients see as UNAVAILABLE:
+    # open more connections). Both caps are lowered at start to fit the file-descriptor limit
+    # (ulimit -n), with a warning.
     http_header_timeout_s: float = Field(10.0, gt=0)
+    http_max_header_bytes: int = Field(64 * 1024, ge=1024)
+    http_max_headers: int = Field(100, ge=8)
+    http_max_header_line_bytes: int = Field(16 * 1024, ge=256)
     http_body_timeout_s: float = Field(30.0, gt=0)
+    http_body_deadline_s: float = Field(60.0, gt=0)
+    http_min_body_bytes_per_s: float = Field(1024.0, ge=0)
+    http_body_rate_grace_s: float = Field(5.0, ge=0)
     http_keepalive_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(2048, ge=1)
-    grpc_max_connection_idle_s: float = Field(300.0, gt=0)
+    grpc_max_connections: int = Field(1024, ge=1)
+    grpc_handshake_timeout_s: float = Field(5.0, gt=0)
+    grpc_max_connection_idle_s: float = Field(30.0, gt=0)
+    grpc_max_connection_age_s: float = Field(0.0, ge=0)
+    grpc_max_connection_age_grace_s: float = Field(30.0, ge=0)
     grpc_max_concurrent_streams: int = Field(256, ge=1)
+    # /metrics is rendered off the event loop, at most once per this interval (scrapes in
+    # between get the same text).
+    metrics_cache_s: float = Field(0.5, ge=0)
 
     # Shutdown (SIGTERM/SIGINT): /readyz 503 and gRPC health NOT_SERVING at once;
     # new work is still taken for drain_settle_s (while load balancers notice), then

@@ -164,7 +164,17 @@ def server_options(core: Classifier) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
         ("grpc.max_send_message_length", s.grpc_max_message_bytes),
+        # Bounded port (README "Resource limits"): at most grpc_max_connections open (more are
+        # closed at once, so file descriptors stay bounded); a connection that has not sent its
+        # HTTP/2 preface and settings within grpc_handshake_timeout_s is closed, an established
+        # idle one after grpc_max_connection_idle_s, any one after grpc_max_connection_age_s.
+        ("grpc.max_allowed_incoming_connections", s.grpc_max_connections),
+        ("grpc.server_handshake_timeout_ms", int(s.grpc_handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", int(s.grpc_max_connection_idle_s * 1000)),
+        *([("grpc.max_connection_age_ms", int(s.grpc_max_connection_age_s * 1000)),
+           ("grpc.max_connection_age_grace_ms", int(s.grpc_max_connection_age_grace_s * 1000))]
+          if s.grpc_max_connection_age_s else []),
+        # More concurrent calls on one connection are refused with REFUSED_STREAM (UNAVAILABLE at the client).
         ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams),
         # Keepalive pings from clients at most every 10 s; a peer that stops answering ours is dropped.
         ("grpc.keepalive_time_ms", 60_000),
