@@ -51,6 +51,7 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
+DRAIN_LINGER_S = 0.2  # after the drain: answers still go out, no new connection is taken
 FD_RESERVE = 256  # file descriptors kept for model files, logs, TF Serving channels, the listeners
 
 
@@ -132,11 +133,19 @@ class Gateway:
         await self.grpc.drain()
         await asyncio.sleep(s.drain_settle_s)
         self.core.stop_accepting()
+        # From now on every REST answer (503 for new work) closes its connection, so no client sends
+        # another request on a connection that is about to close: that one would get a reset, not 503.
+        self.http.config.http.closing = True
+        for server in getattr(self.http, "servers", ()):  # and no new connection is taken: refused, not reset later
+            server.close()
         if not await self.core.wait_idle(s.drain_timeout_s):
             log.warning("drain_timeout_s=%g passed with %d request(s) in flight: answering them 503",
                         s.drain_timeout_s, self.core.active)
             await self.core.stop()
             await self.core.wait_idle(2)
+        # A last moment for requests already on their way over open connections to get their 503 (and
+        # gRPC calls their UNAVAILABLE) before idle connections close.
+        await asyncio.sleep(DRAIN_LINGER_S)
         self.http.should_exit = True
 
     def stop(self) -> None:

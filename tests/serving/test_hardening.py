@@ -331,7 +331,9 @@ def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly(proc
     async def scenario():
         async with httpx.AsyncClient(base_url=g.rest, timeout=120,
                                      headers={"content-type": "application/json"}) as c, \
+                httpx.AsyncClient(base_url=g.rest, timeout=120) as idle, \
                 grpc.aio.insecure_channel(g.grpc) as ch:
+            assert (await idle.get("/healthz")).status_code == 200  # a keep-alive connection, idle meanwhile
             stub = pb_grpc.ClassifierStub(ch)
             health = health_pb2_grpc.HealthStub(ch)
             rest_work = [asyncio.create_task(c.post(PREDICT, content=body)) for _ in range(20)]
@@ -348,8 +350,11 @@ def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly(proc
             # Taken while balancers catch up (queued behind the work, answered when its turn comes).
             during_settle = asyncio.create_task(c.post(PREDICT, json={"texts": ["still taken while balancers catch up"]}))
             await asyncio.sleep(settle + 0.2 - (time.monotonic() - t_term))
-            refused = await c.post(PREDICT, json={"texts": ["too late"]})  # after the settle delay: refused
+            refused = await idle.post(PREDICT, json={"texts": ["too late"]})  # after the settle delay: refused
             refused_after = time.monotonic() - t_term
+            with pytest.raises(httpx.ConnectError):  # and a new connection is not taken at all
+                async with httpx.AsyncClient(base_url=g.rest, timeout=5) as fresh:
+                    await fresh.get("/healthz")
             with pytest.raises(grpc.aio.AioRpcError) as grpc_refused:
                 await stub.ClassifySentiment(pb.SentimentRequest(texts=["too late"]))
             results = await asyncio.gather(*rest_work, *grpc_work, stream_work, return_exceptions=True)
@@ -360,6 +365,7 @@ def test_sigterm_drains_in_flight_work_on_both_protocols_then_exits_cleanly(proc
     assert serving == health_pb2.HealthCheckResponse.NOT_SERVING
     assert during_settle.status_code == 200
     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert refused.headers["connection"] == "close"  # not reused: it would be closed under the next request
     assert refused_after >= settle
     assert grpc_refused.code() == grpc.StatusCode.UNAVAILABLE
     assert [getattr(r, "status_code", None) for r in results[:20]] == [200] * 20
