@@ -37,7 +37,7 @@ from serving import kinds
 from serving.core import Classifier
 from serving.errors import InvalidInput, NotFound
 from serving.request import Predict, Result
-from serving.tensor import Tensor
+from serving.tensor import ElementLimit, Tensor
 
 SERVER_NAME = "classifier-gateway"
 EXTENSIONS = ["binary_tensor_data"]
@@ -118,6 +118,22 @@ class DataPlane:
             "outputs": outputs,
         }
 
+    def element_limit(self, name: str) -> ElementLimit:
+        """What one BYTES input of model ``name`` may declare (one element per item: the model's
+        ``max_items_per_request``), checked against its shape before its data is read; NotFound
+        for an unknown model, as for the rest of the request."""
+        kind = kinds.get(self.kind(name))
+        return ElementLimit(self.core.limits(name).max_items_per_request, kind.items)
+
+    def check_inputs(self, name: str, names: list[str], n: int | None = None) -> None:
+        """Exactly one input per request; ``names``: the first few inputs' names, of ``n`` in all."""
+        n = len(names) if n is None else n
+        if n != 1:
+            kind = kinds.get(self.kind(name))
+            names = [x[:100] for x in names[:10]]
+            got = names if n <= 10 else f"{n} inputs, the first {names}"
+            raise InvalidInput(f"give exactly one input, one of {list(kind.v2_inputs)}; got {got}")
+
     def request(self, name: str, version: str | None, inputs: list[Tensor], outputs: list[str] | None,
                 parameters: dict | None) -> Predict:
         """The core request of an inference request: its one input tensor read by the model's kind,
@@ -127,8 +143,7 @@ class DataPlane:
         if number == 0:
             self.model_version(name, version)  # NotFound naming the versions
         kind = kinds.get(self.kind(name))
-        if len(inputs) != 1:
-            raise InvalidInput(f"give exactly one input, one of {list(kind.v2_inputs)}; got {[t.name for t in inputs]}")
+        self.check_inputs(name, [t.name for t in inputs[:10]], len(inputs))
         data = kind.v2_parse(name, inputs[0], parameters, lambda: self.core.resolve(name, number, kind.name, label)[0])
         available = kind.v2_output_names(data)
         for wanted in outputs or ():

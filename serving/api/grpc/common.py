@@ -6,32 +6,15 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import time
 
 from google.protobuf.message import DecodeError
 
 from serving.core import Classifier
-from serving.errors import InvalidInput, Overloaded, ServiceError
+from serving.errors import InvalidInput, ServiceError
+from serving.logs import RateLimitedLog
 from serving.request import begin_request_id, request_id
 
 log = logging.getLogger("serving.grpc")
-
-
-class RateLimitedLog:
-    """At most one line per ``every_s`` seconds; the next one says how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
-        self.logger, self.every, self.next, self.suppressed = logger, every_s, 0.0, 0
-
-    def warning(self, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now < self.next:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += f" ({self.suppressed} similar suppressed in the last {self.every:g}s)"
-        self.next, self.suppressed = now + self.every, 0
-        self.logger.warning(msg, *args)
 
 
 malformed_log = RateLimitedLog(log)
@@ -83,7 +66,7 @@ async def abort(context, e: ServiceError):
     """End the call with the error's status and message; the request id and, for an overload,
     the time to retry after go in the trailing metadata."""
     trailing = [("x-request-id", request_id.get())]
-    if isinstance(e, Overloaded):
+    if e.retry_after_s is not None:
         trailing.append(("grpc-retry-pushback-ms", str(max(1, int(e.retry_after_s * 1000)))))
     await context.abort(e.grpc_status, e.message, trailing_metadata=tuple(trailing))
 

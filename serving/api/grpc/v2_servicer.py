@@ -19,7 +19,7 @@ from serving.core import Classifier
 from serving.errors import InvalidInput
 from serving.gen.inference import open_inference_grpc_pb2 as pb
 from serving.request import Predict, Result
-from serving.tensor import Tensor, from_raw, from_values, to_raw
+from serving.tensor import ElementLimit, Tensor, declared_count, from_raw, from_values, to_raw
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -32,20 +32,26 @@ CONTENTS_FIELD = {
 }
 
 
-def input_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
+def input_tensors(request: pb.ModelInferRequest, limit: ElementLimit | None = None) -> list[Tensor]:
+    """The request's input tensors; each one's declared shape is checked (BYTES: against ``limit``)
+    and its data's length against it before any element is read."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
     out = []
     for i, t in enumerate(request.inputs):
+        shape = list(t.shape)
         if raw:
-            out.append(from_raw(t.name, t.datatype, list(t.shape), raw[i]))
-        else:
-            field = CONTENTS_FIELD.get(t.datatype)
-            if field is None:
-                raise InvalidInput(f"input {t.name!r}: unknown datatype {t.datatype[:40]!r}")
-            values = list(getattr(t.contents, field))
-            out.append(from_values(t.name, t.datatype, list(t.shape), values))
+            out.append(from_raw(t.name, t.datatype, shape, raw[i], limit))
+            continue
+        field = CONTENTS_FIELD.get(t.datatype)
+        if field is None:
+            raise InvalidInput(f"input {t.name!r}: unknown datatype {t.datatype[:40]!r}")
+        contents = getattr(t.contents, field)
+        count = declared_count(t.name, t.datatype, shape, limit)
+        if len(contents) != count:  # before the contents become Python objects
+            raise InvalidInput(f"input {t.name!r}: shape {shape} holds {count} elements, the data has {len(contents)}")
+        out.append(from_values(t.name, t.datatype, shape, list(contents), limit))
     return out
 
 
@@ -86,7 +92,9 @@ class InferenceServicer:
         async def parse() -> Predict:
             nonlocal wire
             wire = await parse_message(core, pb.ModelInferRequest, data, "ModelInfer")
-            tensors = await core.offload(input_tensors, wire, heavy=len(data) > core.settings.inline_parse_bytes)
+            plane.check_inputs(wire.model_name, [t.name for t in wire.inputs[:10]], len(wire.inputs))
+            limit = plane.element_limit(wire.model_name)
+            tensors = await core.offload(input_tensors, wire, limit, heavy=len(data) > core.settings.inline_parse_bytes)
             parameters = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in wire.parameters.items()
                           if v.WhichOneof("parameter_choice")}
             return plane.request(wire.model_name, wire.model_version, tensors, [o.name for o in wire.outputs], parameters)

@@ -10,11 +10,13 @@ FastAPI's routing (serving/api/rest/hot_path.py) through the same middlewares an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
+from prometheus_client import Counter, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -67,6 +69,9 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         "send `Authorization: Bearer <key>` or `x-api-key`.",
         telemetry=None if s.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
         favicon_url="data:,",
+        # No redirect from /path/ to /path: Starlette builds its Location from the request's Host
+        # header (an open redirect to any host a client names); such paths are 404 in the one shape.
+        redirect_slashes=False,
     )
     keys = api_keys or ApiKeys.from_settings(s)
     for cls, options in middlewares(core, keys):
@@ -110,9 +115,65 @@ def add_ops_routes(app: FastAPI, core: Classifier) -> None:
             return error_response(Unavailable(reason))
         return json_response({"status": "ready", "reason": reason})
 
+    metrics_cache = MetricsCache(core)
+
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"}})
     async def metrics():
         """Prometheus text format."""
-        return Response(core.render_metrics(), media_type=core.metrics.content_type)
+        return Response(await metrics_cache.get(), media_type=core.metrics.content_type)
+
+
+class MetricsCache:
+    """/metrics, rendered (``core.render_metrics``, ~5-20 ms for 100-220 KB) in a thread, never on
+    the event loop, one render at a time; scrapes while one runs share it. Its text is reused for
+    ``metrics_cache_s`` after the render began, unless something it shows has changed since: a
+    value of the gateway's own counters and gauges (requests counted, queue depth, dropped rows,
+    shadow scoring, config reloads, ...; a fraction of a millisecond to read) or the readiness
+    (``core.ready()``: loading, draining, a version or models.config gone bad). So a client that
+    reads the metrics after its own request finished, or after /readyz changed, always sees it,
+    while any number of scrapers of an idle gateway cost one render per interval. Only the
+    histograms and the process' own series (CPU, memory) may lag by up to the interval."""
+
+    def __init__(self, core: Classifier):
+        self.core, self.ttl = core, core.settings.metrics_cache_s
+        self.body: bytes | None = None
+        self.key: tuple | None = None  # _state() when the cached text's render began
+        self.at = 0.0  # loop time its render began
+        self.pending: asyncio.Task | None = None
+        self.pending_key: tuple | None = None
+        self.series: list | None = None  # the Counters and Gauges of core.metrics (read at the first scrape)
+
+    def _state(self) -> tuple:
+        """The values of the gateway's counters and gauges, and its readiness."""
+        if self.series is None:
+            self.series = [m for m in vars(self.core.metrics).values() if isinstance(m, (Counter, Gauge))]
+        values = tuple(s.value for m in self.series for family in m.collect() for s in family.samples)
+        return values, self.core.ready()
+
+    async def get(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        while True:
+            key, now = self._state(), loop.time()
+            if self.body is not None and key == self.key and now - self.at < self.ttl:
+                return self.body
+            if self.pending is None:
+                self.pending, self.pending_key = loop.create_task(self._render(key, now)), key
+            if self.pending_key == key:  # began after everything this scrape can know of: share it
+                return await asyncio.shield(self.pending)
+            await asyncio.wait([self.pending])  # began before a change this scrape may know of: the next one
+
+    def _render_sync(self) -> bytes:
+        try:
+            return self.core.render_metrics()
+        except RuntimeError:  # a dict the event loop changed while this thread read it (a model reloaded): again
+            return self.core.render_metrics()
+
+    async def _render(self, key: tuple, began: float) -> bytes:
+        try:
+            body = await asyncio.to_thread(self._render_sync)
+            self.body, self.key, self.at = body, key, began
+            return body
+        finally:
+            self.pending = None

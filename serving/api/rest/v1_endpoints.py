@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from serving.api.rest.wire import ERROR_DOCS, check_content_type, until_done, validation_message
+from serving.api.rest.wire import ERROR_DOCS, check_content_type, decode_json, until_done
 from serving.core import Classifier
 from serving.errors import InvalidInput
 from serving.images import SIZE, check_pixels
@@ -125,14 +125,8 @@ def _version(v: int | float | None) -> int | None:
 
 
 def _pixels(images: list[msgspec.Raw]) -> np.ndarray:
-    out = []
-    for i, raw in enumerate(images):
-        try:
-            out.append(check_pixels(_decode_image28.decode(raw), f"images[{i}]"))
-        except msgspec.ValidationError as e:
-            where, _, msg = validation_message(e).partition(": ")
-            raise InvalidInput(f"images[{i}]{where if where != 'body' else ''}: {msg}") from None
-    return np.stack(out)
+    return np.stack([check_pixels(decode_json(_decode_image28, raw, f"images[{i}]"), f"images[{i}]")
+                     for i, raw in enumerate(images)])
 
 
 async def _render(req: Predict, r: Result) -> Response:
@@ -154,10 +148,7 @@ class V1Predict:
     async def _decode(self, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]], decoder):
         check_content_type(headers)
         body = await read()
-        try:
-            return await self.core.offload(decoder.decode, body, heavy=len(body) > self.settings.inline_parse_bytes)
-        except msgspec.MsgspecError as e:
-            raise InvalidInput(validation_message(e)) from None
+        return await self.core.offload(decode_json, decoder, body, heavy=len(body) > self.settings.inline_parse_bytes)
 
     async def sentiment(self, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]], receive) -> Response:
         async def parse() -> Predict:

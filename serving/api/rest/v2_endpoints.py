@@ -20,6 +20,8 @@ A Triton-style ``parameters.timeout`` (microseconds) shortens the deadline.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Annotated, Any
 
 import msgspec
@@ -27,31 +29,38 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from serving.api.rest.wire import (ERROR_DOCS, check_content_type, json_response, until_done, v2_error_response,
-                                   validation_message)
+from serving.api.rest.wire import (ERROR_DOCS, check_content_type, decode_json, json_response, until_done,
+                                   v2_error_response)
 from serving.api.v2 import DataPlane, InferResponse
 from serving.core import Classifier
-from serving.errors import InvalidInput, ServiceError
+from serving.errors import Internal, InvalidInput, ServiceError
 from serving.images import decode_b64
 from serving.request import Predict, Result
-from serving.tensor import Tensor, from_raw, from_values, to_raw
+from serving.tensor import ElementLimit, Tensor, declared_count, from_raw, from_values, to_raw
 
+log = logging.getLogger("serving.rest")
 INFER = "/v2/models/{name}/infer"
 HEADER_LENGTH = "inference-header-content-length"
+
+
+# The protocol's parameter values are scalars (as gRPC's InferParameter): typed so, a body cannot make
+# the decoder build arbitrary structures out of them.
+Parameters = dict[str, str | int | float | bool | None]
 
 
 class V2Input(msgspec.Struct):
     name: str
     shape: list[int]
     datatype: str
-    parameters: dict[str, Any] | None = None
-    # Undecoded until its datatype is known (absent: empty); flat or nested lists in row-major order.
+    parameters: Parameters | None = None
+    # Undecoded until its datatype and shape are known and checked (absent: empty); flat or
+    # nested lists in row-major order (decoded by _decode_data).
     data: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
 
 
 class V2Output(msgspec.Struct):
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: Parameters | None = None
 
 
 class V2InferRequest(msgspec.Struct):
@@ -59,14 +68,67 @@ class V2InferRequest(msgspec.Struct):
         "Exactly one input: sentiment models take 'text' (BYTES [n]) or 'token_ids' (INT32 [n, 20]); "
         "digits takes 'image' (UINT8/FP32 [n, 28, 28]) or 'image_encoded' (BYTES [n], PNG/JPEG)"))]
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: Parameters | None = None
     outputs: list[V2Output] | None = None
 
 
 SCHEMAS = [V2InferRequest]
 _decode_request = msgspec.json.Decoder(V2InferRequest)
-_decode_any = msgspec.json.Decoder()
 _json = msgspec.json.Encoder()
+_JSON_SPACE = b" \t\r\n"
+
+
+@functools.lru_cache(maxsize=64)
+def _data_decoder(leaf, depth: int, rows: tuple[int, ...] = ()) -> msgspec.json.Decoder:
+    """A decoder of ``leaf`` elements: one lone element (``depth`` 0), a list of them (1), or
+    ``depth`` levels of lists; ``rows``: the sizes of the levels below the outermost, decoded as
+    tuples of exactly that many entries (so that a row of the wrong size fails where it is)."""
+    t = leaf
+    for d in reversed(rows):
+        t = tuple[(t,) * d] if d else tuple[()]
+    for _ in range(depth - len(rows)):
+        t = list[t]
+    return msgspec.json.Decoder(t)
+
+
+def _decode_data(t: V2Input, data: bytes, count: int, where: str):
+    """An input's JSON data (``count`` elements, from its checked shape), decoded only once its
+    size fits the shape, and then only as what the datatype and shape allow: one lone element,
+    a flat list, or lists nested exactly as the shape (strings for BYTES, true/false for BOOL,
+    numbers otherwise). Numeric data cannot hold strings, so their lists and elements are
+    counted exactly at C speed first (``[`` and ``,``); BYTES data have at least half as many
+    strings as unescaped-looking quotes, so no more than about twice their count gets decoded,
+    and any row of the wrong size or type stops the decoder where it is."""
+    name, shape, rank = t.name, list(t.shape), len(t.shape)
+    head = data.lstrip(_JSON_SPACE)
+    if count == 0:
+        if head.rstrip(_JSON_SPACE) != b"[]":
+            raise InvalidInput(f"input {name!r}: shape {shape} holds no elements; its data must be []")
+        return []
+    nested = rank > 1 and head.startswith(b"[") and head[1:].lstrip(_JSON_SPACE).startswith(b"[")
+    depth = rank if nested else 1 if head.startswith(b"[") else 0
+    if t.datatype == "BYTES":
+        strings = (data.count(b'"') - data.count(b'\\"')) // 2  # each has 2 quotes; some may look escaped
+        if strings > count:
+            raise InvalidInput(f"BYTES tensor {name!r}: shape {shape} holds {count} element"
+                               f"{'s' if count != 1 else ''}, the data has at least {strings} strings")
+        return decode_json(_data_decoder(str, depth, tuple(shape[1:]) if nested else ()), data, where)
+    kind = "true/false" if t.datatype == "BOOL" else "numbers"
+    if b'"' in data:
+        raise InvalidInput(f"input {name!r}: data of a {t.datatype} tensor must be {kind}")
+    lists, entries = data.count(b"["), data.count(b",") + 1
+    need = 0 if depth == 0 else 1
+    if nested:  # 1 + rows + rows of rows ...
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d
+            need += rows
+    if lists != need:
+        raise InvalidInput(f"input {name!r}: data as {'nested lists' if nested else 'a flat list'} for shape {shape} "
+                           f"{'have' if nested else 'has'} {need} list{'s' if need != 1 else ''}, the data has {lists}")
+    if entries != count:
+        raise InvalidInput(f"input {name!r}: shape {shape} holds {count} elements, the data has {entries}")
+    return decode_json(_data_decoder(bool if t.datatype == "BOOL" else int | float, depth), data, where)
 
 
 # -- documented responses -----------------------------------------------------------------------
@@ -119,8 +181,10 @@ class V2ModelReady(BaseModel):
     ready: bool
 
 
-def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int) -> tuple[V2InferRequest, list[Tensor]]:
-    """The request and its input tensors, from JSON or JSON + binary tensors."""
+def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int,
+                limit: ElementLimit | None = None) -> tuple[V2InferRequest, list[Tensor]]:
+    """The request and its input tensors, from JSON or JSON + binary tensors. Each input's
+    declared shape is checked (BYTES: against ``limit``) before its data is decoded."""
     binary = b""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -128,10 +192,7 @@ def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int) ->
                                f"{len(body)}-byte body")
         n = int(header_length)
         body, binary = body[:n], memoryview(body)[n:]
-    try:
-        req = _decode_request.decode(body)
-    except msgspec.MsgspecError as e:
-        raise InvalidInput(validation_message(e)) from None
+    req = decode_json(_decode_request, body)
     tensors, offset = [], 0
     for i, t in enumerate(req.inputs):
         size = (t.parameters or {}).get("binary_data_size")
@@ -139,18 +200,16 @@ def parse_infer(body: bytes, header_length: str | None, max_image_bytes: int) ->
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(f"input {t.name!r}: binary_data_size {size!r} runs past the binary data "
                                    f"({len(binary)} bytes after the JSON)")
-            tensors.append(from_raw(t.name, t.datatype, t.shape, binary[offset:offset + size]))  # a view, no copy
+            raw = binary[offset:offset + size]  # a view, no copy
+            tensors.append(from_raw(t.name, t.datatype, t.shape, raw, limit))
             offset += size
         elif len(t.data) and bytes(t.data) != b"null":
-            try:
-                values = _decode_any.decode(t.data)
-            except msgspec.MsgspecError as e:  # pragma: no cover - already valid JSON as a whole
-                raise InvalidInput(f"inputs[{i}].data: {e}") from None
+            count = declared_count(t.name, t.datatype, t.shape, limit)
+            values = _decode_data(t, bytes(t.data), count, f"inputs[{i}].data")
+            convert = None
             if t.datatype == "BYTES" and t.name == "image_encoded":  # JSON carries image bytes as base64
-                if not isinstance(values, list):
-                    raise InvalidInput(f"input {t.name!r}: data must be a list of base64 strings")
-                values = decode_b64(values, "image_encoded", max_image_bytes)
-            tensors.append(from_values(t.name, t.datatype, t.shape, values))
+                convert = lambda items, name=t.name: decode_b64(items, name, max_image_bytes)  # noqa: E731
+            tensors.append(from_values(t.name, t.datatype, t.shape, values, limit, convert))
         else:
             raise InvalidInput(f"input {t.name!r} has neither data nor parameters.binary_data_size")
     if offset != len(binary):
@@ -220,7 +279,8 @@ class V2Endpoints:
                                "send application/json (application/octet-stream with binary tensors)")
             body = await request.body()
             wire, tensors = await core.offload(parse_infer, body, request.headers.get(HEADER_LENGTH),
-                                               s.max_image_bytes, heavy=len(body) > s.inline_parse_bytes)
+                                               s.max_image_bytes, plane.element_limit(name),
+                                               heavy=len(body) > s.inline_parse_bytes)
             return plane.request(name, version, tensors, [o.name for o in wire.outputs or ()], wire.parameters)
 
         async def render(req: Predict, r: Result) -> Response:
@@ -232,6 +292,10 @@ class V2Endpoints:
                                      watch=lambda work: until_done(request.receive, work))
         except ServiceError as e:
             return v2_error_response(e)
+        except Exception as e:  # noqa: BLE001 - as /v1's: logged with its traceback, answered here (FastAPI's
+            # handler would answer too, but Starlette then re-raises it and uvicorn drops the connection)
+            log.exception("unexpected error on %s", request.url.path)
+            return v2_error_response(Internal(f"internal error ({type(e).__name__}); it has been logged"))
 
 
 def add_v2_routes(app: FastAPI, core: Classifier) -> None:

@@ -1,26 +1,34 @@
 """What every REST endpoint shares on the wire: the error responses (/v1 and V2 shapes),
-JSON strictness messages, content types, reading the body, noticing a client that leaves,
-and the ASGI middlewares (body limit, request id) that run before any endpoint.
+decoding JSON (:func:`decode_json`, the one place every REST body is decoded) and its
+messages, content types, reading the body, noticing a client that leaves, and the ASGI
+middlewares (body limit, request id) that run before any endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Mapping
 
 import msgspec
 from fastapi.responses import Response
 
-from serving.errors import Cancelled, Overloaded, PayloadTooLarge, ServiceError, UnsupportedMediaType, error_body
+from serving.logs import RateLimitedLog
+from serving.errors import (Cancelled, InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType,
+                            error_body)
 from serving.request import begin_request_id
 
 _json = msgspec.json.Encoder()
+log = logging.getLogger("serving.rest")
+# Bodies that are not JSON at all (syntax, encoding, nesting): one WARNING line per 10 s at most,
+# as for undecodable gRPC messages (serving/api/grpc/common.py).
+malformed_log = RateLimitedLog(log)
 
 
 def retry_headers(e: ServiceError) -> dict | None:
     """``Retry-After`` (whole seconds, at least 1) for an overload, else none."""
-    return {"retry-after": str(max(1, math.ceil(e.retry_after_s)))} if isinstance(e, Overloaded) else None
+    return {"retry-after": str(max(1, math.ceil(e.retry_after_s)))} if e.retry_after_s is not None else None
 
 
 def error_response(e: ServiceError, headers: dict | None = None) -> Response:
@@ -51,16 +59,44 @@ ERROR_DOCS = {
 }
 
 
-def validation_message(e: msgspec.MsgspecError) -> str:
-    """msgspec's "Expected `str`, got `int` - at `$.texts[0]`" -> "texts[0]: expected str, got int"."""
+def validation_message(e: msgspec.MsgspecError, prefix: str = "") -> str:
+    """msgspec's "Expected `str`, got `int` - at `$.texts[0]`" -> "texts[0]: expected str, got int".
+    ``prefix``: where the decoded JSON sits in the body (``inputs[0].data``), put before its own path."""
     if isinstance(e, msgspec.DecodeError) and not isinstance(e, msgspec.ValidationError):
-        return f"body is not valid JSON ({e})"
+        return f"{prefix or 'body'} is not valid JSON ({e})"
     text = str(e)
     message, _, where = text.partition(" - at `$")
     message = message.replace("`", "")
     message = message[0].lower() + message[1:] if message else message
-    where = where.rstrip("`").lstrip(".")
+    where = where.rstrip("`")
+    where = f"{prefix}{where}" if prefix else where.lstrip(".")
     return f"{where}: {message}" if where else f"body: {message}"
+
+
+# Python's recursion limit (1000) less the frames of the server itself: what msgspec can decode.
+DEPTH_LIMIT_DOC = "about 1,000 levels"
+
+
+def decode_json(decoder: msgspec.json.Decoder, data, prefix: str = ""):
+    """``decoder.decode(data)``, the one way REST request JSON is decoded (/v1 on the hot path and
+    through FastAPI, V2): whatever the decoder raises is :class:`InvalidInput` (400) naming the
+    problem, never a 500 with a traceback. A body that does not match the schema is the client's
+    everyday mistake; one that is not JSON at all (bad syntax or UTF-8, nested deeper than the
+    decoder's recursion allows, anything else the decoder raises) is also logged, as one
+    rate-limited WARNING line. ``prefix``: where ``data`` sits in the body, for the messages."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as e:  # the schema's: wrong type, number out of range, missing field, ...
+        raise InvalidInput(validation_message(e, prefix)) from None
+    except msgspec.DecodeError as e:
+        message = validation_message(e, prefix)
+    except RecursionError:
+        message = (f"{prefix or 'request body'} is nested deeper than the JSON decoder allows "
+                   f"({DEPTH_LIMIT_DOC} of arrays and objects)")
+    except Exception as e:  # noqa: BLE001 - whatever else a decoder raises on hostile input: the client's error
+        message = f"{prefix or 'body'} could not be decoded as JSON ({type(e).__name__}: {str(e)[:200]})"
+    malformed_log.warning("undecodable JSON body (%d bytes): %s", len(data), message)
+    raise InvalidInput(message)
 
 
 def check_content_type(headers: Mapping[str, str], accepted: tuple[str, ...] = ("application/json",),
