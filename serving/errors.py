@@ -15,6 +15,8 @@ class ServiceError(Exception):
     http_status = 400
     code = "INVALID_ARGUMENT"
     grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    # When a retry may succeed (REST Retry-After, gRPC grpc-retry-pushback-ms); None: not said.
+    retry_after_s: float | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -41,9 +43,15 @@ class NotFound(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """``retry_after_s``: when the cause is known to last that long (the TF Serving circuit breaker)."""
+
     http_status = 503
     code = "UNAVAILABLE"
     grpc_status = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Overloaded(ServiceError):

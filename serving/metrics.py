@@ -108,6 +108,8 @@ class Metrics:
         self._models: dict[str, ModelSeries] = {}
         self.ready = Gauge("classifier_ready", "1 when /readyz answers 200, else 0", registry=r)
         self.draining = Gauge("classifier_draining", "1 while the gateway drains before exiting", registry=r)
+        self.breaker_open = Gauge("classifier_tfserving_breaker_open",
+                                  "1 while the circuit breaker toward TF Serving is open (calls fail fast)", registry=r)
 
     def model(self, name: str | None) -> str:
         """The label value for a requested model: configured names as they are, anything else ``unknown``."""

@@ -17,6 +17,13 @@ No TensorFlow here: the lean, wire-compatible messages of ``protos/`` do.
   (DEADLINE_EXCEEDED) to the client.
 - Ready only when TF Serving reports every configured model AVAILABLE (its
   REST status endpoint answers 200 while models still load, so it is not used).
+  The status poll has a deadline of at most 1 s (``STATUS_TIMEOUT_S``), so a TF
+  Serving that hangs is noticed within ``tfserving_poll_s`` + 1 s.
+- A circuit breaker (:class:`Breaker`; ``tfserving_breaker_failures``, 0: off, and
+  ``tfserving_breaker_open_s``): after that many TF Serving calls in a row ended
+  DEADLINE_EXCEEDED or UNAVAILABLE (Predict after its retries, or a status poll),
+  every Predict fails at once with 503 and a Retry-After, and readiness fails,
+  for ``tfserving_breaker_open_s``; then one probe Predict goes through.
 """
 
 from __future__ import annotations
@@ -45,6 +52,137 @@ from serving.backends.tensors import dtype_name, from_tensor_proto, to_tensor_pr
 log = logging.getLogger("serving.tfserving")
 State = get_model_status_pb2.ModelVersionStatus.State
 OUTPUT = "probabilities"
+# The codes that say TF Serving is not answering (the breaker counts them); any other
+# answer, an error included, says it is.
+UNREACHABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+# The status poll's deadline (or tfserving_timeout_s when shorter). GetModelStatus only reads
+# TF Serving's servable states (no model work, not behind its batch queue): it answers in
+# milliseconds even under load, so 1 s is a wide margin, and a hang is noticed in
+# tfserving_poll_s + 1 s rather than + tfserving_timeout_s. Not tied to tfserving_poll_s: the
+# polls run one after another (no pile-up), and a deadline as short as a fast poll interval
+# (0.1 s in tests) would count a busy CPU's hiccups as TF Serving failures.
+STATUS_TIMEOUT_S = 1.0
+
+
+class Breaker:
+    """The circuit breaker toward TF Serving; thread-safe (Predict runs in several worker threads).
+
+    - closed: calls go through. Calls in a row that end DEADLINE_EXCEEDED or UNAVAILABLE are
+      counted: Predicts (after their retries) and status polls. A Predict that TF Serving
+      answered (even with an error) resets the count; an answered poll resets only the polls'
+      part of it (TF Serving may answer GetModelStatus while its Predicts hang). ``failures``
+      in a row: open.
+    - open, for ``open_s``: :meth:`before_call` raises :class:`Unavailable` (503,
+      Retry-After: the time left) and :meth:`refusal` gives readiness its reason. A poll that
+      fails meanwhile starts the ``open_s`` again (TF Serving is still down: no client call is
+      spent on a probe).
+    - half-open, after ``open_s``: the next call goes through as the probe; calls meanwhile
+      fail at once. The probe answered: closed; the probe failed: open again. Readiness
+      holds in half-open (a gateway that a load balancer took out of rotation would else get
+      no call to probe with, and stay out).
+
+    ``failures`` 0: off (calls always go through, nothing is counted).
+    """
+
+    def __init__(self, failures: int, open_s: float, probe_s: float, address: str, clock=time.monotonic):
+        self.threshold, self.open_s, self.probe_s, self.address = failures, open_s, probe_s, address
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._calls = 0  # Predicts in a row that failed (DEADLINE_EXCEEDED/UNAVAILABLE)
+        self._polls = 0  # status polls in a row that failed
+        self._last = ""  # the last failure, for the messages
+        self._opened: float | None = None  # when it (last) opened; None: closed
+        self._probe = 0  # the id of the probe in flight; 0: none
+        self._probes = 0
+
+    @property
+    def failures(self) -> int:
+        return self._calls + self._polls
+
+    def state(self) -> str:
+        """closed, open or half_open (for metrics and logs)."""
+        with self._lock:
+            if self._opened is None:
+                return "closed"
+            return "open" if self._clock() < self._opened + self.open_s else "half_open"
+
+    def before_call(self) -> int:
+        """Before a Predict: 0 (go ahead), a probe id (go ahead as the half-open probe: give it
+        back to :meth:`answered`/:meth:`failed`/:meth:`release`), or raise Unavailable."""
+        if not self.threshold:
+            return 0
+        with self._lock:
+            if self._opened is None:
+                return 0
+            left = self._opened + self.open_s - self._clock()
+            if left > 0:
+                raise Unavailable(f"{self._why_open()}; retrying in {left:.1f} s", retry_after_s=left)
+            if self._probe:
+                why = f"{self._why_open('half-open')}; one probe call to TF Serving is in flight"
+                raise Unavailable(why, retry_after_s=self.probe_s)
+            self._probes += 1
+            self._probe = self._probes
+            log.info("circuit breaker half-open: probing TF Serving at %s with one call", self.address)
+            return self._probe
+
+    def refusal(self) -> str | None:
+        """Why readiness fails while open; None when closed or half-open."""
+        if not self.threshold:
+            return None
+        with self._lock:
+            if self._opened is None:
+                return None
+            left = self._opened + self.open_s - self._clock()
+            return f"{self._why_open()}; retrying in {left:.1f} s" if left > 0 else None
+
+    def answered(self, probe: int = 0) -> None:
+        """TF Serving answered a Predict (a result, or an error of its own): closed."""
+        if not self.threshold:
+            return
+        with self._lock:
+            self._end_probe(probe)
+            if self._opened is not None:
+                log.warning("circuit breaker closed: TF Serving at %s answers again", self.address)
+            self._calls = self._polls = 0
+            self._opened = None
+
+    def poll_answered(self) -> None:
+        """TF Serving answered every status poll of a round."""
+        with self._lock:
+            self._polls = 0
+
+    def failed(self, reason: str, probe: int = 0, poll: bool = False) -> None:
+        """A Predict (after its retries) or a status poll ended DEADLINE_EXCEEDED or UNAVAILABLE."""
+        if not self.threshold:
+            return
+        with self._lock:
+            self._end_probe(probe)
+            if poll:
+                self._polls += 1
+            else:
+                self._calls += 1
+            self._last = reason
+            if self._opened is None:
+                if self.failures >= self.threshold:
+                    self._opened = self._clock()
+                    log.error("%s; failing fast for %s s", self._why_open(), self.open_s)
+            elif probe or poll:  # still down (a Predict begun before it opened tells nothing new)
+                self._opened = self._clock()
+                if probe:
+                    log.error("circuit breaker open again for %s s: the probe failed: %s", self.open_s, reason)
+
+    def release(self, probe: int) -> None:
+        """The probe ended without telling whether TF Serving answers (an error of the gateway's own)."""
+        with self._lock:
+            self._end_probe(probe)
+
+    def _end_probe(self, probe: int) -> None:
+        if probe and probe == self._probe:
+            self._probe = 0
+
+    def _why_open(self, state: str = "open") -> str:
+        return (f"circuit breaker {state}: {self.failures} consecutive TF Serving failures "
+                f"at {self.address} (last: {self._last})")
 
 
 class TFServingBackend:
@@ -75,6 +213,9 @@ class TFServingBackend:
         self._problems: dict[str, str] = {name: "not polled yet" for name in settings.models}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        s = settings
+        self.breaker = Breaker(s.tfserving_breaker_failures, s.tfserving_breaker_open_s,
+                               probe_s=s.tfserving_timeout_s, address=s.tfserving_address)
 
     # -- model status ---------------------------------------------------------
     def load(self, config=None) -> None:
@@ -99,16 +240,29 @@ class TFServingBackend:
             self.poll()
 
     def poll(self) -> None:
+        """Every model's versions and states from TF Serving. A poll that times out or finds TF
+        Serving unavailable counts as one failure for the breaker (the models not asked yet are
+        not asked this round: they would wait the same)."""
+        timeout = min(self.settings.tfserving_timeout_s, STATUS_TIMEOUT_S)
+        down: str | None = None
         for name in self.settings.models:
             try:
+                if down is not None:
+                    self._problems[name] = down
+                    for v in self._versions[name].values():
+                        v.state = "UNAVAILABLE"
+                    continue
                 resp = self._models.GetModelStatus(
                     get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=name)),
-                    timeout=self.settings.tfserving_timeout_s,
+                    timeout=timeout,
                 )
             except grpc.RpcError as e:
                 self._problems[name] = f"TF Serving at {self.settings.tfserving_address}: {e.code().name}: {e.details()}"
                 for v in self._versions[name].values():
                     v.state = "UNAVAILABLE"
+                if e.code() in UNREACHABLE:
+                    down = self._problems[name]
+                    self.breaker.failed(_describe(e, f"GetModelStatus({name})", timeout), poll=True)
                 continue
             previous = self._versions[name]
             seen = {st.version: v for st in resp.model_version_status
@@ -119,6 +273,8 @@ class TFServingBackend:
             else:
                 states = ", ".join(f"{k}: {v.state}" + (f" ({v.error})" if v.error else "") for k, v in sorted(seen.items()))
                 self._problems[name] = f"no AVAILABLE version in TF Serving; versions {{{states}}}"
+        if down is None:
+            self.breaker.poll_answered()
 
     def _version(self, name: str, st, previous: ModelVersion | None) -> ModelVersion | None:
         """One version TF Serving reports, as the repository describes it, in TF Serving's state.
@@ -152,6 +308,9 @@ class TFServingBackend:
         return self._versions
 
     def status(self) -> tuple[bool, str]:
+        refusal = self.breaker.refusal()
+        if refusal is not None:
+            return False, refusal
         if self._problems:
             name = sorted(self._problems)[0]
             return False, f"model {name!r}: {self._problems[name]}"
@@ -206,17 +365,36 @@ class TFServingBackend:
         s = self.settings
         ids = ",".join(dict.fromkeys(i for i in request_ids if i))[:1000]
         metadata = (("x-request-id", ids),) if ids else None
-        for attempt in range(s.tfserving_retries + 1):
-            try:
-                response = self._predict.Predict(request, timeout=s.tfserving_timeout_s, metadata=metadata)
+        probe = self.breaker.before_call()  # raises while the breaker is open
+        try:
+            for attempt in range(s.tfserving_retries + 1):
+                try:
+                    response = self._predict.Predict(request, timeout=s.tfserving_timeout_s, metadata=metadata)
+                except grpc.RpcError as e:
+                    code = e.code()
+                    if code == grpc.StatusCode.UNAVAILABLE and attempt < s.tfserving_retries:
+                        time.sleep(s.tfserving_backoff_s * 2**attempt)
+                        continue
+                    if code in UNREACHABLE:
+                        self.breaker.failed(_describe(e, f"Predict {model}/{version}", s.tfserving_timeout_s), probe)
+                    else:
+                        self.breaker.answered(probe)
+                    probe = 0
+                    raise _to_service_error(e, model, version, s) from None
+                self.breaker.answered(probe)
+                probe = 0
                 return from_tensor_proto(response.outputs[OUTPUT]).astype(np.float32, copy=False)
-            except grpc.RpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < s.tfserving_retries:
-                    time.sleep(s.tfserving_backoff_s * 2**attempt)
-                    continue
-                raise _to_service_error(e, model, version, s) from None
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable")
+        finally:
+            if probe:
+                self.breaker.release(probe)
+
+
+def _describe(e: grpc.RpcError, call: str, timeout: float) -> str:
+    """One failure, for the breaker's messages."""
+    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"DEADLINE_EXCEEDED: {call} got no answer within {timeout:g} s"
+    return f"{e.code().name}: {call}: {e.details()}"
 
 
 def _to_service_error(e: grpc.RpcError, model: str, version: int, s: Settings) -> ServiceError:
