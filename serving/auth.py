@@ -1,15 +1,22 @@
 """Optional API-key authentication for both servers (off unless keys are configured).
 
-Keys come from ``api_keys`` (comma-separated) and/or ``api_keys_file`` (one per
-line; blank lines and ``#`` comments ignored). They are held only as SHA-256
-digests and compared in constant time. The file is re-read when it changes
-(checked at most once per ``reload_interval_s``), so keys can be added or revoked
-without a restart. Clients send ``Authorization: Bearer <key>`` or ``x-api-key: <key>``
+Keys come from ``api_keys`` (comma-separated) and/or ``api_keys_file`` (UTF-8, a byte-order
+mark allowed; one key per line, surrounding spaces and tabs ignored; blank lines and ``#``
+comments ignored). A key is printable ASCII without spaces (what an ``Authorization`` or
+``x-api-key`` header and gRPC metadata can carry): any other key is refused when loaded, by
+its line (or item) number, never shown. They are held only as SHA-256 digests and compared in
+constant time. The file is re-read when it changes (checked at most once per
+``reload_interval_s``), so keys can be added or revoked without a restart: a file that is
+deleted revokes its keys (the ``api_keys`` ones stay); a changed file with an invalid line is
+not applied (the previous keys stay, with an ERROR naming the line); a file that cannot be read
+keeps the last keys (a WARNING). At start, a configured file that is missing, unreadable or
+invalid is an error. Clients send ``Authorization: Bearer <key>`` or ``x-api-key: <key>``
 (HTTP headers or gRPC metadata). Keys are never logged.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import hmac
 import logging
@@ -32,27 +39,67 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+class InvalidKeys(ValueError):
+    """A key source holds something that cannot be a key; the message names where, never the key."""
+
+
+def _flaw(key: str) -> str | None:
+    """What makes ``key`` unusable as an API key (None: nothing). A key must be printable ASCII
+    without spaces: a header value is read as Latin-1 and gRPC metadata must be ASCII, so a
+    non-ASCII key could never be presented as stored; whitespace and control characters are
+    stripped or refused on the way."""
+    for c in key:
+        if not "!" <= c <= "~":
+            if ord(c) > 0x7F:
+                return "a non-ASCII character"
+            return "a space or tab inside" if c in " \t" else "a control character"
+    return None
+
+
 def _read_keys_file(path: Path) -> tuple[bytes, ...]:
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return tuple(_digest(line) for line in lines if line and not line.startswith("#"))
+    """The digests of the keys in ``path``. Raises OSError when it cannot be read, InvalidKeys
+    when a line is not valid UTF-8 or not a possible key (the first such line is named)."""
+    data = path.read_bytes()
+    data = data.removeprefix(codecs.BOM_UTF8)  # a byte-order mark at the start is dropped
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InvalidKeys(f"line {line} is not valid UTF-8") from None
+    digests = []
+    for number, line in enumerate(text.split("\n"), 1):  # only \n ends a line (not \x85, \u2028...)
+        key = line.strip(" \t\r")
+        if not key or key.startswith("#"):
+            continue
+        if (flaw := _flaw(key)) is not None:
+            raise InvalidKeys(f"line {number}: the key has {flaw}; keys are printable ASCII without spaces")
+        digests.append(_digest(key))
+    return tuple(digests)
 
 
 class ApiKeys:
     """The accepted keys, as SHA-256 digests; ``check`` tells whether a presented key is one."""
 
     def __init__(self, keys: Iterable[str] = (), file: Path | None = None, reload_interval_s: float = 1.0):
-        self._static = tuple(_digest(k) for k in (k.strip() for k in keys) if k)
+        static = [k.strip(" \t\r\n") for k in keys]
+        for i, key in enumerate(static, 1):
+            if key and (flaw := _flaw(key)) is not None:
+                raise RuntimeError(f"api_keys: key {i} (of the comma-separated list) has {flaw}; "
+                                   "keys are printable ASCII without spaces")
+        self._static = tuple(_digest(k) for k in static if k)
         self._file = Path(file) if file is not None else None
         self._interval = reload_interval_s
         self._from_file: tuple[bytes, ...] = ()
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None  # of the file version last read (applied or not)
         self._next_check = 0.0
-        self._warned = False
+        self._warned = False  # "cannot be read" logged, until it reads again
         if self._file is not None:
             try:  # misconfiguration must fail loudly, not silently disable auth
                 self._load(os.stat(self._file))
             except OSError as e:
                 raise RuntimeError(f"api_keys_file {self._file} cannot be read: {e}") from e
+            except InvalidKeys as e:
+                raise RuntimeError(f"api_keys_file {self._file}: {e}") from None
 
     @classmethod
     def from_settings(cls, settings) -> ApiKeys:
@@ -64,9 +111,13 @@ class ApiKeys:
         return bool(self._static) or self._file is not None
 
     def _load(self, st: os.stat_result) -> None:
-        self._from_file = _read_keys_file(self._file)
-        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        self._warned = False
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        try:
+            keys = _read_keys_file(self._file)
+        except InvalidKeys:
+            self._stamp = stamp  # this version is not read again; the next change is
+            raise
+        self._from_file, self._stamp, self._warned = keys, stamp, False
         log.info("API keys loaded from %s: %d key(s)", self._file, len(self._from_file))
 
     def _maybe_reload(self) -> None:
@@ -78,6 +129,14 @@ class ApiKeys:
             st = os.stat(self._file)
             if (st.st_mtime_ns, st.st_size, st.st_ino) != self._stamp:
                 self._load(st)
+        except FileNotFoundError:  # deleted: its keys are revoked (until it is back)
+            if self._stamp is not None:
+                log.warning("api_keys_file %s is gone: its %d key(s) are revoked%s", self._file, len(self._from_file),
+                            f", the {len(self._static)} key(s) of api_keys stay" if self._static else "")
+                self._from_file, self._stamp, self._warned = (), None, False
+        except InvalidKeys as e:  # keep the keys of the last valid version
+            log.error("api_keys_file %s is not applied, keeping the previous %d key(s): %s",
+                      self._file, len(self._from_file), e)
         except OSError as e:  # keep the last good keys; warn once until the file reads again
             if not self._warned:
                 self._warned = True

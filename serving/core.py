@@ -5,7 +5,7 @@ Every adapter (REST /v1 and its hot path, REST V2, gRPC classifier.v1, gRPC V2) 
 request to :meth:`Classifier.handle` with its own ``parse`` (wire -> :class:`Predict`)
 and ``render`` (:class:`Result` -> wire); that one method is where deadlines, admission,
 metrics and the access log happen. :meth:`Classifier.predict` runs the request through
-its model kind's pipeline (serving/kinds/): count -> admit -> prepare -> batch -> result.
+its model kind's pipeline (serving/kinds/): count -> rows -> admit -> prepare -> batch -> result.
 
 Nothing heavy runs on the event loop: large requests are validated and tokenised, and
 every encoded image decoded, in a small thread pool (the model's calls have their own).
@@ -121,6 +121,8 @@ class Classifier:
             for v in versions.values():
                 info.labels(name, str(v.version), v.state).set(1 if v.state == "AVAILABLE" else 0)
         self.metrics.ready.set(1 if self.ready()[0] else 0)
+        breaker = getattr(self.backend, "breaker", None)
+        self.metrics.breaker_open.set(1 if breaker is not None and breaker.state() == "open" else 0)
         for file in (MODELS_CONFIG, TRAFFIC):
             self.metrics.config_valid.labels(file).set(1 if self.models_config.valid(file) else 0)
         self.rollout.export()
@@ -285,14 +287,20 @@ class Classifier:
             call.version, call.items = v.version, n
         limits = self.limits(name)
         self._check_count(n, what, limits)
-        batcher.admit(n)
-        reserved, heavy = n, kind.heavy(req.inputs)
+        # The rows it will make (whole text: its windows), estimated before any work; a request
+        # certainly over a limit is refused here. Reserved now, corrected once prepared.
+        reserved = await self.offload(kind.rows, v, req.inputs, limits,
+                                      heavy=kind.rows_heavy(v, req.inputs, limits))
+        batcher.admit(reserved)
+        heavy = kind.heavy(req.inputs)
         try:
             t0 = time.perf_counter()
             prepared = await self.offload(kind.prepare, v, req.inputs, limits, heavy=heavy)
-            if len(prepared.rows) > reserved:  # whole text: every window is a row
+            if len(prepared.rows) > reserved:
                 batcher.admit(len(prepared.rows) - reserved)
-                reserved = len(prepared.rows)
+            elif len(prepared.rows) < reserved:
+                batcher.release(reserved - len(prepared.rows))
+            reserved = len(prepared.rows)
         except BaseException:
             batcher.release(reserved)
             raise

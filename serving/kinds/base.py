@@ -3,7 +3,7 @@ and from the model's probabilities to answers, the same for every protocol.
 
 The core (serving/core.py) runs every request through one kind's pipeline::
 
-    count -> (admission) -> prepare: validate + preprocess -> (batcher, backend) -> result -> explain
+    count -> rows -> (admission) -> prepare: validate + preprocess -> (batcher, backend) -> result -> explain
 
 ``prepare`` and ``explain`` run off the event loop when :meth:`ModelKind.heavy` says so.
 A kind also says how the Open Inference Protocol (V2, REST and gRPC) carries its inputs
@@ -46,6 +46,18 @@ class ModelKind:
     def heavy(self, inputs) -> bool:
         """Whether prepare/explain should run off the event loop."""
         return True
+
+    def rows(self, v: ModelVersion, inputs, limits: Limits) -> int:
+        """How many model rows the request will make, estimated before it is prepared (default: one
+        per item). Admission reserves these rows before any work; the core corrects the reservation
+        to the exact count once prepared (admitting the rows missing, releasing the surplus). May
+        refuse the request at once (a ServiceError, e.g. 413) when it certainly breaks a limit: only
+        on a count that never exceeds the real one. Runs on the event loop unless :meth:`rows_heavy`."""
+        return self.count(inputs)[0]
+
+    def rows_heavy(self, v: ModelVersion, inputs, limits: Limits) -> bool:
+        """Whether :meth:`rows` should run off the event loop."""
+        return False
 
     def prepare(self, v: ModelVersion, inputs, limits: Limits) -> Prepared:
         """Validate and preprocess (raises ServiceError naming the broken rule)."""

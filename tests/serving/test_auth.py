@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -20,7 +22,7 @@ from starlette.routing import Route
 
 from serving.auth import MISSING, ApiKeyInterceptor, ApiKeyMiddleware, ApiKeys, key_from_headers
 from serving.settings import Settings
-from testkit.gateway import free_port, gateway_process, wait_until
+from testkit.gateway import ROOT, free_port, gateway_process, wait_until
 
 
 def bump(path, seconds=10):
@@ -89,17 +91,91 @@ def test_unreadable_file_keeps_last_keys_and_warns_once(tmp_path, caplog):
     f.write_text("alpha\n")
     keys = ApiKeys([], f, reload_interval_s=0)
     f.unlink()
+    f.mkdir()  # there, but it cannot be read as a file (even by root)
     with caplog.at_level(logging.WARNING, logger="serving.auth"):
         assert all(keys.check("alpha") for _ in range(5))
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
-    assert "alpha" not in caplog.text
+    assert "alpha" not in caplog.text and "cannot be read" in caplog.text
+    f.rmdir()
     f.write_text("beta\n")  # readable again: new keys, and a later failure warns again
     assert keys.check("beta") and not keys.check("alpha")
     f.unlink()
+    f.mkdir()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="serving.auth"):
         assert keys.check("beta")
     assert len(caplog.records) == 1
+
+
+def test_a_deleted_file_revokes_its_keys_and_the_env_keys_stay(tmp_path, caplog):
+    """Issue 22: deleting the keys file used to keep its keys (revocation by deletion did nothing)."""
+    f = tmp_path / "keys"
+    f.write_text("alpha\n")
+    keys = ApiKeys(["envkey"], f, reload_interval_s=0)
+    assert keys.check("alpha")
+    f.unlink()
+    with caplog.at_level(logging.WARNING, logger="serving.auth"):
+        assert not keys.check("alpha") and keys.check("envkey") and not keys.check("alpha")
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # once
+    assert "is gone: its 1 key(s) are revoked, the 1 key(s) of api_keys stay" in caplog.text and "alpha" not in caplog.text
+    only_file = tmp_path / "only"
+    only_file.write_text("solo\n")
+    alone = ApiKeys([], only_file, reload_interval_s=0)
+    only_file.unlink()
+    assert alone.enabled and not alone.check("solo")  # still on: nobody gets in
+    f.write_text("beta\n")  # back: read again
+    assert keys.check("beta") and not keys.check("alpha")
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path):
+    f = tmp_path / "keys"
+    f.write_bytes(b"\xef\xbb\xbfalpha\r\n# cl\xc3\xa9 de l'\xc3\xa9quipe\r\nbeta\r\n")  # as Windows Notepad saves it
+    keys = ApiKeys([], f)
+    assert keys.check("alpha") and keys.check("beta") and not keys.check("\ufeffalpha")
+
+
+@pytest.mark.parametrize("content, line, flaw", [
+    ("alpha\ncl\u00e9-secr\u00e8te\n", 2, "a non-ASCII character"),
+    ("# keys\n\nalpha\nsecret part\n", 4, "a space or tab inside"),
+    ("alpha\nsecret\x1bpart\n", 2, "a control character"),
+    ("alpha\nsecret\u2028part\n", 2, "a non-ASCII character"),
+    ("alpha\n\ufeffsecretpart\n", 2, "a non-ASCII character"),
+    (b"alpha\nbeta\nsecret\xffpart\n", 3, None),
+])
+def test_impossible_keys_are_refused_at_start_and_on_reload(tmp_path, caplog, content, line, flaw):
+    """Issue 22: a key no client can present (non-ASCII: headers are Latin-1, gRPC metadata ASCII;
+    whitespace or control characters inside) was accepted and silently never matched. At start it
+    is an error; on a reload the previous keys stay, with an ERROR naming the line, never the key."""
+    f = tmp_path / "keys"
+    write = f.write_bytes if isinstance(content, bytes) else lambda c: f.write_text(c, encoding="utf-8")
+    write(content)
+    with pytest.raises(RuntimeError) as e:
+        ApiKeys([], f)
+    message = str(e.value)
+    assert f"line {line}" in message and (flaw is None or flaw in message) and "secret" not in message
+    if flaw is None:
+        assert "not valid UTF-8" in message
+    f.write_text("alpha\nbeta\n")
+    keys = ApiKeys([], f, reload_interval_s=0)
+    write(content)
+    bump(f)
+    with caplog.at_level(logging.INFO, logger="serving.auth"):
+        assert keys.check("alpha") and keys.check("beta")  # the previous keys stay
+        assert keys.check("alpha")  # the same version is not read (nor logged) again
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"line {line}" in errors[0].getMessage() and "not applied" in errors[0].getMessage()
+    assert "secret" not in caplog.text
+    f.write_text("gamma\n")  # fixed: applied
+    bump(f, 20)
+    assert keys.check("gamma") and not keys.check("alpha")
+
+
+def test_impossible_env_keys_are_refused_at_start():
+    with pytest.raises(RuntimeError, match="api_keys: key 2 .* has a non-ASCII character") as e:
+        ApiKeys.from_settings(Settings(_env_file=None, api_keys="k1,cl\u00e9"))
+    assert "cl\u00e9" not in str(e.value)
+    with pytest.raises(RuntimeError, match="key 1 .* a space or tab inside"):
+        ApiKeys(["in side"])
 
 
 def test_key_from_headers():
@@ -287,3 +363,71 @@ def test_gateway_requires_keys():
             assert len(answer.predictions) == 1
             health_stub = health_pb2_grpc.HealthStub(channel)
             assert health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def gateway_log(gw) -> str:
+    return gw.log_path.read_text(encoding="utf-8") if gw.log_path else ""
+
+
+def test_gateway_key_file_bom_reload_and_deletion_over_rest_and_grpc(tmp_path):
+    """Issue 22, end to end on both servers: the first key of a file with a byte-order mark works;
+    a change with an impossible key is not applied (the previous keys stay; an ERROR names the
+    line, not the key); deleting the file revokes its keys within a second while the
+    CLASSIFIER_API_KEYS ones stay; a file put back is read again."""
+    from serving.gen.classifier.v1 import classifier_pb2 as pb
+    from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
+
+    f = tmp_path / "keys"
+    f.write_bytes(b"\xef\xbb\xbfalpha\nbeta\n")
+    with gateway_process(api_keys="envkey", api_keys_file=f, models='["sentiment_lstm"]') as gw, \
+            grpc.insecure_channel(gw.grpc) as channel, httpx.Client(base_url=gw.rest, timeout=10) as client:
+        stub = pb_grpc.ClassifierStub(channel)
+
+        def rest(key):
+            return client.get("/v1/models", headers={"x-api-key": key}).status_code
+
+        def grpc_ok(key):
+            try:
+                stub.ClassifySentiment(pb.SentimentRequest(texts=["good"]), timeout=10,
+                                       metadata=(("authorization", f"Bearer {key}"),))
+                return True
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+                return False
+
+        assert rest("alpha") == 200 and grpc_ok("alpha") and rest("envkey") == 200 and rest("nope") == 401
+
+        f.write_text("beta\ngamma\ncl\u00e9-secr\u00e8te\n", encoding="utf-8")  # line 3 cannot be a key
+        # (the file is checked when a key is, at most once a second)
+        wait_until(lambda: rest("alpha") == 200 and "is not applied" in gateway_log(gw), timeout=10, interval=0.1)
+        assert rest("alpha") == 200 and grpc_ok("alpha") and rest("gamma") == 401 and not grpc_ok("gamma")
+        log = gateway_log(gw)
+        assert "line 3: the key has a non-ASCII character" in log and "secr" not in log
+
+        f.unlink()  # revoked: only the environment's key is left
+        wait_until(lambda: rest("beta") == 401, timeout=10, interval=0.1)
+        assert not grpc_ok("beta") and rest("alpha") == 401 and rest("envkey") == 200 and grpc_ok("envkey")
+        assert "is gone: its 2 key(s) are revoked, the 1 key(s) of api_keys stay" in gateway_log(gw)
+
+        f.write_text("omega\n")  # back (valid): read again
+        wait_until(lambda: rest("omega") == 200, timeout=10, interval=0.1)
+        assert grpc_ok("omega") and rest("beta") == 401 and not grpc_ok("alpha")
+        log = gateway_log(gw)
+    assert not any(k in log for k in ("alpha", "beta", "gamma", "omega", "envkey"))
+
+
+def test_gateway_refuses_to_start_with_an_impossible_key(tmp_path):
+    """As with a missing keys file: a key no client could present stops the start, naming the line."""
+    f = tmp_path / "keys"
+    f.write_text("alpha\nsecret part\n")
+    env = {**os.environ, "CLASSIFIER_API_KEYS_FILE": str(f), "CLASSIFIER_MODELS": '["sentiment_lstm"]',
+           "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(free_port()),
+           "CLASSIFIER_GRPC_PORT": str(free_port())}
+    try:  # it stops before loading anything (under a second); a gateway that serves runs on
+        done = subprocess.run([sys.executable, "-m", "serving"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=15)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the gateway started with an impossible key: {e.stderr!s:.2000}")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert f"api_keys_file {f}: line 2: the key has a space or tab inside" in out and "secret" not in out

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
+import time
 
 import grpc
 import httpx
@@ -21,7 +23,11 @@ from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.inference import open_inference_grpc_pb2 as v2
 from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from contract.repository import read_version
-from testkit.gateway import gateway_process
+from contract.text import STOPWORDS
+from serving.errors import PayloadTooLarge
+from serving.kinds.text import TextClassification, Texts, kept_tokens_at_least
+from serving.settings import Limits
+from testkit.gateway import gateway_process, stable_version, wait_until
 from tests.serving.conftest import MODELS
 
 MODEL = "sentiment_bilstm"
@@ -146,8 +152,83 @@ def test_window_limits_and_metric(texts):
         assert windows_counted(gw.rest, MODEL) == before + 3
         r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": [long_text] * 3, "model": MODEL, "whole_text": True})
         assert r.status_code == 413
-        assert r.json()["error"]["message"] == ("too many windows: 3 texts make 6 windows > max_windows_per_request=5; "
-                                                "send fewer or shorter texts")
+        # refused before tokenising, on a count of its windows that never exceeds the real one
+        assert r.json()["error"]["message"] == ("too many windows: 3 texts make at least 6 windows > "
+                                                "max_windows_per_request=5; send fewer or shorter texts")
         # refused work leaves nothing reserved: the next request goes through
         ok = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": [long_text] * 2, "model": MODEL, "whole_text": True})
         assert ok.status_code == 200
+
+
+def queue_rows(rest: str, model: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(rest + "/metrics").text):
+        if family.name == "classifier_queue_rows":
+            return sum(s.value for s in family.samples if s.labels["model"] == model)
+    return 0.0
+
+
+def test_too_many_windows_are_refused_before_tokenising_and_what_fits_is_served(gw, data_dir):
+    """Issue 22: 800 texts of 20,000 characters (25,600 windows) were tokenised (~1 s of work)
+    before the window limit refused them. Their windows are now counted from below before any
+    tokenising: the 413 costs a few milliseconds over the same request refused at once for an
+    empty text (the time to send and parse its 16 MB). A request whose texts could make too many
+    windows but do not is served, and every row it reserved on admission is given back."""
+    with gzip.open(data_dir / "imdb_test.jsonl.gz", "rt", encoding="utf-8") as f:
+        reviews = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
+    corpus = " ".join(reviews * 8)
+    texts = [corpus[i * 20_000:(i + 1) * 20_000] for i in range(800)]
+    body = json.dumps({"texts": texts, "model": MODEL, "whole_text": True}).encode()
+    empty = json.dumps({"texts": texts[:-1] + [" "], "model": MODEL, "whole_text": True}).encode()
+    extra = []
+    with httpx.Client(base_url=gw.rest, headers={"content-type": "application/json"}, timeout=60) as client:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            refused = client.post("/v1/sentiment:predict", content=body)
+            t1 = time.perf_counter()
+            baseline = client.post("/v1/sentiment:predict", content=empty)
+            t2 = time.perf_counter()
+            assert refused.status_code == 413, refused.text
+            assert baseline.status_code == 400 and "texts[799] is empty" in baseline.text
+            extra.append((t1 - t0) - (t2 - t1))
+        assert min(extra) < 0.1, f"the 413 took {min(extra):.3f} s longer than a refusal before any work"
+        assert refused.json()["error"]["message"].startswith("too many windows: 800 texts make at least ")
+        # Fits, although 200 texts of up to 32 windows could make 6,400: 150 padded with stop words
+        # (the estimate from their length, 32 windows each, is reserved, then all but one given back)
+        # and 50 reviews.
+        fits = ["the " * 2000 + "great", *reviews[:50]] + ["and of the " * 700 + "awful"] * 149
+        r = client.post("/v1/sentiment:predict", json={"texts": fits, "model": MODEL, "whole_text": True})
+        assert r.status_code == 200, r.text
+        windows = [p["windows"] for p in r.json()["predictions"]]
+        assert windows[0] == 1 and windows[51:] == [1] * 149 and max(windows[1:51]) > 1
+    wait_until(lambda: queue_rows(gw.rest, MODEL) == 0, timeout=10)
+
+
+def test_the_window_count_before_tokenising_never_exceeds_the_real_one(data_dir):
+    """kept_tokens_at_least (what may refuse a request before it is tokenised) against the
+    tokeniser itself, on reviews and on texts made to trip it: apostrophes, HTML line breaks,
+    punctuation, underscores, non-ASCII letters and spaces, stop words."""
+    mv = read_version(MODELS, MODEL, stable_version(MODEL))
+    prep = mv.preprocessor
+    with gzip.open(data_dir / "imdb_test.jsonl.gz", "rt", encoding="utf-8") as f:
+        reviews = [json.loads(line)["text"] for _, line in zip(range(1000), f)]
+    rng = random.Random(22)
+    pieces = list(".,;:!?()[]{}&*_-=+%$#@~`^|\\\"'\u2019<>/ \t\n\xa0\u2028İΣσς²½") + [
+        "br", "<br />", "<BR/>", "the", "ll", "they'll", "don't", "&amp;", "_x_", "café", "good", "x", "\ud800"]
+    made = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 400))) for _ in range(2000)]
+    for text in reviews + made:
+        real = len(prep.token_ids(text)) - 1
+        for need, budget in ((10**9, 10**9), (620, 9920), (20, 64)):
+            assert kept_tokens_at_least(text, prep.stopwords, need, budget) <= real, (text[:300], need, budget)
+    found = sum(kept_tokens_at_least(t, STOPWORDS, 10**9, 10**9) for t in reviews)
+    assert found >= 0.9 * sum(len(prep.token_ids(t)) - 1 for t in reviews)  # close to the real count
+    # and the windows: what rows() admits is at least one per text and at most the limit; over the
+    # limit it refuses only when the exact count is over too
+    kind, limits = TextClassification(), Limits(max_windows_per_request=300)
+    for batch in (reviews[:40], reviews[40:140], made[:300]):
+        exact = sum(len(prep.windows(t, mv.whole_text_stride, limits.max_windows_per_text)) for t in batch)
+        try:
+            estimate = kind.rows(mv, Texts(batch, True), limits)
+        except PayloadTooLarge as e:
+            assert exact > limits.max_windows_per_request and "too many windows" in str(e)
+        else:
+            assert len(batch) <= estimate <= limits.max_windows_per_request
