@@ -171,8 +171,8 @@ class ServerGroup(BaseModel):
     grpc_max_connection_age_s: float = Field(0.0, ge=0)
     grpc_max_connection_age_grace_s: float = Field(30.0, ge=0)
     grpc_max_concurrent_streams: int = Field(256, ge=1)
-    # /metrics is rendered off the event loop, at most once per this interval (scrapes in
-    # between get the same text).
+    # /metrics is rendered off the event loop, one render at a time; a text is reused for up to
+    # this long by scrapes that come while no counter, gauge or the readiness changed.
     metrics_cache_s: float = Field(0.5, ge=0)
 
     # Shutdown (SIGTERM/SIGINT): /readyz 503 and gRPC health NOT_SERVING at once;
