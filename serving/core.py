@@ -189,9 +189,6 @@ class Classifier:
     def stopped(self) -> bool:
         return self._stopped or not self.accepting
 
-    def kind(self, name: str) -> kinds.ModelKind:
-        return kinds.get(name)
-
     def models(self) -> dict[str, dict[int, ModelVersion]]:
         return self.backend.versions()
 

@@ -26,6 +26,7 @@ import random
 import numpy as np
 
 from contract.repository import ModelVersion, versions_on_disk
+from serving import kinds
 from serving.batching import Batcher
 from serving.errors import ServiceError
 from serving.model_config import CANARY, STABLE, ModelsConfig
@@ -136,7 +137,7 @@ class Rollout:
     async def _shadow(self, req: Predict, v: ModelVersion, canary: ModelVersion, canary_batcher: Batcher,
                       batcher: Batcher, result: Result) -> None:
         m, name = self.core.metrics, v.name
-        kind = self.core.kind(req.kind)
+        kind = kinds.get(req.kind)
         outcome = "failed"
         try:
             limits = self.core.limits(name)

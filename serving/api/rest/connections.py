@@ -38,7 +38,6 @@ request whose head and body come in one read arms none.
 from __future__ import annotations
 
 import logging
-import resource
 
 import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -55,23 +54,6 @@ def _response(e: ServiceError, reason: str) -> bytes:
     head = (f"HTTP/1.1 {e.http_status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode()
     return head + body
-
-
-def max_open_connections(wanted: int) -> int:
-    """``wanted``, lowered to what the process' file descriptor limit allows (raised to its hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    allowed = max(16, soft - 256)  # room for gRPC connections, model files, logs
-    if wanted > allowed:
-        log.warning("max_connections=%d lowered to %d (file descriptor limit %d)", wanted, allowed, soft)
-    return min(wanted, allowed)
 
 
 class CoalescingWriter:
@@ -403,7 +385,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     """The REST server's protocol class with the settings' limits and connection cap."""
     s = settings
-    limit = max_open_connections(s.max_connections)
+    limit = s.max_connections  # fitted to the fd limit with the gRPC cap (serving.__main__.fit_connection_caps)
     busy = _response(Unavailable(f"too many open connections (max_connections={limit}); retry later"),
                      "Service Unavailable")
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {

@@ -236,7 +236,7 @@ def test_breaker_off_keeps_calling_tf_serving(healthy, standin, repo):
 # -- the breaker's rules, with a fake clock --------------------------------------------------
 
 def breaker(failures=3, open_s=2.0):
-    from serving.backends.tfserving import Breaker
+    from serving.backends.breaker import Breaker
 
     clock = [0.0]
     b = Breaker(failures, open_s, probe_s=0.5, address="tfs:8500", clock=lambda: clock[0])
