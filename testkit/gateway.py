@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -33,10 +34,29 @@ def stable_version(model: str) -> int:
     return ModelsConfig(MODELS_CONFIG).labels(model).get("stable") or served_versions(model)[-1]
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port *below* the ephemeral range: the kernel hands ephemeral ports to client
+    sockets, and the suite opens thousands of those (connection floods), so a port chosen there could
+    be taken by a client before the server binds it (the gateway then exits 3, 'address in use')."""
+    lo, _ = _ephemeral_ports()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10_000, lo) if lo > 11_000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 def wait_until(predicate, timeout: float = 120, interval: float = 0.1):

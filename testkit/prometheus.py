@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from testkit.gateway import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = os.environ.get("PROMETHEUS_BINARY") or shutil.which("prometheus")
 MISSING = ("prometheus is not on PATH (Debian: apt-get install prometheus, what `make test-tools` does; "
@@ -35,12 +36,6 @@ MISSING = ("prometheus is not on PATH (Debian: apt-get install prometheus, what 
 
 def available() -> bool:
     return BINARY is not None and os.access(BINARY, os.X_OK)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusError(RuntimeError):
@@ -97,7 +92,7 @@ class PrometheusServer:
         work = Path(self._dir.name)
         self.set_targets(self.targets)
         (work / "prometheus.yml").write_text(json.dumps(self.config(), indent=2))
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         cache = ROOT / ".pytest_cache"
         self.log_path = cache / f"prometheus-{port}.log" if cache.is_dir() else None
