@@ -150,7 +150,7 @@ class TextClassification(ModelKind):
             if hi > 1:
                 need = kept_for_windows(hi, prep.maxlen, stride)
                 kept = kept_tokens_at_least(text, prep.stopwords, need, SCAN_CHARS_PER_TOKEN * need)
-                low = window_count(kept + 1, prep.maxlen, stride, cap)
+                low = int(windows_of(kept + 1, prep.maxlen, stride, cap))
             at_least += low - 1
             if at_least > limit:
                 raise PayloadTooLarge(f"too many windows: {len(texts)} texts make at least {at_least} windows > "
@@ -279,14 +279,9 @@ class TextClassification(ModelKind):
         return isinstance(inputs, Texts) and inputs.whole_text
 
 
-def window_count(ids: int, maxlen: int, stride: int, cap: int) -> int:
-    """How many windows :meth:`TextPreprocessor.windows` makes of a text of ``ids`` ids (start id
-    included), at most ``cap`` (the length of contract.text.window_ends)."""
-    return 1 if ids <= maxlen else min(cap, -((maxlen - ids) // stride) + 1)
-
-
-def windows_of(ids: np.ndarray, maxlen: int, stride: int, cap: int) -> np.ndarray:
-    """:func:`window_count` of each of an array of id counts."""
+def windows_of(ids, maxlen: int, stride: int, cap: int) -> np.ndarray:
+    """How many windows :meth:`TextPreprocessor.windows` makes of texts of ``ids`` ids each (start id
+    included; an array, or one count), at most ``cap``: the length of contract.text.window_ends."""
     return np.where(ids <= maxlen, 1, np.minimum(cap, -((maxlen - ids) // stride) + 1))
 
 

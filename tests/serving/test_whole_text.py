@@ -23,9 +23,9 @@ from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.inference import open_inference_grpc_pb2 as v2
 from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from contract.repository import read_version
-from contract.text import STOPWORDS
+from contract.text import STOPWORDS, window_ends
 from serving.errors import PayloadTooLarge
-from serving.kinds.text import TextClassification, Texts, kept_tokens_at_least
+from serving.kinds.text import TextClassification, Texts, kept_tokens_at_least, windows_of
 from serving.settings import Limits
 from testkit.gateway import gateway_process, stable_version, wait_until
 from tests.serving.conftest import MODELS
@@ -232,3 +232,13 @@ def test_the_window_count_before_tokenising_never_exceeds_the_real_one(data_dir)
             assert exact > limits.max_windows_per_request and "too many windows" in str(e)
         else:
             assert len(batch) <= estimate <= limits.max_windows_per_request
+
+
+def test_the_window_count_formula_is_the_length_of_window_ends():
+    """The admission estimate counts windows in closed form (serving.kinds.text.windows_of): the same
+    count as the windows the preprocessor makes (contract.text.window_ends), for any length."""
+    for maxlen, stride, cap in ((20, 20, 32), (20, 7, 5), (20, 1, 100)):
+        ids = np.arange(0, 400)
+        want = [len(window_ends(n, maxlen, stride, cap)) for n in ids]
+        assert windows_of(ids, maxlen, stride, cap).tolist() == want
+        assert [int(windows_of(int(n), maxlen, stride, cap)) for n in ids] == want
