@@ -42,6 +42,8 @@ def test_ready_only_after_load_and_warmup():
     settings = Settings(models=["sentiment_lstm"])
     backend = HeldBackend(settings)
     with gateway_in_thread(settings, backend) as gw:
+        # Listed LOADING once TensorFlow is imported (seconds when this test runs first in its process).
+        wait_until(lambda: backend.versions()["sentiment_lstm"], 60)
         r = httpx.get(gw.rest + "/readyz")
         assert r.status_code == 503
         assert r.json()["error"] == {"code": "UNAVAILABLE", "message": "model 'sentiment_lstm' version %d is LOADING"
