@@ -56,8 +56,10 @@ class Batcher:
         on_drop: Callable[[int, str], None] | None = None,
         tag: Callable[[], str] | None = None,
         wait_when_idle: bool = False,
+        model: str | None = None,
     ):
         self.name = name
+        self.model = model or name  # the model whose refusals these are (name: "model/version")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait = max_batch_wait_s
@@ -84,6 +86,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(max_concurrent)
         self._calls: set[asyncio.Task] = set()
+        # Slot-seconds spent in backend calls: finished calls, and when each running one started.
+        self._busy_s = 0.0
+        self._busy_since: dict[asyncio.Task, float] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
@@ -119,6 +124,12 @@ class Batcher:
             await asyncio.sleep(0.01)
         return not self.depth
 
+    def busy_seconds(self) -> float:
+        """Seconds the batch slots have spent in backend calls so far, running calls included
+        (its rate / ``max_concurrent`` is the busy fraction of the slots: near 1 before refusals start)."""
+        now = time.perf_counter()
+        return self._busy_s + sum(now - t for t in self._busy_since.values())
+
     def estimated_wait(self) -> float:
         """Seconds until rows admitted now would start being computed (0 until calls were measured)."""
         return self._rows_seconds(self.depth)
@@ -143,7 +154,8 @@ class Batcher:
             return Overloaded(
                 f"queue for {self.name} is full ({waiting} rows waiting + {n} > max_queue_items="
                 f"{self.max_queue_items}); retry later",
-                retry_after_s=max(self.max_queue_wait, self._rows_seconds(waiting)),
+                retry_after_s=max(self.max_queue_wait, self._rows_seconds(waiting)), reason="queue_rows",
+                model=self.model,
             )
         wait = self.estimated_wait()
         if waiting and wait > self.max_queue_wait:
@@ -151,6 +163,7 @@ class Batcher:
                 f"queue for {self.name} is full: ~{wait:.2f}s of work ahead > max_queue_wait_s="
                 f"{self.max_queue_wait:g}; retry later",
                 retry_after_s=max(self.max_queue_wait, wait),  # when the work ahead now is done
+                reason="work_ahead", model=self.model,
             )
         return None
 
@@ -243,7 +256,12 @@ class Batcher:
             self._in_flight_rows += rows
             task = asyncio.get_running_loop().create_task(self._call(batch, rows))
             self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            self._busy_since[task] = time.perf_counter()
+            task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        self._calls.discard(task)
+        self._busy_s += time.perf_counter() - self._busy_since.pop(task)
 
     async def _call(self, batch: list[_Entry], rows: int) -> None:
         loop = asyncio.get_running_loop()

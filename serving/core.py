@@ -31,9 +31,10 @@ from serving import kinds
 from serving.backends import Backend
 from serving.batching import Batcher
 from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from serving.flow import Batchers
 from serving.metrics import Metrics
 from serving.model_config import MODELS_CONFIG, STABLE, TRAFFIC
-from serving.request import Call, Predict, Result, request_id
+from serving.request import Call, Predict, Result
 from serving.rollout import Rollout
 from serving.settings import Limits, Settings
 
@@ -47,13 +48,13 @@ class Classifier:
         self.metrics = metrics or Metrics(settings.models)
         self.rollout = Rollout(self)
         self.models_config = self.rollout.config
-        self._batchers: dict[tuple[str, int], Batcher] = {}
         self._limits: dict[str, Limits] = {}
         # Enough threads for every model's batches in flight: backend calls run off the event loop.
         threads = sum(settings.batching(m).max_concurrent_batches for m in settings.models)
         self._executor = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="backend")
         # Validation, tokenising and image decoding of large requests (kept apart from model calls).
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
+        self.batchers = Batchers(settings, backend, self.metrics, self._executor)
         self._load_task: asyncio.Task | None = None
         self._follow_task: asyncio.Task | None = None
         self._load_error: str | None = None
@@ -84,34 +85,12 @@ class Classifier:
         gc.freeze()
 
     def batcher(self, v: ModelVersion) -> Batcher:
-        """The batcher of one model version, made on first use (new versions can appear)."""
-        key = (v.name, v.version)
-        b = self._batchers.get(key)
-        if b is None:
-            s, m, name = self.settings.batching(v.name), self.metrics, v.name
-            b = Batcher(
-                f"{name}/{v.version}",
-                lambda x, tags, ver=v.version: self.backend.predict(name, ver, x, request_ids=tags),
-                s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self._executor,
-                on_batch=lambda rows, sec, r=m.batch_rows.labels(name), b=m.backend_seconds.labels(name): (
-                    r.observe(rows), b.observe(sec)),
-                # The model's rows over all its versions (stable and canary share the gauge).
-                on_depth=lambda _, g=m.queue_rows.labels(name), name=name: g.set(
-                    sum(b.depth for (n, _), b in self._batchers.items() if n == name)),
-                on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),
-                max_concurrent=s.max_concurrent_batches,
-                max_queue_wait_s=s.max_queue_wait_s,
-                tag=request_id.get,
-                wait_when_idle=s.batch_wait_when_idle,
-            )
-            m.queue_limit.labels(name).set(s.max_queue_items)
-            b.start()
-            self._batchers[key] = b
-        return b
+        """The batcher of one model version, made on first use (serving/flow.py)."""
+        return self.batchers.get(v)
 
     def forget_batcher(self, v: ModelVersion) -> Batcher | None:
         """Take a retired version's batcher out of use (the caller stops it)."""
-        return self._batchers.pop((v.name, v.version), None)
+        return self.batchers.forget(v)
 
     def render_metrics(self) -> bytes:
         """Prometheus text, with the model versions as the backend knows them right now."""
@@ -157,7 +136,7 @@ class Classifier:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.rollout.stop()
-        for b in self._batchers.values():
+        for b in self.batchers:
             await b.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._prep.shutdown(wait=False, cancel_futures=True)
@@ -202,6 +181,7 @@ class Classifier:
             yield call
         except ServiceError as e:
             call.outcome = e.code
+            self.metrics.refused(e.model or call.model, e.reason)
             raise
         except asyncio.CancelledError:
             call.outcome = "CANCELLED"
@@ -230,17 +210,13 @@ class Classifier:
     # -- admission --------------------------------------------------------------
     def check_accepting(self) -> None:
         if not self.accepting:
-            raise Unavailable("the gateway is shutting down; retry on another instance")
+            raise Unavailable("the gateway is shutting down; retry on another instance", reason="draining")
 
     def precheck(self, kind: str) -> None:
         """Before a request body is read: refuse at once when draining, or when every model
         of this kind has a full queue (no request could be admitted whatever it asks)."""
         self.check_accepting()
-        batchers = [b for (name, _), b in self._batchers.items()
-                    if (v := self.backend.versions().get(name)) and any(x.kind == kind for x in v.values())]
-        refusals = [b.refusal(1) for b in batchers]
-        if refusals and all(refusals):
-            raise min(refusals, key=lambda e: e.retry_after_s)
+        self.batchers.precheck(kind)
 
     def deadline(self, client_timeout: float | None = None) -> float:
         """The event-loop time by which a request must be answered (request_timeout_s, or the

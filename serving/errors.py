@@ -17,6 +17,10 @@ class ServiceError(Exception):
     grpc_status = grpc.StatusCode.INVALID_ARGUMENT
     # When a retry may succeed (REST Retry-After, gRPC grpc-retry-pushback-ms); None: not said.
     retry_after_s: float | None = None
+    # Flow control: why work was refused (one of REFUSAL_REASONS, counted by model in
+    # classifier_refusals_total), and the model whose queue refused it; None: not a refusal.
+    reason: str | None = None
+    model: str | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -49,9 +53,10 @@ class Unavailable(ServiceError):
     code = "UNAVAILABLE"
     grpc_status = grpc.StatusCode.UNAVAILABLE
 
-    def __init__(self, message: str, retry_after_s: float | None = None):
+    def __init__(self, message: str, retry_after_s: float | None = None, reason: str | None = None):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class Overloaded(ServiceError):
@@ -62,9 +67,10 @@ class Overloaded(ServiceError):
     code = "RESOURCE_EXHAUSTED"
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, retry_after_s: float = 1.0):
+    def __init__(self, message: str, retry_after_s: float = 1.0, reason: str = "work_ahead", model: str | None = None):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason, self.model = reason, model
 
 
 class Cancelled(ServiceError):
@@ -122,6 +128,12 @@ class Internal(ServiceError):
     http_status = 500
     code = "INTERNAL"
     grpc_status = grpc.StatusCode.INTERNAL
+
+
+# Why work is refused (flow control): the estimated work ahead of the model's queue exceeds
+# max_queue_wait_s, its waiting rows would exceed max_queue_items, the gateway drains, or the
+# backend is known to be down (the TF Serving circuit breaker is open).
+REFUSAL_REASONS = ("work_ahead", "queue_rows", "draining", "backend_unavailable")
 
 
 def _codes(cls: type[ServiceError]) -> set[str]:

@@ -11,12 +11,14 @@ are the model card's classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector
 from prometheus_client import ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from serving.errors import OUTCOMES
+from serving.errors import OUTCOMES, REFUSAL_REASONS
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -92,6 +94,17 @@ class Metrics:
         self.queue_limit = Gauge(
             "classifier_queue_limit_rows", "The queue limit (max_queue_items) per model", ["model"], registry=r
         )
+        # Flow control: the signals that lead shedding (FlowCollector, read at each scrape) and the
+        # refusals themselves, every (configured model, reason) series present from the start.
+        self.refusals = Counter(
+            "classifier_refusals", "Requests refused by flow control, by model and reason: work_ahead (estimated "
+            "work ahead > max_queue_wait_s), queue_rows (> max_queue_items), draining, backend_unavailable "
+            "(circuit breaker open)", ["model", "reason"], registry=r)
+        for name in sorted(self.known_models):
+            for reason in REFUSAL_REASONS:
+                self.refusals.labels(name, reason)
+        self.flow: Callable[[], dict[str, FlowStats]] | None = None  # set by the core
+        r.register(FlowCollector(self))
         self.dropped_rows = Counter(
             "classifier_dropped_rows", "Queued rows dropped before the model saw them: deadline passed or client left",
             ["model", "reason"], registry=r,
@@ -142,8 +155,50 @@ class Metrics:
                 self.unknown_ratio.labels(name))
         return series
 
+    def refused(self, model: str | None, reason: str | None) -> None:
+        """Count one request refused by flow control (``reason`` None: not a refusal)."""
+        if reason in REFUSAL_REASONS:
+            self.refusals.labels(self.model(model) or "unknown", reason).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class FlowStats(NamedTuple):
+    """One model's flow-control state, over its versions' batchers (serving/batching.py)."""
+
+    work_ahead_s: float  # the most estimated work ahead of a new request (what admission compares)
+    wait_limit_s: float  # max_queue_wait_s
+    busy_s: float  # slot-seconds spent in backend calls since start (retired versions included)
+    slots: int  # batch slots (concurrent backend calls) of its live batchers
+
+
+class FlowCollector:
+    """The flow signals, computed when scraped: per model the estimated work ahead (refusals
+    start when it passes the wait limit), and the busy seconds and slots of its batch slots
+    (rate(busy) / slots = busy fraction: it reaches ~1 before the first refusal, the autoscaling signal)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        flow = self.metrics.flow() if self.metrics.flow else {}
+        work = GaugeMetricFamily("classifier_queue_work_ahead_seconds", "Estimated seconds of work ahead of a new "
+                                 "request (requests are refused once it exceeds max_queue_wait_s)", labels=["model"])
+        limit = GaugeMetricFamily("classifier_queue_wait_limit_seconds", "max_queue_wait_s per model", labels=["model"])
+        busy = CounterMetricFamily("classifier_batch_busy_seconds", "Slot-seconds the model's batch slots spent in "
+                                   "backend calls; rate / classifier_batch_slots = busy fraction", labels=["model"])
+        slots = GaugeMetricFamily("classifier_batch_slots", "Batch slots (backend calls in flight at most) per model",
+                                  labels=["model"])
+        for name, f in sorted(flow.items()):
+            work.add_metric([name], f.work_ahead_s)
+            limit.add_metric([name], f.wait_limit_s)
+            busy.add_metric([name], f.busy_s)
+            slots.add_metric([name], f.slots)
+        return [work, limit, busy, slots]
 
 
 class ModelSeries(NamedTuple):

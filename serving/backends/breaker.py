@@ -65,10 +65,11 @@ class Breaker:
                 return 0
             left = self._opened + self.open_s - self._clock()
             if left > 0:
-                raise Unavailable(f"{self._why_open()}; retrying in {left:.1f} s", retry_after_s=left)
+                raise Unavailable(f"{self._why_open()}; retrying in {left:.1f} s", retry_after_s=left,
+                                  reason="backend_unavailable")
             if self._probe:
                 why = f"{self._why_open('half-open')}; one probe call to TF Serving is in flight"
-                raise Unavailable(why, retry_after_s=self.probe_s)
+                raise Unavailable(why, retry_after_s=self.probe_s, reason="backend_unavailable")
             self._probes += 1
             self._probe = self._probes
             log.info("circuit breaker half-open: probing TF Serving at %s with one call", self.address)

@@ -64,7 +64,7 @@ def test_rule_file_structure():
         assert rule["labels"].get("severity") in SEVERITIES, where
         assert rule["annotations"].get("summary") and rule["annotations"].get("description"), where
         assert metric_names(rule["expr"]), f"{where}: no metric found in {rule['expr']!r}"
-    assert {"GatewayDown", "HighErrorRatio", "HighOverloadRatio", "HighLatencyP99", "QueueSaturated",
+    assert {"GatewayDown", "HighErrorRatio", "HighOverloadRatio", "HighLatencyP99", "ModelSaturated", "LoadShedding",
             "GatewayNotReady", "ModelVersionFailed"} <= set(names)
 
 

@@ -129,14 +129,15 @@ def test_dashboard_is_well_formed():
 def test_dashboard_covers_the_gateway_and_tfserving():
     used = set().union(*(metric_names(e) for _, e in queries()))
     for needed in ("classifier_requests_total", "classifier_request_duration_seconds_bucket",
-                   "classifier_batch_rows_bucket", "classifier_queue_rows", "classifier_unknown_token_ratio_sum",
+                   "classifier_batch_rows_bucket", "classifier_batch_busy_seconds_total", "classifier_batch_slots",
+                   "classifier_queue_work_ahead_seconds", "classifier_refusals_total", "classifier_unknown_token_ratio_sum",
                    "classifier_ready", "classifier_draining", "classifier_model_version_info",
                    ":tensorflow:serving:request_count", ":tensorflow:serving:request_latency_bucket",
                    ":tensorflow:core:graph_run_time_usecs_histogram_bucket",
                    ":tensorflow:serving:batching_session:processed_batch_size_bucket"):
         assert needed in used, f"no panel queries {needed}"
     titles = " ".join(p["title"].lower() for p in all_panels(dashboard()))
-    for word in ("outcome", "latency", "batch size", "queue", "vocabulary", "readiness", "versions", "tf serving"):
+    for word in ("outcome", "latency", "batch size", "saturation", "refusals", "vocabulary", "readiness", "versions", "tf serving"):
         assert word in titles, f"no panel about {word!r}"
 
 
@@ -284,7 +285,7 @@ def test_every_queried_metric_and_label_is_really_exported(gateway_series):
 
 
 @pytest.mark.parametrize("wrong,right", [
-    ("classifier_queue_row{", "classifier_queue_rows{"),  # a misspelled gateway metric
+    ("classifier_batch_slot{", "classifier_batch_slots{"),  # a misspelled gateway metric
     (":tensorflow:serving:request_counts{", ":tensorflow:serving:request_count{"),  # a misspelled TF Serving metric
     ("sum by (modle)", "sum by (model)"),  # a misspelled label
     ("{{outcme}}", "{{outcome}}"),  # a misspelled legend label
