@@ -252,10 +252,31 @@ def test_overload_is_refused_before_tokenising_with_retry_after(held):
             call = pb_grpc.ClassifierStub(ch).ClassifySentiment(pb.SentimentRequest(texts=texts(8)))
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await call
+            # Refused before the message is read, on both protocols: a call whose message never
+            # comes, and a REST request whose body never comes, are answered at once.
+            never = asyncio.Event()
+
+            async def no_message():
+                await never.wait()
+                yield pb.SentimentRequest()
+
+            unsent = ch.stream_unary("/classifier.v1.Classifier/ClassifySentiment",
+                                     request_serializer=pb.SentimentRequest.SerializeToString)
+            with pytest.raises(grpc.aio.AioRpcError) as unread:
+                await unsent(no_message(), timeout=5)
+            assert unread.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, unread.value
+            reader, writer = await asyncio.open_connection(*held.rest.removeprefix("http://").split(":"))
+            writer.write(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 1000000\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 429"), head
+            writer.close()
             held.backend.may_predict.set()
             return refused, refused_s, e.value, await first, await second
 
     refused, refused_s, grpc_err, first, second = asyncio.run(scenario())
+    m = samples(held.rest)
+    assert m[("classifier_refusals_total", (("model", "sentiment_lstm"), ("reason", "queue_rows")))] == 4
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
     assert "max_queue_items=1024" in refused.json()["error"]["message"]
     assert int(refused.headers["retry-after"]) >= 1
