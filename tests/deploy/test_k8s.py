@@ -31,7 +31,19 @@ from tests.venvs import tool_venv
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ["dev", "gpu"]
-COMPONENTS = ["prometheus-operator", "grpc-ingress", "grafana-dashboard"]
+COMPONENTS = ["prometheus-operator", "grpc-ingress", "grafana-dashboard",
+              "autoscaling-gateway", "autoscaling-tfserving"]
+# Components that replace one of COMPONENTS (never both in one overlay): rendered in a target of their own.
+ALTERNATIVES = {"autoscaling-tfserving-keda": "autoscaling-tfserving"}
+# Rendered targets beyond the overlays: an overlay with components on top (a kustomization that
+# lists the overlay and the components, as an operator's own overlay does), and the training Job.
+LAYERED = {
+    "gpu+components": ("gpu", COMPONENTS),
+    **{f"gpu+{alt}": ("gpu", [alt if c == replaced else c for c in COMPONENTS])
+       for alt, replaced in ALTERNATIVES.items()},
+    "dev+autoscaling": ("dev", ["autoscaling-gateway", "autoscaling-tfserving"]),
+}
+TARGETS = OVERLAYS + list(LAYERED) + ["jobs/train"]
 ROLLOUT = ROOT / "scripts" / "rollout.sh"
 TFSERVING_CONFIG = ROOT / "serving" / "tfserving"
 MODELS_DOCKERFILE = ROOT / "docker" / "models.Dockerfile"
@@ -43,7 +55,9 @@ CHECKOV_VERSION = "3.3.30"
 ENV_PREFIX = "CLASSIFIER_"
 DEFAULTS = {name: f.default for name, f in Settings.model_fields.items()}
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-CRD_GROUPS = ("monitoring.coreos.com/",)
+CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+# The custom resources each component adds (checked structurally here and in test_autoscaling.py).
+COMPONENT_CRDS = {"prometheus-operator": {"PodMonitor"}, "autoscaling-tfserving-keda": {"ScaledObject"}}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 GPU = "nvidia.com/gpu"
 
@@ -66,19 +80,25 @@ def kustomize(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(r.stdout) if d]
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    """Objects by target: each overlay, the gpu overlay with every component, the training Job."""
-    out = {name: kustomize(K8S / "overlays" / name) for name in OVERLAYS}
-    with_components = tmp_path_factory.mktemp("k8s") / "gpu-with-components"
-    with_components.mkdir()
-    (with_components / "kustomization.yaml").write_text(yaml.safe_dump({
+def layered_kustomization(folder: Path, overlay: str, components: list[str]) -> Path:
+    """A kustomization in ``folder`` with an overlay as its resource and components on top."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         # kustomize takes relative paths only.
-        "resources": [os.path.relpath(K8S / "overlays" / "gpu", with_components)],
-        "components": [os.path.relpath(K8S / "components" / c, with_components) for c in COMPONENTS],
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, folder)],
+        "components": [os.path.relpath(K8S / "components" / c, folder) for c in components],
     }))
-    out["gpu+components"] = kustomize(with_components)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    """Objects by target: each overlay, the overlays with components on top (LAYERED), the training Job."""
+    out = {name: kustomize(K8S / "overlays" / name) for name in OVERLAYS}
+    tmp = tmp_path_factory.mktemp("k8s")
+    for target, (overlay, components) in LAYERED.items():
+        out[target] = kustomize(layered_kustomization(tmp / target.replace("+", "-with-"), overlay, components))
     out["jobs/train"] = kustomize(K8S / "jobs" / "train")
     return out
 
@@ -181,7 +201,13 @@ def test_every_target_renders_into_the_classifier_namespace(rendered):
         assert len(keys) == len(set(keys)), f"{target}: duplicate objects"
 
 
-@pytest.mark.parametrize("target", OVERLAYS + ["gpu+components", "jobs/train"])
+def test_every_component_is_rendered():
+    on_disk = {p.parent.name for p in (K8S / "components").glob("*/kustomization.yaml")}
+    rendered_somewhere = {c for _, components in LAYERED.values() for c in components}
+    assert on_disk == rendered_somewhere, "add the component to COMPONENTS, ALTERNATIVES or LAYERED"
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_objects_match_the_kubernetes_api_schemas(target, rendered):
     from kubernetes_validate import utils as kv
 
@@ -196,8 +222,8 @@ def test_objects_match_the_kubernetes_api_schemas(target, rendered):
         except kv.ValidationError as e:
             errors.append(f"{d['kind']}/{d['metadata']['name']}: {e.message} at {'/'.join(map(str, e.path))}")
     assert not errors, "\n".join(errors)
-    if target == "gpu+components":
-        assert {d["kind"] for d in crds} == {"PodMonitor"}
+    components = LAYERED.get(target, (None, []))[1]
+    assert {d["kind"] for d in crds} == set().union(*(COMPONENT_CRDS.get(c, set()) for c in components))
 
 
 def test_prometheus_operator_objects_are_well_formed(rendered):
@@ -890,6 +916,6 @@ def test_shell_scripts_pass_shellcheck():
 def test_operator_guide_covers_the_essentials():
     guide = (K8S / "README.md").read_text()
     for needed in ("kubectl apply -k k8s/overlays/", "ReadWriteMany", "prometheus-adapter",
-                   "classifier_queue_rows", "subPath", "version_label", "grpcurl", "scripts/rollout.sh", "traffic.json",
+                   "classifier_batch_busy_ratio", "autoscaling-tfserving-keda", "ScaledObject", "subPath", "version_label", "grpcurl", "scripts/rollout.sh", "traffic.json",
                    "k8s/jobs/train", "kind", "minikube"):
         assert needed in guide, f"k8s/README.md does not mention {needed}"
