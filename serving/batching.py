@@ -173,6 +173,12 @@ class Batcher:
             raise refused
         self._reserved_rows += n
 
+    def grow(self, n: int) -> None:
+        """Add ``n`` rows to an admitted request's reservation (it made more rows than estimated):
+        never refused. It was admitted on its estimate and is prepared; refusing it now would
+        count its own reservation as work ahead of it, and throw its preprocessing away."""
+        self._reserved_rows += n
+
     def release(self, n: int) -> None:
         """Give back a reservation that will not be submitted (the request failed first)."""
         self._reserved_rows -= n

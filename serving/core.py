@@ -270,7 +270,7 @@ class Classifier:
             t0 = time.perf_counter()
             prepared = await self.offload(kind.prepare, v, req.inputs, limits, heavy=heavy)
             if len(prepared.rows) > reserved:
-                batcher.admit(len(prepared.rows) - reserved)
+                batcher.grow(len(prepared.rows) - reserved)
             elif len(prepared.rows) < reserved:
                 batcher.release(reserved - len(prepared.rows))
             reserved = len(prepared.rows)

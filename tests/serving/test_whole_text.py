@@ -242,3 +242,20 @@ def test_the_window_count_formula_is_the_length_of_window_ends():
         want = [len(window_ends(n, maxlen, stride, cap)) for n in ids]
         assert windows_of(ids, maxlen, stride, cap).tolist() == want
         assert [int(windows_of(int(n), maxlen, stride, cap)) for n in ids] == want
+
+
+def test_a_request_with_more_windows_than_estimated_is_not_refused_by_its_own_reservation():
+    """Admission reserves a whole-text request's estimated windows (from its length); once tokenised,
+    a request that makes more is served, alone, even when its work exceeds max_queue_wait_s: the
+    reservation grows, it is not admitted a second time against a queue holding its own estimate."""
+    short_words = "bad " * 200  # 200 tokens (11 windows), estimated from its length (800 characters) at 73 (4)
+    with gateway_process(models=f'["{MODEL}"]', max_queue_wait_s=0.01) as gw:
+        warm = {"texts": ["a good film"] * 256, "model": MODEL}
+        for _ in range(4):  # the batcher measures its cost per row on these
+            assert httpx.post(gw.rest + "/v1/sentiment:predict", json=warm, timeout=30).status_code == 200
+        r = httpx.post(gw.rest + "/v1/sentiment:predict", timeout=30,
+                       json={"texts": [short_words] * 64, "model": MODEL, "whole_text": True})
+        assert r.status_code == 200, r.text
+        mv = read_version(MODELS, MODEL, r.json()["model"]["version"])
+        windows = len(mv.preprocessor.windows(short_words, mv.whole_text_stride, 32))
+        assert windows > 8 and [p["windows"] for p in r.json()["predictions"]] == [windows] * 64
