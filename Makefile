@@ -35,7 +35,7 @@ bench-gateway: setup
 
 # The gateway at 4x its capacity with 1,024-text requests: goodput, p99 of admitted requests, speed of 429s.
 bench-overload: setup
-	$(PY) bench/overload.py --grpc --json bench/results/overload.json
+	$(PY) bench/overload.py --grpc --times 4 50 --json bench/results/overload.json
 
 # The gateway's own CPU cost per text with the TF Serving backend (against the stand-in).
 bench-tfserving: setup

@@ -1,14 +1,15 @@
 """Benchmark: the gateway at 4x its capacity with large requests, in one run on one machine.
 
-    python bench/overload.py [--model sentiment_lstm] [--seconds 20] [--clients N] [--grpc] [--json PATH]
+    python bench/overload.py [--model sentiment_lstm] [--seconds 20] [--times 4 50] [--grpc] [--json PATH]
 
   1. capacity: the SavedModel's serving signature called in-process on batches of
      256 pre-tokenised reviews (bench/common.py's raw ceiling, bench/gateway.py's case (a)),
      in texts/s;
   2. the gateway (`python -m serving`, embedded backend, this model only);
   3. service time: the median latency of one 1,024-text REST request, sent one at a time;
-  4. overload: N clients (default: offered load N x 1024 / service time = 4x capacity, at
-     least 4) post 1,024-text requests in a closed loop for --warmup + --seconds (only the
+  4. overload, for each factor of --times (default 4): N clients (offered load N x 1024 /
+     service time = that many times capacity, at least 4; or --clients N) post 1,024-text
+     requests in a closed loop for --warmup + --seconds (only the
      last --seconds count), with a client timeout; a 429 / RESOURCE_EXHAUSTED carrying
      Retry-After / grpc-retry-pushback-ms makes that client sleep so long, at most 1 s;
   5. per status: count, p50/p99 latency; goodput (texts in 200s per second) / capacity.
@@ -182,7 +183,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--warmup", type=float, default=3, help="overload runs this long before measuring")
     p.add_argument("--raw-seconds", type=float, default=10, help="length of the capacity measurement")
-    p.add_argument("--clients", type=int, help="default: 4x capacity offered, at least 4")
+    p.add_argument("--times", type=float, nargs="+", default=[4.0],
+                   help="offered load as multiples of capacity, one phase each (e.g. 4 50)")
+    p.add_argument("--clients", type=int, help="clients instead of --times (one phase)")
     p.add_argument("--timeout", type=float, default=30, help="client timeout per request, s")
     p.add_argument("--no-retry-after", action="store_true", help="retry refused requests at once")
     p.add_argument("--grpc", action="store_true", help="also overload over gRPC (ClassifySentiment)")
@@ -241,21 +244,25 @@ def main(argv=None) -> int:
         host, port = gw.rest.removeprefix("http://").split(":")
         rest_reqs = http_requests(host, int(port), a.model, texts)
         service_s = service_time(host, int(port), rest_reqs, a.timeout)
-        clients = a.clients or max(4, math.ceil(4 * capacity * service_s / BATCH))
         results["service_time_ms"] = service_s * 1000
-        results["offered_x_capacity"] = clients * BATCH / service_s / capacity
-        print(f"service time of one {BATCH}-text request (median of 5, one client): {service_s * 1000:.0f} ms; "
-              f"{clients} clients offer {results['offered_x_capacity']:.1f} x capacity")
-
-        phases = {"rest": rest_reqs}
+        print(f"service time of one {BATCH}-text request (median of 5, one client): {service_s * 1000:.0f} ms")
+        kinds = {"rest": rest_reqs}
         if a.grpc:
-            phases["grpc"] = grpc_requests(a.model, texts)
-        for kind, reqs in phases.items():
-            results[kind] = run_phase(kind, gw, reqs, a, clients, capacity, service_s)
-            time.sleep(min(30, clients * service_s))  # let the gateway finish what is queued
+            kinds["grpc"] = grpc_requests(a.model, texts)
+        loads = [a.clients] if a.clients else [max(4, math.ceil(x * capacity * service_s / BATCH)) for x in a.times]
+        phases = []
+        for clients in loads:
+            offered = clients * BATCH / service_s / capacity
+            for kind, reqs in kinds.items():
+                name = f"{kind}@{offered:.0f}x"
+                print(f"{name}: {clients} clients offer {offered:.1f} x capacity", flush=True)
+                results[name] = run_phase(kind, gw, reqs, a, clients, capacity, service_s)
+                results[name]["offered_x_capacity"] = offered
+                phases.append(name)
+                time.sleep(min(30, clients * service_s / 4))  # let the gateway finish what is queued
 
-    for kind in phases:
-        print_phase(f"{kind.upper()} overload", results[kind])
+    for name in phases:
+        print_phase(f"{name} overload", results[name])
     print_goals(results, phases)
     if a.json:
         save(a.json, results)

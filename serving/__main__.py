@@ -164,6 +164,7 @@ def main() -> None:
 
     settings = Settings()
     setup_logging(settings)
+    sys.setswitchinterval(settings.gil_switch_interval_s)
     if settings.event_loop == "uvloop":
         import uvloop
 

@@ -169,8 +169,12 @@ class Batcher:
 
     def admit(self, n: int) -> None:
         """Reserve room for ``n`` rows, or raise :class:`Overloaded` at once."""
-        if (refused := self.refusal(n)) is not None:
-            raise refused
+        refused = self.refusal(n)
+        if refused is not None:
+            try:
+                raise refused
+            finally:  # this frame is in its traceback: no local may hold it (a reference cycle per refusal)
+                del refused
         self._reserved_rows += n
 
     def grow(self, n: int) -> None:

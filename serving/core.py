@@ -34,6 +34,7 @@ from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeo
 from serving.flow import Batchers
 from serving.metrics import Metrics
 from serving.model_config import MODELS_CONFIG, STABLE, TRAFFIC
+from serving.priority import collect_garbage, lower_this_thread, lower_threads_named
 from serving.request import Call, Predict, Result
 from serving.rollout import Rollout
 from serving.settings import Limits, Settings
@@ -51,12 +52,14 @@ class Classifier:
         self._limits: dict[str, Limits] = {}
         # Enough threads for every model's batches in flight: backend calls run off the event loop.
         threads = sum(settings.batching(m).max_concurrent_batches for m in settings.models)
-        self._executor = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="backend")
+        nice = (lower_this_thread, (settings.worker_nice,))  # serving/priority.py: the loop runs first
+        self._executor = ThreadPoolExecutor(max(2, threads), "backend", *nice)
         # Validation, tokenising and image decoding of large requests (kept apart from model calls).
-        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
+        self._prep = ThreadPoolExecutor(2, "preprocess", *nice)
         self.batchers = Batchers(settings, backend, self.metrics, self._executor)
         self._load_task: asyncio.Task | None = None
         self._follow_task: asyncio.Task | None = None
+        self._gc_task: asyncio.Task | None = None
         self._load_error: str | None = None
         self.draining = False  # readiness fails (set on SIGTERM)
         self.accepting = True  # new work is taken (cleared drain_settle_s later)
@@ -78,11 +81,14 @@ class Classifier:
         except Exception as e:  # noqa: BLE001 - the process stays up and /readyz says why
             log.exception("loading the models failed")
             self._load_error = f"loading the models failed: {e}"
+        lower_threads_named(("tf_",), self.settings.worker_nice)  # TensorFlow's own pools
         # What is loaded now (TensorFlow's graphs: ~280k objects) lives as long as the process.
         # Taking it out of the collector's view ends full collections of ~0.12 s on the event
         # loop (measured with sentiment_lstm loaded), a tail of every request's latency.
         gc.collect()
         gc.freeze()
+        if self.settings.gc_interval_s:  # collections on the loop, not in a worker holding the GIL
+            self._gc_task = asyncio.get_running_loop().create_task(collect_garbage(self.settings.gc_interval_s))
 
     def batcher(self, v: ModelVersion) -> Batcher:
         """The batcher of one model version, made on first use (serving/flow.py)."""
@@ -131,7 +137,7 @@ class Classifier:
         if self._stopped:
             return
         self._stopped = True
-        for task in (self._load_task, self._follow_task):
+        for task in (self._load_task, self._follow_task, self._gc_task):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

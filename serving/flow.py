@@ -72,7 +72,12 @@ class Batchers:
         refusals = [b.refusal(1) for (name, _), b in self._live.items()
                     if (v := versions.get(name)) and any(x.kind == kind for x in v.values())]
         if refusals and all(refusals):
-            raise min(refusals, key=lambda e: e.retry_after_s)
+            refused = min(refusals, key=lambda e: e.retry_after_s)
+            refusals.clear()
+            try:
+                raise refused
+            finally:  # no local of this frame (in its traceback) may hold it: no reference cycle per refusal
+                del refused
 
     def stats(self) -> dict[str, FlowStats]:
         """Per configured model: estimated work ahead, wait limit, busy slot-seconds, slots."""

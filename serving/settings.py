@@ -128,6 +128,17 @@ class ServerGroup(BaseModel):
     grpc_port: int = 50051
     grpc_max_message_bytes: int = 16 * 1024 * 1024
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # How long a thread holding the GIL (tokenising, decoding a large body) may keep the event
+    # loop waiting for it: Python's default is 5 ms, paid at every turn of the loop while such a
+    # thread runs, which made refusals take tens of ms at high overload (bench/overload.py).
+    gil_switch_interval_s: float = Field(0.0005, gt=0, le=0.1)
+    # Nice value added to the threads that compute (model calls, preprocessing, TensorFlow's
+    # pools) so that the event loop and gRPC's I/O threads run first when CPU is short
+    # (serving/priority.py). 0: all at the process's priority.
+    worker_nice: int = Field(10, ge=0, le=19)
+    # After loading: a full garbage collection on the event loop every this many seconds instead of
+    # Python's automatic collections in whichever thread allocates (serving/priority.py). 0: automatic.
+    gc_interval_s: float = Field(2.0, ge=0)
     # FastAPI's native OpenTelemetry hooks (traces/metrics/logs through the global
     # OTel providers). Off by default: Prometheus covers metrics, and when on,
     # every request looks the providers up even if none is configured (about 4 %

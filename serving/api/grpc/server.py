@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.auth import ApiKeyInterceptor, ApiKeys
 from serving.api.grpc import v2_servicer
-from serving.api.grpc.common import abort, grpc_errors, parse_message
+from serving.api.grpc.common import grpc_errors, parse_message, set_error
 from serving.core import Classifier
 from serving.errors import ServiceError
 from serving.gen.classifier.v1 import classifier_pb2 as pb
@@ -129,13 +129,13 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             try:
                 self.core.precheck(kind)
             except ServiceError as e:
-                refused = e
+                refused = e.with_traceback(None)  # kept by the handler below: no cycle through this frame
                 self.core.record("grpc", details.method.rsplit("/", 1)[-1], None, e.code, 0.0)
                 self.core.metrics.refused(e.model, e.reason)
                 handler = await continuation(details)
 
                 async def refuse(requests, context):  # the message is never read
-                    await abort(context, refused)
+                    set_error(context, refused)
 
                 return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
         return await continuation(details)
