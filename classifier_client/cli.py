@@ -3,11 +3,15 @@
     classifier-client sentiment reviews.jsonl --field text -o out.jsonl --evaluate label
     classifier-client digits ./pngs/ -o digits.csv --target pod-a:50051 --target pod-b:50051
 
-Sentiment goes over the bidirectional stream (StreamClassifySentiment) in chunks, a window of
-chunks in flight per stream; digits (and ``--unary`` / ``--rest``) over unary calls. Output rows
+Sentiment goes over the bidirectional stream (StreamClassifySentiment) in chunks, one chunk in
+flight per stream; digits (and ``--unary`` / ``--rest``) over unary calls. The chunks in flight in
+the whole run adapt to the gateway (classifier_client.flow): the window halves on each refusal
+(RESOURCE_EXHAUSTED / 429), grows back as chunks are answered, and a refused chunk waits the
+server's pushback before it is sent again; a chunk refused for its size is cut in two. Output rows
 (jsonl or csv) are in input order; ``--resume`` continues an interrupted run from its output file.
-Exit status: 0 done, 1 the server refused (the message says why), could not be reached or retries ran out,
-2 bad usage or input.
+Exit status: 0 done, 1 the server refused (the message says why: no retry for NOT_FOUND,
+INVALID_ARGUMENT and the like), could not be reached, or no chunk was answered for --retries failed
+attempts / --give-up-after seconds, 2 bad usage or input.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from classifier_client.errors import ClientError
 from classifier_client.grpc_client import AsyncClient
 from classifier_client.io import (InputError, Writer, image_bytes, input_format, normalise_label, output_format,
                                   read_records, rows_done, rows_of)
-from classifier_client.protocol import MAX_ITEMS, Options
+from classifier_client.flow import Flow
+from classifier_client.protocol import MAX_ITEMS, Options, StreamStats
 from classifier_client.stream import ordered_calls
 
 
@@ -85,12 +90,25 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", metavar="LABEL_FIELD", help="true labels in this field/column: print accuracy "
                    "and the confusion matrix at the end")
     g = common.add_argument_group("flow")
-    g.add_argument("--chunk-size", type=int, default=512, help=f"items per request (1..{MAX_ITEMS}, the server's limit)")
-    g.add_argument("--window", type=int, default=4, help="chunks in flight per stream (unary: calls in flight)")
-    g.add_argument("--streams", type=int, default=0, help="streams at once (default: one per target, at least 2)")
+    g.add_argument("--chunk-size", type=int, default=512, help=f"items per request (1..{MAX_ITEMS}, the server's "
+                   "limit); a chunk the gateway refuses for its size (too many windows, items or bytes) is cut in two")
+    g.add_argument("--chunk-windows", type=int, default=256, help="with --whole-text, also about this many "
+                   "windows (model rows) per chunk, estimated from the texts' lengths: about one model batch, "
+                   "well under the gateway's max_queue_wait_s of work (a review makes ~6 windows: a 512-text "
+                   "chunk would be ~0.8 s of work, admitted only when nothing else waits)")
+    g.add_argument("--window", type=int, default=4, help="chunks in flight in the whole run (all streams, or unary "
+                   "calls), at most: it starts there, halves on each refusal (RESOURCE_EXHAUSTED / 429; the "
+                   "refused chunk waits the server's grpc-retry-pushback-ms / Retry-After) and grows back by "
+                   "one per window's worth of answered chunks")
+    g.add_argument("--streams", type=int, default=0, help="streams at once, one chunk in flight each (default: "
+                   "enough for --window and every target)")
     g.add_argument("--deadline", type=float, default=30.0, help="seconds for each chunk's answer")
-    g.add_argument("--retries", type=int, default=10, help="failed attempts in a row before giving up "
-                   "(UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)")
+    g.add_argument("--retries", type=int, default=10, help="give up after this many failed attempts "
+                   "(UNAVAILABLE, DEADLINE_EXCEEDED) with no chunk answered in between; refusals that "
+                   "come with a pushback (the server pacing the run) are waited out, not counted. Any "
+                   "other status (NOT_FOUND, INVALID_ARGUMENT, ...) ends the run at once")
+    g.add_argument("--give-up-after", type=float, default=120.0, metavar="SECONDS",
+                   help="give up when no chunk has been answered for this long (refusals included)")
     g.add_argument("--unary", action="store_true", help="sentiment over unary calls instead of the stream")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
@@ -124,19 +142,26 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
         client = AsyncRestClient(a.target or ["http://127.0.0.1:8000"], model=a.model, version=a.version,
                                  version_label=a.version_label, api_key=a.api_key, headers=_headers(a.header),
                                  ca=a.ca, timeout_s=a.deadline, retries=a.retries, whole_text=a.whole_text)
-        call = client.sentiment if kind == "sentiment" else client.digits
-        stats_out.append(None)
+
+        async def call(chunk):
+            return await client.once(kind, chunk)
+        stats = StreamStats()
+        stats_out.append(stats)
+        whole = kind == "sentiment" and a.whole_text
+        flow = Flow(a.window, retries=a.retries, give_up_s=a.give_up_after, stats=stats, split_refused=whole)
         try:
-            async for s, chunk, resp in ordered_calls(call, items, a.chunk_size, a.window, start):
+            async for s, chunk, resp in ordered_calls(
+                    call, items, a.chunk_size, flow, start, chunk_rows=a.chunk_windows if whole else None,
+                    windows_of=(lambda r: [p.get("windows", 1) for p in r["predictions"]]) if whole else None):
                 writer.write(rows_of(kind, s, _Json(resp), records.ids))
-                progress.update(len(chunk))
+                progress.update(len(chunk), stats.total_retries)
         finally:
             await client.close()
         return
     o = Options(targets=a.target or ["127.0.0.1:50051"], tls=a.tls, ca=a.ca, api_key=a.api_key, headers=_headers(a.header),
                 model=a.model, version=a.version, version_label=a.version_label, whole_text=a.whole_text,
-                chunk_size=a.chunk_size,
-                window=a.window, streams=a.streams, deadline_s=a.deadline, retries=a.retries)
+                chunk_size=a.chunk_size, chunk_windows=a.chunk_windows,
+                window=a.window, streams=a.streams, deadline_s=a.deadline, retries=a.retries, give_up_s=a.give_up_after)
     async with AsyncClient(options=o) as client:
         stats_out.append(client.stats)
         if kind == "sentiment" and not a.unary:
@@ -199,6 +224,9 @@ def _load(a):
     ``(records, output format, rows done, true labels or None)``; raises InputError."""
     if not 1 <= a.chunk_size <= MAX_ITEMS:
         raise InputError(f"--chunk-size must be 1..{MAX_ITEMS} (the server's limit per request)")
+    if a.chunk_windows < 1 or a.window < 1 or a.streams < 0 or a.retries < 0 or a.give_up_after <= 0 or a.deadline <= 0:
+        raise InputError("--chunk-windows and --window must be >= 1, --streams and --retries >= 0, "
+                         "--deadline and --give-up-after > 0")
     if a.version and a.version_label:
         raise InputError("--version and --version-label: give one")
     if a.resume and not a.output:

@@ -14,12 +14,22 @@ HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND
                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
-class ClientError(Exception):
-    """A call that failed for good: ``code`` (a grpc.StatusCode) and the server's message."""
+# A stream that broke without its status: grpc.aio replaces the server's status with INTERNAL
+# "Internal error from Core" when a write was under way as the call ended. Retried (the chunk is
+# sent again on a new stream, where the real answer or status comes back), counted under this name.
+STREAM_BROKE = "stream broke (status lost)"
 
-    def __init__(self, code: grpc.StatusCode, message: str, pushback_s: float | None = None):
+
+class ClientError(Exception):
+    """A call that failed for good: ``code`` (a grpc.StatusCode) and the server's message.
+    ``pushback_s``: when the server said a retry may pass (``grpc-retry-pushback-ms``, ``Retry-After``).
+    ``label``: the name it is counted under (the status code's name; :data:`STREAM_BROKE` when grpc
+    lost the server's status, so that no status is reported as another)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, pushback_s: float | None = None, label: str | None = None):
         super().__init__(f"{code.name}: {message}")
         self.code, self.message, self.pushback_s = code, message, pushback_s
+        self.label = label or code.name
 
     @property
     def retryable(self) -> bool:

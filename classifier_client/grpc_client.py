@@ -5,7 +5,8 @@ pods and balanced with the ``round_robin`` policy); several targets are used in 
 (and stream by stream). TLS (``tls``/``ca``) and metadata (``api_key`` -> ``authorization: Bearer``,
 extra ``headers``) apply to every call (:class:`Options`, in classifier_client.protocol). Unary calls
 are retried on UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED with exponential backoff and
-jitter, honouring ``grpc-retry-pushback-ms``.
+jitter, honouring ``grpc-retry-pushback-ms``; :meth:`AsyncClient.map_unary` shares one flow control
+over its calls (classifier_client.flow: AIMD window, pushback, splitting, giving up).
 
 :meth:`AsyncClient.stream_sentiment` sends many texts over StreamClassifySentiment, in order and
 resumably (the scheduler is classifier_client.stream.StreamRun).
@@ -20,6 +21,7 @@ from typing import AsyncIterator, Iterable, Sequence
 import grpc
 
 from classifier_client.errors import ClientError, retry_delay
+from classifier_client.flow import Flow
 from classifier_client.protocol import MAX_ITEMS, MAX_MESSAGE, SERVICE, Options, StreamStats, as_image, method_stubs
 from classifier_client.stream import StreamRun, ordered_calls
 from serving.gen.classifier.v1 import classifier_pb2 as pb
@@ -52,7 +54,7 @@ class Client:
                 err = ClientError.from_rpc(e)
                 failures += 1
                 delay = retry_delay(err, failures, o.retries, o.backoff_base_s, o.backoff_cap_s)
-                self.stats.retries[err.code.name] += 1
+                self.stats.retries[err.label] += 1
                 time.sleep(delay)
 
     def sentiment(self, texts: Sequence[str]) -> pb.SentimentResponse:
@@ -94,17 +96,23 @@ class AsyncClient:
     async def __aexit__(self, *exc):
         await self.close()
 
+    async def _once(self, name: str, request):
+        """One attempt (the next target); raises :class:`ClientError`."""
+        m = self._methods[next(self._next) % len(self._methods)][name]
+        try:
+            return await m(request, timeout=self.options.deadline_s, metadata=self.options.metadata())
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+
     async def _call(self, name: str, request):
         o, failures = self.options, 0
         while True:
-            m = self._methods[next(self._next) % len(self._methods)][name]
             try:
-                return await m(request, timeout=o.deadline_s, metadata=o.metadata())
-            except grpc.RpcError as e:
-                err = ClientError.from_rpc(e)
+                return await self._once(name, request)
+            except ClientError as err:
                 failures += 1
                 delay = retry_delay(err, failures, o.retries, o.backoff_base_s, o.backoff_cap_s)
-                self.stats.retries[err.code.name] += 1
+                self.stats.retries[err.label] += 1
                 self.stats.last_error = str(err)
                 await asyncio.sleep(delay)
 
@@ -116,15 +124,28 @@ class AsyncClient:
 
     async def map_unary(self, kind: str, items: Iterable, start: int = 0) -> AsyncIterator[tuple[int, list, object]]:
         """``(start, chunk, response)`` in input order, for unary calls (``kind`` "sentiment" or "digits"):
-        chunks of ``chunk_size``, ``window`` calls in flight."""
-        call = self.sentiment if kind == "sentiment" else self.digits
-        async for out in ordered_calls(call, items, self.options.chunk_size, self.options.window, start):
+        chunks of ``chunk_size`` (whole text: of about ``chunk_windows`` windows), up to ``window``
+        calls in flight (an AIMD window: see classifier_client.flow)."""
+        o = self.options
+        if kind == "sentiment":
+            async def call(texts):
+                return await self._once("ClassifySentiment", o.sentiment_request(texts))
+        else:
+            async def call(images):
+                return await self._once("ClassifyDigits", o.digits_request(images))
+        whole = kind == "sentiment" and o.whole_text
+        flow = Flow(o.window, retries=o.retries, give_up_s=o.give_up_s, backoff_base_s=o.backoff_base_s,
+                    backoff_cap_s=o.backoff_cap_s, stats=self.stats, split_refused=whole)
+        async for out in ordered_calls(call, items, o.chunk_size, flow, start,
+                                       chunk_rows=o.chunk_windows if whole else None,
+                                       windows_of=(lambda r: [p.windows for p in r.predictions]) if whole else None):
             yield out
 
     async def stream_sentiment(self, texts: Iterable[str], start: int = 0) -> AsyncIterator[tuple[int, list, pb.SentimentResponse]]:
         """``(start, texts, response)`` per chunk, strictly in input order (``start`` = index of the
         chunk's first text, counting from ``start``). Raises :class:`ClientError` on a status that is
-        not worth retrying (e.g. INVALID_ARGUMENT), or after ``retries`` failures in a row."""
+        not worth retrying (e.g. NOT_FOUND, INVALID_ARGUMENT), or when no chunk is answered for
+        ``retries`` failed attempts or ``give_up_s`` seconds (classifier_client.flow)."""
         run = StreamRun(self, iter(texts), start)
         async for out in run:
             yield out

@@ -31,10 +31,16 @@ class Options:
     version_label: str = ""
     whole_text: bool = False  # sentiment: score every window of each text (server option whole_text)
     chunk_size: int = 512
-    window: int = 4  # chunks in flight per stream (or unary calls in flight)
-    streams: int = 0  # streams at once; 0 = one per target, at least 2
+    # Whole text: also about this many windows (model rows) per chunk (about one model batch), at most
+    # chunk_size texts (classifier_client.flow.Chunker).
+    chunk_windows: int = 256
+    # Chunks in flight in the whole run (all streams, or unary calls): the AIMD window's start and
+    # ceiling (classifier_client.flow); it halves on each refusal and grows back on answers.
+    window: int = 4
+    streams: int = 0  # streams (one chunk in flight each); 0 = enough for the window and every target
     deadline_s: float = 30.0  # per chunk / per call
-    retries: int = 10  # consecutive failed attempts before giving up
+    retries: int = 10  # failed attempts with no chunk answered in between before giving up
+    give_up_s: float = 120.0  # ... or this long with no chunk answered (refusals with pushback included)
     backoff_base_s: float = 0.1
     backoff_cap_s: float = 5.0
 
@@ -47,8 +53,10 @@ class Options:
             raise ValueError(f"chunk size must be 1..{MAX_ITEMS} (the server's limit per request)")
         if self.version and self.version_label:
             raise ValueError("give a version or a version label, not both")
-        if self.window < 1 or self.streams < 0 or self.retries < 0 or self.deadline_s <= 0:
-            raise ValueError("window >= 1, streams >= 0, retries >= 0 and deadline > 0")
+        if self.window < 1 or self.streams < 0 or self.retries < 0 or self.deadline_s <= 0 or self.give_up_s <= 0:
+            raise ValueError("window >= 1, streams >= 0, retries >= 0, deadline > 0 and give-up time > 0")
+        if self.chunk_windows < 1:
+            raise ValueError("chunk windows >= 1")
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         md = [(k.lower(), v) for k, v in self.headers]
@@ -91,12 +99,15 @@ def as_image(x) -> pb.Image:
 
 @dataclass
 class StreamStats:
-    """What a run cost: retries by status code, streams (re)opened, chunks resent."""
+    """What a run cost: retries by status name (as the server gave it), streams (re)opened, chunks
+    resent and split, and the window's history (``flow``: classifier_client.flow.FlowStats)."""
 
     retries: Counter = field(default_factory=Counter)
     streams_opened: int = 0
     chunks_resent: int = 0
+    chunks_split: int = 0
     last_error: str = ""
+    flow: object = None
 
     @property
     def total_retries(self) -> int:
@@ -104,7 +115,16 @@ class StreamStats:
 
     def summary(self) -> str:
         by = ", ".join(f"{k} {v}" for k, v in sorted(self.retries.items()))
-        return f"retries: {self.total_retries}" + (f" ({by}; chunks resent {self.chunks_resent})" if by else "")
+        line = f"retries: {self.total_retries}"
+        extra = [f"chunks resent {self.chunks_resent}"] if by else []
+        if self.chunks_split:
+            extra.append(f"chunks split {self.chunks_split}")
+        if by or extra:
+            line += " (" + "; ".join(x for x in [by] + extra if x) + ")"
+        f = self.flow
+        if f is not None and f.cuts:
+            line += f"; window {f.window_min}..{f.window_max}, now {f.window} ({f.cuts} cuts, {f.raises} raises)"
+        return line
 
 
 def method_stubs(channel) -> dict:

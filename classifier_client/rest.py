@@ -1,7 +1,10 @@
 """REST clients (sync :class:`RestClient`, async :class:`AsyncRestClient`) over httpx.
 
-Same retry policy as gRPC: 429 (``Retry-After`` honoured), 503 and 504 are retried with
-exponential backoff and jitter; other errors raise :class:`ClientError` with the server's message.
+Same retry policy as gRPC: 429 (``Retry-After`` honoured: seconds, fractional or not, or an
+HTTP-date), 503 and 504 are retried with exponential backoff and jitter; other errors raise
+:class:`ClientError` with the server's message. A batch run (the CLI's ``--rest``) calls
+:meth:`AsyncRestClient.once` through ``ordered_calls``, which shares one flow control over the run
+(classifier_client.flow: AIMD window, pushback, splitting, giving up).
 Responses are the gateway's JSON (dicts).
 """
 
@@ -41,12 +44,34 @@ def _error(r) -> ClientError:
     except Exception:  # noqa: BLE001
         message = r.text[:500]
     code = getattr(grpc.StatusCode, HTTP_TO_GRPC.get(r.status_code, "UNKNOWN"))
-    retry_after = r.headers.get("retry-after")
+    return ClientError(code, f"HTTP {r.status_code}: {message}", retry_after_s(r.headers.get("retry-after")))
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: delay-seconds (fractional accepted) or an HTTP-date; None if absent
+    or unreadable."""
+    if value is None:
+        return None
     try:
-        pushback = float(retry_after) if retry_after is not None else None
+        return max(0.0, float(value))
     except ValueError:
-        pushback = None
-    return ClientError(code, f"HTTP {r.status_code}: {message}", pushback)
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _transport_error(e) -> ClientError:
+    """A request that got no HTTP answer: DEADLINE_EXCEEDED when it timed out waiting for one,
+    else UNAVAILABLE (not connected, connection lost)."""
+    import httpx
+
+    if isinstance(e, (httpx.ReadTimeout, httpx.WriteTimeout)):
+        return ClientError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in time ({type(e).__name__}: {e})")
+    return ClientError(grpc.StatusCode.UNAVAILABLE, str(e) or type(e).__name__)
 
 
 class _Base:
@@ -86,7 +111,7 @@ class RestClient(_Base):
                     return r.json()
                 err = _error(r)
             except httpx.TransportError as e:
-                err = ClientError(grpc.StatusCode.UNAVAILABLE, str(e))
+                err = _transport_error(e)
             failures += 1
             time.sleep(retry_delay(err, failures, self.retries, self.base, self.cap))
 
@@ -114,20 +139,29 @@ class AsyncRestClient(_Base):
         super().__init__(*a, **kw)
         self.http = httpx.AsyncClient(headers=self.headers, verify=self.verify, timeout=self.timeout)
 
-    async def _post(self, kind: str, items: Sequence) -> dict:
+    async def once(self, kind: str, items: Sequence) -> dict:
+        """One attempt (the next URL): the JSON answer, or :class:`ClientError` (no retry). What
+        ``ordered_calls`` calls: it does the retries, pushback and splitting of a batch run."""
         import httpx
 
-        body, failures = _body(kind, items, self.model, self.version, self.version_label, self.whole_text), 0
+        body = _body(kind, items, self.model, self.version, self.version_label, self.whole_text)
+        try:
+            r = await self.http.post(self._url(kind), json=body)
+        except httpx.TransportError as e:
+            raise _transport_error(e) from None
+        if r.status_code == 200:
+            return r.json()
+        raise _error(r)
+
+    async def _post(self, kind: str, items: Sequence) -> dict:
+        failures = 0
         while True:
             try:
-                r = await self.http.post(self._url(kind), json=body)
-                if r.status_code == 200:
-                    return r.json()
-                err = _error(r)
-            except httpx.TransportError as e:
-                err = ClientError(grpc.StatusCode.UNAVAILABLE, str(e))
-            failures += 1
-            await asyncio.sleep(retry_delay(err, failures, self.retries, self.base, self.cap))
+                return await self.once(kind, items)
+            except ClientError as err:
+                failures += 1
+                delay = retry_delay(err, failures, self.retries, self.base, self.cap)
+            await asyncio.sleep(delay)
 
     async def sentiment(self, texts: Sequence[str]) -> dict:
         return await self._post("sentiment", texts)
