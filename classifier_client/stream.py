@@ -54,12 +54,18 @@ class _Gate:
         self.flow = flow
         self.cond = asyncio.Condition()
         self.waiting: set[int] = set()
+        self.backing_off: set[int] = set()  # chunks waiting out a backoff after a failure
+
+    def _first(self) -> int:
+        """The key that goes next: while failing (gateway down, not ready), a chunk backing off
+        holds back the later ones (it is the probe; they would only fail at once too)."""
+        return min(self.waiting | self.backing_off) if self.flow.failures else min(self.waiting)
 
     async def enter(self, key: int) -> int:
         async with self.cond:
             self.waiting.add(key)
             try:
-                await self.cond.wait_for(lambda: self.flow.can_send() and key == min(self.waiting))
+                await self.cond.wait_for(lambda: self.flow.can_send() and key == self._first())
             finally:
                 self.waiting.discard(key)
                 self.cond.notify_all()
@@ -86,7 +92,11 @@ async def ordered_calls(call, items: Iterable, chunk_size: int, window: int | Fl
         chunk = _Chunk(s, items)
         while True:
             if (wait := not_before - loop.time()) > 0:
-                await asyncio.sleep(wait)
+                gate.backing_off.add(s)
+                try:
+                    await asyncio.sleep(wait)
+                finally:
+                    gate.backing_off.discard(s)
             ticket = await gate.enter(s)
             try:
                 resp = await call(items)
@@ -169,6 +179,10 @@ class StreamRun:
             chunk = min(ready, key=lambda c: c.start)
             self.retry.remove(chunk)
             return chunk
+        if self.retry and self.flow.failures:
+            # Failing (gateway down, restarting, not ready): the chunks given back are the probes, each
+            # after its backoff; a new chunk now would only fail at once and use up the retries.
+            return None
         if self.exhausted or self.ahead >= self.max_ahead:
             return None
         items = self.chunker.cut()
