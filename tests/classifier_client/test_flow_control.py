@@ -396,3 +396,37 @@ def test_retry_after_values():
     assert retry_after_s("0.25") == 0.25 and retry_after_s("2") == 2.0 and retry_after_s(None) is None
     assert retry_after_s("soon") is None
     assert 8 <= retry_after_s(formatdate(time.time() + 10, usegmt=True)) <= 10
+
+
+def test_while_calls_fail_only_the_first_chunk_given_back_probes():
+    """An outage (every call UNAVAILABLE, as while a gateway restarts): after the first window of
+    chunks fails, only the earliest chunk is tried again, each time after its backoff; the later
+    ones wait instead of failing at once and using up the retries (what made a run give up during
+    a gateway restart). Once calls pass, every chunk is answered, in order."""
+    from classifier_client.errors import ClientError
+    from classifier_client.flow import Flow
+    from classifier_client.stream import ordered_calls
+
+    attempts: list[tuple[float, int]] = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        recover_at = loop.time() + 0.6
+
+        async def call(items):
+            attempts.append((loop.time(), items[0]))
+            if loop.time() < recover_at:
+                raise ClientError(grpc.StatusCode.UNAVAILABLE, "gateway restarting")
+            return items
+
+        flow = Flow(4, retries=30, backoff_base_s=0.02, backoff_cap_s=0.05)
+        out = [(s, chunk) async for s, chunk, _ in ordered_calls(call, range(100), 10, flow)]
+        return recover_at, out
+
+    recover_at, out = asyncio.run(scenario())
+    assert [s for s, _ in out] == list(range(0, 100, 10)) and sum(len(c) for _, c in out) == 100
+    during = [first for t, first in attempts if t < recover_at]
+    # Chunk 0 probes again and again; the later chunks of the first window may have gone out once
+    # each before the first failure was known, never again.
+    assert during.count(0) >= 5, during
+    assert all(during.count(first) <= 1 for first in (10, 20, 30)) and set(during) <= {0, 10, 20, 30}, during
