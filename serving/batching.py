@@ -85,10 +85,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._calls: set[asyncio.Task] = set()
-        # Slot-seconds spent in backend calls: finished calls, and when each running one started.
+        # Backend calls running (task -> when it started) and the slot-seconds of finished ones.
+        self._calls: dict[asyncio.Task, float] = {}
         self._busy_s = 0.0
-        self._busy_since: dict[asyncio.Task, float] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
@@ -128,7 +127,7 @@ class Batcher:
         """Seconds the batch slots have spent in backend calls so far, running calls included
         (its rate / ``max_concurrent`` is the busy fraction of the slots: near 1 before refusals start)."""
         now = time.perf_counter()
-        return self._busy_s + sum(now - t for t in self._busy_since.values())
+        return self._busy_s + sum(now - t for t in self._calls.values())
 
     def estimated_wait(self) -> float:
         """Seconds until rows admitted now would start being computed (0 until calls were measured)."""
@@ -265,13 +264,11 @@ class Batcher:
             self._queued_rows -= rows
             self._in_flight_rows += rows
             task = asyncio.get_running_loop().create_task(self._call(batch, rows))
-            self._calls.add(task)
-            self._busy_since[task] = time.perf_counter()
+            self._calls[task] = time.perf_counter()
             task.add_done_callback(self._call_done)
 
     def _call_done(self, task: asyncio.Task) -> None:
-        self._calls.discard(task)
-        self._busy_s += time.perf_counter() - self._busy_since.pop(task)
+        self._busy_s += time.perf_counter() - self._calls.pop(task)
 
     async def _call(self, batch: list[_Entry], rows: int) -> None:
         loop = asyncio.get_running_loop()

@@ -90,14 +90,6 @@ class Classifier:
         if self.settings.gc_interval_s:  # collections on the loop, not in a worker holding the GIL
             self._gc_task = asyncio.get_running_loop().create_task(collect_garbage(self.settings.gc_interval_s))
 
-    def batcher(self, v: ModelVersion) -> Batcher:
-        """The batcher of one model version, made on first use (serving/flow.py)."""
-        return self.batchers.get(v)
-
-    def forget_batcher(self, v: ModelVersion) -> Batcher | None:
-        """Take a retired version's batcher out of use (the caller stops it)."""
-        return self.batchers.forget(v)
-
     def render_metrics(self) -> bytes:
         """Prometheus text, with the model versions as the backend knows them right now."""
         info = self.metrics.model_info
@@ -353,7 +345,7 @@ class Classifier:
             raise InvalidInput(f"model {name!r} classifies {kinds.get(v.kind).items}, not {kinds.get(kind).items}")
         if v.state != "AVAILABLE" or not self._load_task or not self._load_task.done():
             raise Unavailable(f"model {name!r} version {v.version} is not ready ({v.state})")
-        return v, self.batcher(v)
+        return v, self.batchers.get(v)
 
     def _check_count(self, n: int, what: str, limits: Limits) -> None:
         if n == 0:

@@ -103,7 +103,7 @@ class Metrics:
         for name in sorted(self.known_models):
             for reason in REFUSAL_REASONS:
                 self.refusals.labels(name, reason)
-        self.flow: Callable[[], dict[str, FlowStats]] | None = None  # set by the core
+        self.flow: Callable[[], dict[str, FlowStats]] | None = None  # set by serving.flow.Batchers
         r.register(FlowCollector(self))
         self.dropped_rows = Counter(
             "classifier_dropped_rows", "Queued rows dropped before the model saw them: deadline passed or client left",
@@ -158,7 +158,7 @@ class Metrics:
     def refused(self, model: str | None, reason: str | None) -> None:
         """Count one request refused by flow control (``reason`` None: not a refusal)."""
         if reason in REFUSAL_REASONS:
-            self.refusals.labels(self.model(model) or "unknown", reason).inc()
+            self.refusals.labels(self.model(model), reason).inc()  # "": refused before a model was chosen
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

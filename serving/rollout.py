@@ -85,7 +85,7 @@ class Rollout:
 
     async def _retire(self, v: ModelVersion) -> None:
         """A version no longer served: its admitted and queued work finishes, then it is unloaded."""
-        b = self.core.forget_batcher(v)
+        b = self.core.batchers.forget(v)
         if b is not None:
             if not await b.drained(self.core.settings.request_timeout_s):
                 log.warning("%s/%s: work still queued after request_timeout_s; answering it 503", v.name, v.version)
@@ -125,7 +125,7 @@ class Rollout:
         if canary is None or canary.version == v.version or result.probabilities is None:
             return
         m = self.core.metrics
-        canary_batcher = self.core.batcher(canary)
+        canary_batcher = self.core.batchers.get(canary)
         if v.name in self._shadowing or batcher.waiting or canary_batcher.depth:
             m.shadow_requests.labels(v.name, "skipped").inc()
             return

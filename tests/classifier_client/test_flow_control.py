@@ -295,12 +295,12 @@ def test_a_refused_chunk_waits_the_servers_pushback(mode, tmp_path):
 
 
 def test_the_window_halves_under_refusals_and_grows_back(tmp_path):
-    """Six refusals at the start, then every chunk answered (each held 30 ms so that the ones in flight
+    """Six refusals at the start, then every chunk answered (each held 100 ms so that the ones in flight
     overlap): the server sees 4 chunks at once at first, 1 at a time after the refusals, 4 again later."""
     from classifier_client import AsyncClient, Options
 
     texts = [f"text {i}" for i in range(240)]
-    rec = Recorder(lambda i: 0.1 if i < 6 else None, hold_s=0.03)
+    rec = Recorder(lambda i: 0.1 if i < 6 else None, hold_s=0.1)  # long enough for 4 streams to open under load
 
     async def run(target):
         async with AsyncClient(options=Options(targets=[target], chunk_size=4, window=4)) as client:

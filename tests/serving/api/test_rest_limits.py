@@ -64,19 +64,28 @@ def status_and_message(answer: bytes) -> tuple[int, str]:
     return status, json.loads(body)["error"]["message"] if body.startswith(b"{\"error\"") else body.decode()
 
 
-def send_in_background(s: socket.socket, *parts: bytes) -> threading.Thread:
-    """Send ``parts`` from a thread, ignoring the server closing on us (it may refuse half-way)."""
+def in_background(work) -> threading.Thread:
+    """Run ``work()`` in a daemon thread, ignoring the server closing on us (it may refuse half-way)."""
 
-    def send():
+    def run():
         try:
-            for part in parts:
-                s.sendall(part)
+            work()
         except OSError:
             pass
 
-    t = threading.Thread(target=send, daemon=True)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def send_in_background(s: socket.socket, *parts: bytes) -> threading.Thread:
+    """Send ``parts`` from a thread."""
+
+    def send():
+        for part in parts:
+            s.sendall(part)
+
+    return in_background(send)
 
 
 def ask(g, head: bytes, *body: bytes, timeout: float = 10) -> tuple[int, str, bool]:
@@ -217,17 +226,12 @@ def trickle(s: socket.socket, every_s: float, size: int = 1, stop: threading.Eve
     """Send ``size`` bytes every ``every_s`` until the connection fails or ``stop`` is set."""
     stop = stop or threading.Event()
 
-    def run():
-        try:
-            while not stop.is_set():
-                s.sendall(b" " * size)
-                stop.wait(every_s)
-        except OSError:
-            pass
+    def send():
+        while not stop.is_set():
+            s.sendall(b" " * size)
+            stop.wait(every_s)
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+    return in_background(send)
 
 
 def test_a_body_trickling_in_is_408_with_the_defaults(gw):
