@@ -11,10 +11,19 @@
      service time = that many times capacity, at least 4; or --clients N) post 1,024-text
      requests in a closed loop for --warmup + --seconds (only the
      last --seconds count), with a client timeout; a 429 / RESOURCE_EXHAUSTED carrying
-     Retry-After / grpc-retry-pushback-ms makes that client sleep so long, at most 1 s;
+     Retry-After / grpc-retry-pushback-ms makes that client sleep so long (at most 1 s)
+     times a random 1.0-1.2 (--retry-jitter 0.2), as classifier_client does;
   5. per status: count, p50/p99 latency; goodput (texts in 200s per second) / capacity.
 Ends with each goal next to its target: goodput >= 80 % of capacity, p99 of admitted
 requests <= 2x service time, 429s answered in <= 50 ms (p99).
+
+Why the jitter: clients that wait exactly what they are told come back together. All
+clients refused in the same moment (at the start, or behind one slow batch) retry in
+the same few milliseconds, a wave of ~30 x 1.3 MB that the gateway reads and answers one
+after another; the last of a wave was answered 65-140 ms after its head arrived
+(timed inside the gateway), while a separate process sleeping 1 ms at a time saw no
+stall over 10 ms (not the machine), and the GIL switch interval made no difference.
+``--retry-jitter 0`` reproduces those waves.
 
 The load generator shares the 2 cores with the gateway, so it is kept cheap: requests
 are encoded once and sent over raw asyncio streams on uvloop (HTTP/1.1 keep-alive, answers
@@ -27,6 +36,7 @@ import argparse
 import asyncio
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -114,7 +124,7 @@ async def closed_loop(kind: str, gw, requests: list[bytes], clients: int, a) -> 
                     lat.setdefault(status, []).append(now - t)
                 i += 1
                 if wait and not a.no_retry_after and status in ("429", "RESOURCE_EXHAUSTED"):
-                    await asyncio.sleep(wait)
+                    await asyncio.sleep(wait * random.uniform(1.0, 1.0 + a.retry_jitter))
         finally:
             reset()
 
@@ -188,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, help="clients instead of --times (one phase)")
     p.add_argument("--timeout", type=float, default=30, help="client timeout per request, s")
     p.add_argument("--no-retry-after", action="store_true", help="retry refused requests at once")
+    p.add_argument("--retry-jitter", type=float, default=0.2,
+                   help="a refused client waits Retry-After x uniform(1, 1 + this); 0: exactly (retry waves)")
     p.add_argument("--grpc", action="store_true", help="also overload over gRPC (ClassifySentiment)")
     p.add_argument("--json", help="write the figures here")
     return p.parse_args(argv)
@@ -235,7 +247,8 @@ def main(argv=None) -> int:
         pass
 
     texts = load_texts(8 * BATCH)
-    results = {"model": a.model, "seconds": a.seconds, "batch": BATCH, "retry_after_honoured": not a.no_retry_after}
+    results = {"model": a.model, "seconds": a.seconds, "batch": BATCH, "retry_after_honoured": not a.no_retry_after,
+               "retry_jitter": a.retry_jitter}
     results["capacity"] = raw = raw_ceiling(a.model, texts, a.raw_seconds)
     capacity = raw["texts_per_s"]
     print(f"capacity (raw SavedModel call, batches of 256): {capacity:.0f} texts/s (p50 {raw['p50_ms']:.1f} ms per batch)")
