@@ -7,7 +7,8 @@
 On SIGTERM (or SIGINT) it drains as an orchestrator expects: /readyz answers
 503 and gRPC health NOT_SERVING at once; new work is still taken for
 ``drain_settle_s`` (while load balancers take the pod out), then refused
-with 503/UNAVAILABLE; requests in flight and queued finish within
+with 503/UNAVAILABLE and both listeners closed (a proxy in front tries another
+gateway); requests in flight and queued finish within
 ``drain_timeout_s`` (whatever is left then is answered 503, never dropped
 silently); then both servers stop and the process exits 0. A second signal
 exits at once.
@@ -97,6 +98,7 @@ class Gateway:
         )
         self.http = _Server(config, self.request_stop)
         self._drain_task: asyncio.Task | None = None
+        self._grpc_stopping: asyncio.Future | None = None
 
     def _grpc_credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
@@ -138,6 +140,10 @@ class Gateway:
         self.http.config.http.closing = True
         for server in getattr(self.http, "servers", ()):  # and no new connection is taken: refused, not reset later
             server.close()
+        # gRPC likewise: its listener closes and its connections get GOAWAY, so a proxy in front (nginx's
+        # grpc_pass, which cannot retry a call answered UNAVAILABLE in trailers) fails to connect and
+        # tries another gateway; calls in flight finish within the drain's time.
+        grpc_stopping = asyncio.ensure_future(self.grpc.stop(grace=s.drain_timeout_s))
         if not await self.core.wait_idle(s.drain_timeout_s):
             log.warning("drain_timeout_s=%g passed with %d request(s) in flight: answering them 503",
                         s.drain_timeout_s, self.core.active)
@@ -146,6 +152,7 @@ class Gateway:
         # A last moment for requests already on their way over open connections to get their 503 (and
         # gRPC calls their UNAVAILABLE) before idle connections close.
         await asyncio.sleep(DRAIN_LINGER_S)
+        self._grpc_stopping = grpc_stopping  # run() ends it (a stream still open, e.g. a health Watch, gets 1 s)
         self.http.should_exit = True
 
     def stop(self) -> None:
