@@ -6,9 +6,9 @@
 
 On SIGTERM (or SIGINT) it drains as an orchestrator expects: /readyz answers
 503 and gRPC health NOT_SERVING at once; new work is still taken for
-``drain_settle_s`` (while load balancers take the pod out), then refused
-with 503/UNAVAILABLE and both listeners closed (a proxy in front tries another
-gateway); requests in flight and queued finish within
+``drain_settle_s`` (while load balancers take the pod out); then both
+listeners close (a proxy in front tries another gateway) and, a moment later,
+new work on connections still open is refused with 503/UNAVAILABLE; requests in flight and queued finish within
 ``drain_timeout_s`` (whatever is left then is answered 503, never dropped
 silently); then both servers stop and the process exits 0. A second signal
 exits at once.
@@ -53,6 +53,7 @@ class _Server(uvicorn.Server):
 
 
 DRAIN_LINGER_S = 0.2  # after the drain: answers still go out, no new connection is taken
+LISTENERS_CLOSED_S = 0.1  # between closing the listeners and refusing new work on open connections
 FD_RESERVE = 256  # file descriptors kept for model files, logs, TF Serving channels, the listeners
 
 
@@ -134,16 +135,20 @@ class Gateway:
         self.core.begin_drain()
         await self.grpc.drain()
         await asyncio.sleep(s.drain_settle_s)
-        self.core.stop_accepting()
-        # From now on every REST answer (503 for new work) closes its connection, so no client sends
-        # another request on a connection that is about to close: that one would get a reset, not 503.
+        # First no new connection and no new gRPC call: both listeners close, and gRPC's connections
+        # get GOAWAY, so a proxy in front (nginx, which cannot resend a gRPC call answered UNAVAILABLE
+        # in trailers) fails to connect and tries another gateway. From now on every REST answer closes
+        # its connection, so no client sends another request on a connection about to close (that one
+        # would get a reset, not an answer).
         self.http.config.http.closing = True
-        for server in getattr(self.http, "servers", ()):  # and no new connection is taken: refused, not reset later
+        for server in getattr(self.http, "servers", ()):
             server.close()
-        # gRPC likewise: its listener closes and its connections get GOAWAY, so a proxy in front (nginx's
-        # grpc_pass, which cannot retry a call answered UNAVAILABLE in trailers) fails to connect and
-        # tries another gateway; calls in flight finish within the drain's time.
         grpc_stopping = asyncio.ensure_future(self.grpc.stop(grace=s.drain_timeout_s))
+        # What was accepted just before is still served (not refused: a request whose connection was
+        # accepted an instant before the listener closed is as much the gateway's as any in flight) ...
+        await asyncio.sleep(LISTENERS_CLOSED_S)
+        # ... then new work on connections still open is refused (503 / UNAVAILABLE).
+        self.core.stop_accepting()
         if not await self.core.wait_idle(s.drain_timeout_s):
             log.warning("drain_timeout_s=%g passed with %d request(s) in flight: answering them 503",
                         s.drain_timeout_s, self.core.active)
