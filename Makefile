@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,serve,embedded,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 train-v4 bench-text bench-model-options clean plots plot-capacity plot-accuracy test-tools
+.PHONY: setup run stage bench-stage test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 train-v4 bench-text bench-model-options clean plots plot-capacity plot-accuracy test-tools
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ bench-gateway: setup
 	$(PY) bench/gateway.py
 
 # The gateway at 4x its capacity with 1,024-text requests: goodput, p99 of admitted requests, speed of 429s.
+bench-stage: setup test-tools
+	$(PY) bench/stage_capacity.py --json bench/results/stage_capacity.json
+
 bench-overload: setup
 	$(PY) bench/overload.py --grpc --times 4 50 --json bench/results/overload.json
 
@@ -68,9 +71,9 @@ plot-accuracy: setup
 
 # Debian packages some tests use: headless Chromium (the console's browser tests),
 # promtool (alerting rules and the Grafana dashboard's queries) and docker-compose (only
-# `config`: the compose files as Compose itself reads them). Each is installed when
+# `config`: the compose files as Compose itself reads them) and nginx (the stage, `make stage`). Each is installed when
 # missing and possible (apt, root); where not, those tests are skipped and say why.
-TEST_TOOLS := chromium:chromium promtool:prometheus docker-compose:docker-compose
+TEST_TOOLS := chromium:chromium promtool:prometheus docker-compose:docker-compose nginx:nginx-light
 test-tools:
 	@for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair#*:}; \
 	  command -v $$cmd >/dev/null 2>&1 && continue; \
@@ -79,6 +82,12 @@ test-tools:
 	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$pkg >/dev/null 2>&1; }; }; } || \
 	  echo "$$pkg could not be installed: the tests that need $$cmd will be skipped"; \
 	done
+
+# The whole deployment on this machine until Ctrl-C (stage/): model servers (the TF Serving
+# stand-in), gateways (TF Serving backend, round_robin), nginx and Prometheus with the alerts.
+STAGE_ARGS ?= --gateways 2 --model-servers 2
+stage: setup test-tools
+	$(PY) -m stage $(STAGE_ARGS)
 
 # The suite on TEST_WORKERS processes (pytest-xdist), one test file each at a time;
 # TEST_WORKERS=0 runs it in this process (plain `pytest` does too).

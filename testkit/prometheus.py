@@ -48,6 +48,8 @@ class PrometheusServer:
     ``url`` is its base URL once started. The targets can change while it runs (:meth:`set_targets`):
     start it first, then the slower gateways, then name them (their scrapes begin sooner so)."""
 
+    popen_options: dict = {}  # more arguments for subprocess.Popen (stage/cluster.py: die with the parent)
+
     def __init__(self, targets: list[str] = (), job: str = "gateway", scrape_interval: str = "1s",
                  metrics_path: str = "/metrics", rule_files: list[Path] = (), binary: str | None = None,
                  startup_timeout_s: float = 30):
@@ -102,7 +104,7 @@ class PrometheusServer:
                 [self.binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
                  f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
                  "--web.enable-lifecycle", "--log.level=warn"],
-                cwd=work, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                cwd=work, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **self.popen_options)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # the child has its own copy

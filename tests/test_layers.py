@@ -14,7 +14,8 @@ FORBIDDEN = {
     "serving": {"training", "classifier_client", "bench", "testkit", "tests"},
     "classifier_client": {"training", "contract", "bench", "testkit", "tests"},
     "bench": {"tests"},
-    "testkit": {"tests", "bench"},
+    "testkit": {"tests", "bench", "stage"},
+    "stage": {"tests", "bench", "training", "classifier_client"},
 }
 
 

@@ -190,7 +190,9 @@ def test_too_many_windows_are_refused_before_tokenising_and_what_fits_is_served(
             assert refused.status_code == 413, refused.text
             assert baseline.status_code == 400 and "texts[799] is empty" in baseline.text
             extra.append((t1 - t0) - (t2 - t1))
-        assert min(extra) < 0.1, f"the 413 took {min(extra):.3f} s longer than a refusal before any work"
+        # Tokenising them costs ~1 s of a core here; the best of three refusals stays far below that
+        # (0.01-0.05 s on a quiet machine, up to 0.19 s seen while the stage tests ran beside it).
+        assert min(extra) < 0.5, f"the 413 took {min(extra):.3f} s longer than a refusal before any work"
         assert refused.json()["error"]["message"].startswith("too many windows: 800 texts make at least ")
         # Fits, although 200 texts of up to 32 windows could make 6,400: 150 padded with stop words
         # (the estimate from their length, 32 windows each, is reserved, then all but one given back)
