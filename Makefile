@@ -90,10 +90,15 @@ stage: setup test-tools
 	$(PY) -m stage $(STAGE_ARGS)
 
 # The suite on TEST_WORKERS processes (pytest-xdist), one test file each at a time;
-# TEST_WORKERS=0 runs it in this process (plain `pytest` does too).
+# TEST_WORKERS=0 runs it in this process (plain `pytest` runs everything, the stage included).
 TEST_WORKERS ?= 2
+# Then the stage's tests (marker stage) alone: they load the whole machine on purpose (capacity,
+# goodput past it), which another test file beside them would skew. Both always run; either failing
+# fails the target.
 test: setup test-tools
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not stage"; main=$$?; \
+	  $(PY) -m pytest -m stage; stage=$$?; \
+	  echo "make test: suite exit $$main, stage exit $$stage"; [ $$main = 0 ] && [ $$stage = 0 ]
 
 # Reproduce the shipped models (each exports the next version under models/).
 train-digits: setup
