@@ -2,7 +2,7 @@
 
     python -m stage [--gateways 2] [--model-servers 2] [--models sentiment_lstm ...]
 
-Prints where everything listens; on Ctrl-C or SIGTERM stops every process it started.
+Prints where everything listens; on Ctrl-C (SIGINT), SIGTERM or SIGHUP stops every process it started.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ def main(argv=None) -> int:
     def stop(signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # Also SIGINT explicitly: a shell starts background jobs with it ignored, and Python then never
+    # turns it into KeyboardInterrupt. SIGHUP: the terminal went away.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     stage = Stage(a.gateways, a.model_servers, a.models, drain_settle_s=a.drain_settle_s,
                   alert_time_scale=a.alert_time_scale)
     try:

@@ -43,10 +43,12 @@ def test_nginx_applies_the_ingress_annotations(tmp_path):
         assert r.returncode == 0, r.stderr
 
 
-def _start_stage() -> tuple[subprocess.Popen, list[psutil.Process]]:
+def _start_stage(background: bool = False) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """``background``: started as a shell starts a background job, with SIGINT ignored."""
     proc = subprocess.Popen([sys.executable, "-m", "stage", "--gateways", "1", "--model-servers", "1",
                              "--models", "sentiment_lstm"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None)
     out = []
     for line in proc.stdout:
         out.append(line)
@@ -71,17 +73,21 @@ def _gone(kids: list[psutil.Process], timeout: float) -> list[psutil.Process]:
 @needs_nginx
 @pytest.mark.stage
 @pytest.mark.skipif(not prometheus.available(), reason=prometheus.MISSING)
-@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c, started in the background", "sigkill"])
 def test_the_stage_leaves_no_process_behind(how):
-    proc, kids = _start_stage()
-    if how == "ctrl-c":
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-        timeout = 5
-    else:  # the orchestrator dies without a word: the kernel tells its children (PR_SET_PDEATHSIG)
+    proc, kids = _start_stage(background="background" in how)
+    try:
+        if how.startswith("ctrl-c"):
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0
+            timeout = 5
+        else:  # the orchestrator dies without a word: the kernel tells its children (PR_SET_PDEATHSIG)
+            proc.kill()
+            proc.wait(10)
+            timeout = 40
+        t = time.monotonic()
+        alive = _gone(kids, timeout)
+        assert not alive, f"left after {time.monotonic() - t:.0f} s: {[(k.pid, k.name()) for k in alive]}"
+    finally:  # whatever failed above, nothing of this stage outlives the test
         proc.kill()
-        proc.wait(10)
-        timeout = 40
-    t = time.monotonic()
-    alive = _gone(kids, timeout)
-    assert not alive, f"left after {time.monotonic() - t:.0f} s: {[(k.pid, k.name()) for k in alive]}"
+        _gone(kids, 40)
