@@ -15,10 +15,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector
-from prometheus_client import ProcessCollector, generate_latest
+from prometheus_client import ProcessCollector, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serving.errors import OUTCOMES, REFUSAL_REASONS
+
+# No `<counter>_created` / `<histogram>_created` series: a sample per series that only restates the
+# process start time, which Prometheus stores like any other (process_start_time_seconds says it once).
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

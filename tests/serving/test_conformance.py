@@ -149,7 +149,10 @@ def digits_with(value, at: int):
     (SENTIMENT, {"texts": ["good", 7]}, "texts[1]:"),
     (DIGITS, digits_with("7", at=0), "images[0][3][4]:"),
     (DIGITS, digits_with(True, at=1), "images[1][3][4]:"),
-], ids=["version-bool", "version-str", "version-float", "texts-str", "text-int", "pixel-str", "pixel-bool"])
+    (SENTIMENT, {"texts": ["good"], "modle": "sentiment_bilstm"}, "body: object contains unknown field modle"),
+    (DIGITS, {"images": [blank_image()], "verison": 1}, "body: object contains unknown field verison"),
+], ids=["version-bool", "version-str", "version-float", "texts-str", "text-int", "pixel-str", "pixel-bool",
+        "sentiment-unknown-field", "digits-unknown-field"])
 def test_strict_types_are_400_naming_the_field(gw, path, body, field):
     r = post(gw, path, json.dumps(body).encode(), **{"content-type": "application/json"})
     message = assert_error(r, 400, "INVALID_ARGUMENT")

@@ -277,6 +277,14 @@ def test_metrics_are_exposed(gw):
     assert available == sorted((n, v) for n in ("digits", "sentiment_lstm", "sentiment_bilstm") for v in served_versions(n))
 
 
+def test_metrics_have_no_created_series(gw):
+    """Issue 25: every counter and histogram also exposed a ``_created`` series (the process start)."""
+    rest(gw, "/v1/sentiment:predict", {"texts": TEXTS})
+    text = httpx.get(gw.rest + "/metrics", timeout=10).text
+    assert "classifier_requests_total{" in text
+    assert [line for line in text.splitlines() if "_created" in line] == []
+
+
 def test_default_sentiment_versions_are_the_promoted_ones(gw):
     """Issue 21: the versions that passed the restated gate (training.gate) serve requests naming no version."""
     for model, version in (("sentiment_lstm", 4), ("sentiment_bilstm", 2)):

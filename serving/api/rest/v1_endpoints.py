@@ -37,7 +37,9 @@ LABEL_DOC = "A version label from models.config (stable, canary, ...) instead of
 Version = Annotated[int, msgspec.Meta(ge=1)] | Annotated[float, msgspec.Meta(ge=1)]
 
 
-class SentimentRequest(msgspec.Struct):
+# Unknown fields are refused (400 naming the first), not ignored: a misspelt "modle" or "verison"
+# would otherwise be served by the default model or version without a word.
+class SentimentRequest(msgspec.Struct, forbid_unknown_fields=True):
     texts: Annotated[list[str], msgspec.Meta(description="Review texts, in order; each must contain a non-space character")]
     model: Annotated[str, msgspec.Meta(description="sentiment_lstm (default) or sentiment_bilstm")] | None = None
     version: Version | None = None
@@ -57,7 +59,7 @@ Image28 = Annotated[
 ]
 
 
-class DigitsRequest(msgspec.Struct):
+class DigitsRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Each image stays undecoded (msgspec.Raw) until it is checked, one at a time, off the event loop.
     images: Annotated[list[msgspec.Raw], msgspec.Meta(
         description="28x28 nested lists of 0-255 pixel values (white digit on black, as MNIST)")] | None = None
