@@ -419,7 +419,9 @@ def test_while_calls_fail_only_the_first_chunk_given_back_probes():
                 raise ClientError(grpc.StatusCode.UNAVAILABLE, "gateway restarting")
             return items
 
-        flow = Flow(4, retries=30, backoff_base_s=0.02, backoff_cap_s=0.05)
+        # retries: enough that the 0.6 s outage cannot use them up (full jitter: ~25 ms per attempt on
+        # average, 30 attempts sometimes fit in 0.6 s, and the run gave up once in CI)
+        flow = Flow(4, retries=200, backoff_base_s=0.02, backoff_cap_s=0.05)
         out = [(s, chunk) async for s, chunk, _ in ordered_calls(call, range(100), 10, flow)]
         return recover_at, out
 
