@@ -13,6 +13,12 @@ What each annotation becomes (as ingress-nginx renders it):
   k8s/README.md): every API behind these paths is a prediction, a pure function of its input,
   so sending a POST again to another gateway costs capacity, never correctness.
 
+No gateway is taken out of rotation for its answers (``max_fails=0``): ingress-nginx balances
+in Lua over one placeholder ``server``, so nginx's passive health marking never applies there;
+a gateway leaves the rotation when its readiness fails (the Endpoints). Without it, two 503s
+(each gateway refusing one request during a model-server restart) would mark every gateway
+down for ``fail_timeout`` and nginx would answer 502 "no live upstreams" for 10 s.
+
 Like ingress-nginx, upstream connections are not kept alive by default here; each request
 opens its own, so a draining gateway (listener closed) is skipped on connect, which nginx
 retries whatever the method. Bodies are streamed to the gateway (``proxy-request-buffering:
@@ -86,9 +92,9 @@ http {{
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
-    upstream gateways_rest {{{''.join(f'{ind}server {g};' for g in gateways_rest)}
+    upstream gateways_rest {{{''.join(f'{ind}server {g} max_fails=0;' for g in gateways_rest)}
     }}
-    upstream gateways_grpc {{{''.join(f'{ind}server {g};' for g in gateways_grpc)}
+    upstream gateways_grpc {{{''.join(f'{ind}server {g} max_fails=0;' for g in gateways_grpc)}
     }}
     server {{
         listen 127.0.0.1:{rest_port};

@@ -18,7 +18,9 @@ No TensorFlow here: the lean, wire-compatible messages of ``protos/`` do.
 - Ready only when TF Serving reports every configured model AVAILABLE (its
   REST status endpoint answers 200 while models still load, so it is not used).
   The status poll has a deadline of at most 1 s (``STATUS_TIMEOUT_S``), so a TF
-  Serving that hangs is noticed within ``tfserving_poll_s`` + 1 s.
+  Serving that hangs is noticed within ``tfserving_poll_s`` + 1 s; it is retried on
+  UNAVAILABLE like Predict, and a poll that fails leaves the versions' states as they
+  were until the breaker opens (readiness fails at once).
 - A circuit breaker (:class:`Breaker`; ``tfserving_breaker_failures``, 0: off, and
   ``tfserving_breaker_open_s``): after that many TF Serving calls in a row ended
   DEADLINE_EXCEEDED or UNAVAILABLE (Predict after its retries, or a status poll),
@@ -120,29 +122,34 @@ class TFServingBackend:
             self.poll()
 
     def poll(self) -> None:
-        """Every model's versions and states from TF Serving. A poll that times out or finds TF
-        Serving unavailable counts as one failure for the breaker (the models not asked yet are
-        not asked this round: they would wait the same)."""
+        """Every model's versions and states from TF Serving.
+
+        A status call that finds TF Serving UNAVAILABLE is retried as a Predict is
+        (``tfserving_retries``, backoff): behind a headless Service one pod that just went away
+        fails the call, the next address answers. A poll that still fails, or times out, counts
+        as one failure for the breaker (the models not asked yet are not asked this round: they
+        would wait the same) and makes readiness fail, but the versions keep their last known
+        states until the breaker opens: one lost poll (a pod killed, a CPU stall) must not fail
+        every request that the Predicts would have served. Once it is open, the versions are
+        UNAVAILABLE and requests are refused before the backend."""
         timeout = min(self.settings.tfserving_timeout_s, STATUS_TIMEOUT_S)
         down: str | None = None
         for name in self.settings.models:
             try:
                 if down is not None:
                     self._problems[name] = down
-                    for v in self._versions[name].values():
-                        v.state = "UNAVAILABLE"
+                    self._unreachable(name)
                     continue
-                resp = self._models.GetModelStatus(
-                    get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=name)),
-                    timeout=timeout,
-                )
+                resp = self._status(name, timeout)
             except grpc.RpcError as e:
                 self._problems[name] = f"TF Serving at {self.settings.tfserving_address}: {e.code().name}: {e.details()}"
-                for v in self._versions[name].values():
-                    v.state = "UNAVAILABLE"
                 if e.code() in UNREACHABLE:
                     down = self._problems[name]
                     self.breaker.failed(_describe(e, f"GetModelStatus({name})", timeout), poll=True)
+                    self._unreachable(name)
+                else:
+                    for v in self._versions[name].values():
+                        v.state = "UNAVAILABLE"
                 continue
             previous = self._versions[name]
             seen = {st.version: v for st in resp.model_version_status
@@ -155,6 +162,26 @@ class TFServingBackend:
                 self._problems[name] = f"no AVAILABLE version in TF Serving; versions {{{states}}}"
         if down is None:
             self.breaker.poll_answered()
+
+    def _status(self, name: str, timeout: float):
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=name))
+        s = self.settings
+        for attempt in range(s.tfserving_retries + 1):
+            try:
+                return self._models.GetModelStatus(request, timeout=timeout)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == s.tfserving_retries or self._stop.is_set():
+                    raise
+                time.sleep(s.tfserving_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _unreachable(self, name: str) -> None:
+        """A poll found TF Serving unreachable: the versions are UNAVAILABLE once the breaker is
+        open (or at once, with the breaker off); until then they keep their last states."""
+        if self.breaker.threshold and self.breaker.state() == "closed":
+            return
+        for v in self._versions[name].values():
+            v.state = "UNAVAILABLE"
 
     def _version(self, name: str, st, previous: ModelVersion | None) -> ModelVersion | None:
         """One version TF Serving reports, as the repository describes it, in TF Serving's state.

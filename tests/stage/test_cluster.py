@@ -36,6 +36,8 @@ def test_nginx_applies_the_ingress_annotations(tmp_path):
     for path, kind in nginx.routed_paths(nginx.REST_INGRESS):
         assert (f"location = {path} " if kind == "Exact" else f"location {path} ") in rest_server
     assert "/metrics" not in rest_server
+    # No passive ejection (ingress-nginx balances in Lua): a gateway's 503 never takes it out.
+    assert conf.count("max_fails=0;") == 3 and conf.count(" server 127.0.0.1:") == 3
     if shutil.which("nginx"):
         (tmp_path / "nginx.conf").write_text(conf)
         r = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],

@@ -32,10 +32,17 @@ class CountingStandIn(StandIn):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reached = 0
+        self.lose_polls = 0  # the next this many GetModelStatus calls end UNAVAILABLE
 
     def Predict(self, request, context):
         self.reached += 1
         return super().Predict(request, context)
+
+    def GetModelStatus(self, request, context):
+        if self.lose_polls > 0:
+            self.lose_polls -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (a test)")
+        return super().GetModelStatus(request, context)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +194,21 @@ def test_tf_serving_answers_again_a_probe_closes_the_breaker(healthy, standin):
     assert readyz(gw).status_code == 200
     for _ in range(FAILURES + 1):  # closed: the count starts again
         assert predict(gw).status_code == 200
+
+
+def test_lost_status_polls_fail_readiness_but_no_request(healthy, standin):
+    """Two polls in a row end UNAVAILABLE (fewer than the breaker's FAILURES), as when the pod a
+    headless Service's address pointed at was just killed: readiness fails until a poll answers,
+    but the versions keep their state, so requests are still served (they were refused with
+    "version N is not ready (UNAVAILABLE)" until the next poll answered)."""
+    gw = healthy
+    standin.lose_polls = 2
+    wait_until(lambda: standin.lose_polls < 2, timeout=3, interval=0.01)
+    r = predict(gw)
+    assert r.status_code == 200, r.text
+    r = readyz(gw)  # the second poll fails 0.2 s after the first: readiness still names it
+    assert r.status_code == 503 and "UNAVAILABLE: connection reset (a test)" in r.json()["error"]["message"], r.text
+    wait_until(lambda: readyz(gw).status_code == 200, timeout=3, interval=0.05)
 
 
 def test_tf_serving_gone_opens_the_breaker_and_back_closes_it(healthy, standin):
