@@ -210,6 +210,11 @@ class SecurityGroup(BaseModel):
     api_keys: str = ""
     api_keys_file: Path | None = None
     public_paths: list[str] = ["/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"]
+    # The API docs (/docs, /redoc, /openapi.json and their packaged assets) need no key: they
+    # describe the API's shape and hold no data, and a team reading them should not need a
+    # credential first. With keys on, the docs get an Authorize button (Bearer or x-api-key)
+    # for trying calls. false: they need a key like everything outside public_paths.
+    docs_public: bool = True
     public_grpc_methods: list[str] = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
                                       "/inference.GRPCInferenceService/ServerLive",
                                       "/inference.GRPCInferenceService/ServerReady"]

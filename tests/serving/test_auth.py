@@ -345,7 +345,10 @@ def test_gateway_requires_keys():
     from serving.gen.classifier.v1 import classifier_pb2 as pb
     from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
-    with gateway_process(api_keys="k1,k2", models="[\"sentiment_lstm\"]") as gw:
+    with gateway_process(api_keys="k1,k2", models="[\"sentiment_lstm\"]", docs_public="false") as gw:
+        for path in ("/docs", "/redoc", "/openapi.json"):  # docs_public false: the docs need a key too
+            assert httpx.get(gw.rest + path, timeout=30).status_code == 401, path
+        assert httpx.get(gw.rest + "/openapi.json", headers={"x-api-key": "k1"}, timeout=30).status_code == 200
         body = {"texts": ["good"]}
         r = httpx.post(gw.rest + "/v1/sentiment:predict", json=body, timeout=30)
         assert r.status_code == 401, r.text

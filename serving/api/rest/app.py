@@ -34,7 +34,7 @@ log = logging.getLogger("serving.rest")
 HTTP_ERRORS = {404: NotFound, 405: MethodNotAllowed}
 
 
-def middlewares(core: Classifier, api_keys: ApiKeys | None = None) -> list[tuple[type, dict]]:
+def middlewares(core: Classifier, api_keys: ApiKeys | None = None, docs_paths: tuple[str, ...] = ()) -> list[tuple[type, dict]]:
     """The ASGI middlewares every REST request passes, innermost first: body limit, API keys
     (when configured), CORS (when configured), request id. Shared by the FastAPI app and the hot path."""
     s = core.settings
@@ -42,7 +42,7 @@ def middlewares(core: Classifier, api_keys: ApiKeys | None = None) -> list[tuple
     out: list[tuple[type, dict]] = [(BodyLimit, {"max_bytes": s.max_body_bytes, "on_reject": reject("PAYLOAD_TOO_LARGE")})]
     keys = api_keys or ApiKeys.from_settings(s)
     if keys.enabled:
-        public = [*s.public_paths, *(CONSOLE_PATHS if s.console else ())]
+        public = [*s.public_paths, *(CONSOLE_PATHS if s.console else ()), *(docs_paths if s.docs_public else ())]
         out.append((ApiKeyMiddleware, {"keys": keys, "public_paths": public, "on_reject": reject("UNAUTHENTICATED")}))
     if s.cors_allow_origins:
         out.append((CORSMiddleware, {
@@ -69,12 +69,15 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         "send `Authorization: Bearer <key>` or `x-api-key`.",
         telemetry=None if s.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
         favicon_url="data:,",
+        redoc_url=None,  # openapi.add_redoc: without the CDN logo
         # No redirect from /path/ to /path: Starlette builds its Location from the request's Host
         # header (an open redirect to any host a client names); such paths are 404 in the one shape.
         redirect_slashes=False,
     )
     keys = api_keys or ApiKeys.from_settings(s)
-    for cls, options in middlewares(core, keys):
+    openapi.add_redoc(app)
+    docs = openapi.docs_paths(app)
+    for cls, options in middlewares(core, keys, docs):
         app.add_middleware(cls, **options)
     if s.console:
         add_console_routes(app, lambda: keys.enabled)
@@ -97,7 +100,10 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
     add_v1_routes(app, core)
     add_v2_routes(app, core)
     add_ops_routes(app, core)
-    openapi.install(app, s)
+    public = None
+    if keys.enabled:
+        public = frozenset([*s.public_paths, *(docs if s.docs_public else ())])
+    openapi.install(app, s, public)
     return app
 
 

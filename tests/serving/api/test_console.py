@@ -58,7 +58,7 @@ class Watched:
         self.origin = origin
 
     def foreign(self) -> list[str]:
-        return [u for u in self.urls if not u.startswith(self.origin + "/") and not u.startswith("data:")]
+        return [u for u in self.urls if not u.startswith((self.origin + "/", f"blob:{self.origin}/", "data:"))]
 
     def close(self):
         self.context.close()
@@ -283,6 +283,37 @@ def test_models_table_follows_a_label_move_and_shows_the_traffic_split(browser, 
         write(gw.traffic, "{}")
         write(gw.config, CONFIG)
         w.close()
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_api_docs_render_from_the_gateway_alone(gw, browser, path):
+    """Swagger UI and ReDoc in the browser: nothing fetched from another host (ReDoc's footer
+    logo came from cdn.redoc.ly), no console error, no schema warning (ReDoc warned
+    "Incompatible types in allOf" for DigitsRequest)."""
+    w = Watched(browser, gw.rest)
+    warnings = []
+    w.page.on("console", lambda m: m.type == "warning" and warnings.append(m.text))
+    try:
+        w.page.goto(gw.rest + path)
+        w.page.get_by_text("/v1/digits:predict").first.wait_for()
+        w.page.wait_for_timeout(500)
+        assert w.foreign() == [] and w.problems == [] and warnings == []
+    finally:
+        w.close()
+
+
+def test_api_docs_are_public_with_keys_on_and_offer_the_key_schemes(keyed):
+    """docs_public (default): the docs pages, their assets and the OpenAPI document need no key;
+    the document says which operations need one and how to send it."""
+    for path in ["/docs", "/redoc", "/openapi.json", "/redoc/redoc.standalone.js",
+                 "/static-offline-docs/swagger-ui-bundle.js"]:
+        assert httpx.get(keyed.rest + path, timeout=30).status_code == 200, path
+    assert httpx.get(keyed.rest + "/v1/models").status_code == 401
+    doc = httpx.get(keyed.rest + "/openapi.json").json()
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert doc["components"]["securitySchemes"]["apiKey"] == {"type": "apiKey", "in": "header", "name": "x-api-key"}
+    assert doc["paths"]["/v1/sentiment:predict"]["post"]["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
 
 
 def test_console_can_be_switched_off(own_gateways):
