@@ -145,13 +145,15 @@ def digits_with(value, at: int):
     (SENTIMENT, {"texts": ["x"], "version": True}, "version:"),
     (SENTIMENT, {"texts": ["x"], "version": "1"}, "version:"),
     (SENTIMENT, {"texts": ["x"], "version": 1.5}, "version:"),
+    (SENTIMENT, {"texts": ["x"], "version": 4.0}, "version:"),
+    (DIGITS, {"images": [blank_image()], "version": 1.0}, "version:"),
     (SENTIMENT, {"texts": "abc"}, "texts:"),
     (SENTIMENT, {"texts": ["good", 7]}, "texts[1]:"),
     (DIGITS, digits_with("7", at=0), "images[0][3][4]:"),
     (DIGITS, digits_with(True, at=1), "images[1][3][4]:"),
     (SENTIMENT, {"texts": ["good"], "modle": "sentiment_bilstm"}, "body: object contains unknown field modle"),
     (DIGITS, {"images": [blank_image()], "verison": 1}, "body: object contains unknown field verison"),
-], ids=["version-bool", "version-str", "version-float", "texts-str", "text-int", "pixel-str", "pixel-bool",
+], ids=["version-bool", "version-str", "version-float", "version-integral-float", "digits-version-integral-float", "texts-str", "text-int", "pixel-str", "pixel-bool",
         "sentiment-unknown-field", "digits-unknown-field"])
 def test_strict_types_are_400_naming_the_field(gw, path, body, field):
     r = post(gw, path, json.dumps(body).encode(), **{"content-type": "application/json"})

@@ -30,11 +30,11 @@ SENTIMENT, DIGITS = "/v1/sentiment:predict", "/v1/digits:predict"
 
 
 # -- request bodies: decoded with msgspec, documented from the same structs --------------
-# JSON Schema's "integer" includes 2.0, so an integral float is a version too (2.5 is refused
-# by _version); it is still documented as an integer (see serving/api/rest/openapi.py).
+# Strict, as every field: a version is a JSON integer; 4.0, 1.5, "4" and true are 400 naming it
+# (JSON Schema's "integer" would admit 4.0; the server, as its docs say, does not).
 VERSION_DOC = "Model version; default: the version labelled 'stable' in models.config, else the newest loaded"
 LABEL_DOC = "A version label from models.config (stable, canary, ...) instead of a version"
-Version = Annotated[int, msgspec.Meta(ge=1)] | Annotated[float, msgspec.Meta(ge=1)]
+Version = Annotated[int, msgspec.Meta(ge=1)]
 
 
 # Unknown fields are refused (400 naming the first), not ignored: a misspelt "modle" or "verison"
@@ -118,14 +118,6 @@ def _label(req) -> str | None:
     return req.version_label
 
 
-def _version(v: int | float | None) -> int | None:
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise InvalidInput(f"version: expected an integer, got {v!r}")
-        return int(v)
-    return v
-
-
 def _pixels(images: list[msgspec.Raw]) -> np.ndarray:
     return np.stack([check_pixels(decode_json(_decode_image28, raw, f"images[{i}]"), f"images[{i}]")
                      for i, raw in enumerate(images)])
@@ -155,7 +147,7 @@ class V1Predict:
     async def sentiment(self, headers: Mapping[str, str], read: Callable[[], Awaitable[bytes]], receive) -> Response:
         async def parse() -> Predict:
             req = await self._decode(headers, read, _decode_sentiment)
-            return Predict("text", Texts(req.texts, req.whole_text), req.model, _version(req.version), _label(req),
+            return Predict("text", Texts(req.texts, req.whole_text), req.model, req.version, _label(req),
                            req.explain)
 
         return await self.core.handle("rest", SENTIMENT, parse, _render, kind="text",
@@ -170,7 +162,7 @@ class V1Predict:
                 images = Images(len(req.images), lambda limits: _pixels(req.images), len(req.images) > INLINE_IMAGES)
             else:
                 images = Images(len(req.images_b64), lambda limits: from_b64(req.images_b64, limits))
-            return Predict("image", images, req.model, _version(req.version), _label(req), req.explain)
+            return Predict("image", images, req.model, req.version, _label(req), req.explain)
 
         return await self.core.handle("rest", DIGITS, parse, _render, kind="image",
                                       watch=lambda work: until_done(receive, work))
