@@ -24,40 +24,46 @@ from collections import Counter
 
 from classifier_client.errors import ClientError
 from classifier_client.grpc_client import AsyncClient
-from classifier_client.io import (InputError, Writer, image_bytes, input_format, normalise_label, output_format,
-                                  read_records, rows_done, rows_of)
+from classifier_client.io import (InputError, Writer, columns, image_bytes, input_format, normalise_label,
+                                  output_format, read_records, rows_done, rows_of)
 from classifier_client.flow import Flow
 from classifier_client.protocol import MAX_ITEMS, Options, StreamStats
 from classifier_client.stream import ordered_calls
 
 
 class Progress:
-    """One line on stderr: rows, percent, rate and ETA (redrawn at most 5 times a second)."""
+    """Progress on stderr: rows, percent, rate and ETA. On a terminal one line, redrawn at most 5
+    times a second; otherwise (a log, a CI job, ``2> file``) a plain line every ``every`` seconds
+    (0: none), which log collectors keep as they are."""
 
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.total, self.start_done, self.done, self.enabled = total, done, done, enabled
-        self.t0, self.last = time.monotonic(), 0.0
+    def __init__(self, total: int, done: int, enabled: bool, tty: bool = True, every: float = 10.0):
+        self.total, self.start_done, self.done, self.enabled = total, done, done, enabled and (tty or every > 0)
+        self.tty, self.every = tty, every
+        self.t0 = self.last = time.monotonic()
         self.retries = 0
 
     def update(self, n: int, retries: int = 0, force: bool = False):
         self.done += n
         self.retries = retries
         now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and not force):
+        if not self.enabled or (now - self.last < (0.2 if self.tty else self.every) and not force):
             return
         self.last = now
         rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
         left = self.total - self.done
         eta = f"{int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 else "?"
         pct = 100 * self.done / self.total if self.total else 100
-        width = 30
-        bar = "#" * int(width * pct / 100)
-        sys.stderr.write(f"\r[{bar:<{width}}] {self.done}/{self.total} {pct:5.1f}% {rate:,.0f} rows/s ETA {eta}"
-                         + (f" retries {retries}" if retries else "") + "\x1b[K")
+        figures = f"{self.done}/{self.total} {pct:5.1f}% {rate:,.0f} rows/s ETA {eta}" + (f" retries {retries}" if retries else "")
+        if self.tty:
+            width = 30
+            bar = "#" * int(width * pct / 100)
+            sys.stderr.write(f"\r[{bar:<{width}}] {figures}\x1b[K")
+        else:
+            sys.stderr.write(f"classifier-client: progress {figures.replace('  ', ' ')}\n")
         sys.stderr.flush()
 
     def close(self):
-        if self.enabled:
+        if self.enabled and self.tty:
             self.update(0, self.retries, force=True)
             sys.stderr.write("\n")
 
@@ -87,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
                    help="default: csv when the output ends in .csv, else jsonl")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the output file's "
                    "rows, skip as many inputs, append the rest")
+    g.add_argument("--keep", action="append", default=[], metavar="FIELD",
+                   help="copy this jsonl field / csv column of each input record into its output row (an id "
+                   "to join on, a timestamp, ...; repeat, or comma-separated)")
     g.add_argument("--evaluate", metavar="LABEL_FIELD", help="true labels in this field/column: print accuracy "
                    "and the confusion matrix at the end")
     g = common.add_argument_group("flow")
@@ -109,8 +118,12 @@ def parser() -> argparse.ArgumentParser:
                    "other status (NOT_FOUND, INVALID_ARGUMENT, ...) ends the run at once")
     g.add_argument("--give-up-after", type=float, default=120.0, metavar="SECONDS",
                    help="give up when no chunk has been answered for this long (refusals included)")
+    g.add_argument("--connect-retries", type=int, default=2, help="before anything was answered, give up "
+                   "after this many more attempts that could not connect (refused, name not resolved)")
     g.add_argument("--unary", action="store_true", help="sentiment over unary calls instead of the stream")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    g.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal: a progress line this often (0: none)")
 
     p = argparse.ArgumentParser(prog="classifier-client", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="kind", required=True)
@@ -148,12 +161,13 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
         stats = StreamStats()
         stats_out.append(stats)
         whole = kind == "sentiment" and a.whole_text
-        flow = Flow(a.window, retries=a.retries, give_up_s=a.give_up_after, stats=stats, split_refused=whole)
+        flow = Flow(a.window, retries=a.retries, give_up_s=a.give_up_after, stats=stats, split_refused=whole,
+                    connect_retries=a.connect_retries)
         try:
             async for s, chunk, resp in ordered_calls(
                     call, items, a.chunk_size, flow, start, chunk_rows=a.chunk_windows if whole else None,
                     windows_of=(lambda r: [p.get("windows", 1) for p in r["predictions"]]) if whole else None):
-                writer.write(rows_of(kind, s, _Json(resp), records.ids))
+                writer.write(rows_of(kind, s, _Json(resp), records.ids, records.kept))
                 progress.update(len(chunk), stats.total_retries)
         finally:
             await client.close()
@@ -161,7 +175,8 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
     o = Options(targets=a.target or ["127.0.0.1:50051"], tls=a.tls, ca=a.ca, api_key=a.api_key, headers=_headers(a.header),
                 model=a.model, version=a.version, version_label=a.version_label, whole_text=a.whole_text,
                 chunk_size=a.chunk_size, chunk_windows=a.chunk_windows,
-                window=a.window, streams=a.streams, deadline_s=a.deadline, retries=a.retries, give_up_s=a.give_up_after)
+                window=a.window, streams=a.streams, deadline_s=a.deadline, retries=a.retries, give_up_s=a.give_up_after,
+                connect_retries=a.connect_retries)
     async with AsyncClient(options=o) as client:
         stats_out.append(client.stats)
         if kind == "sentiment" and not a.unary:
@@ -169,7 +184,7 @@ async def _run(a, records, start: int, writer: Writer, progress: Progress, stats
         else:
             results = client.map_unary(kind, items, start)
         async for s, chunk, resp in results:
-            writer.write(rows_of(kind, s, resp, records.ids))
+            writer.write(rows_of(kind, s, resp, records.ids, records.kept))
             progress.update(len(chunk), client.stats.total_retries)
 
 
@@ -224,16 +239,20 @@ def _load(a):
     ``(records, output format, rows done, true labels or None)``; raises InputError."""
     if not 1 <= a.chunk_size <= MAX_ITEMS:
         raise InputError(f"--chunk-size must be 1..{MAX_ITEMS} (the server's limit per request)")
-    if a.chunk_windows < 1 or a.window < 1 or a.streams < 0 or a.retries < 0 or a.give_up_after <= 0 or a.deadline <= 0:
-        raise InputError("--chunk-windows and --window must be >= 1, --streams and --retries >= 0, "
-                         "--deadline and --give-up-after > 0")
+    if (a.chunk_windows < 1 or a.window < 1 or a.streams < 0 or a.retries < 0 or a.connect_retries < 0
+            or a.give_up_after <= 0 or a.deadline <= 0 or a.progress_every < 0):
+        raise InputError("--chunk-windows and --window must be >= 1, --streams, --retries, --connect-retries and "
+                         "--progress-every >= 0, --deadline and --give-up-after > 0")
     if a.version and a.version_label:
         raise InputError("--version and --version-label: give one")
     if a.resume and not a.output:
         raise InputError("--resume needs -o/--output (the output file is the resume state)")
     fmt = input_format(a.input, a.format)
     field = a.field or ("text" if a.kind == "sentiment" else "image")
-    records = read_records(a.input, fmt, field, a.evaluate)
+    keep = [k.strip() for value in a.keep for k in value.split(",") if k.strip()]
+    if clash := set(keep) & set(columns(a.kind)):
+        raise InputError(f"--keep {', '.join(sorted(clash))}: the output has such a column already")
+    records = read_records(a.input, fmt, field, a.evaluate, keep)
     ofmt = output_format(a.output, a.output_format)
     done = rows_done(a.output, ofmt) if a.resume else []
     if len(done) > len(records.items):
@@ -298,8 +317,8 @@ def main(argv=None) -> int:
 
     start = len(done)
     predicted = [r["label"] if a.kind == "sentiment" else int(r["label"]) for r in done]
-    writer = Writer(a.output, ofmt, a.kind, append=a.resume)
-    progress = Progress(len(records.items), start, enabled=not a.quiet and sys.stderr.isatty())
+    writer = Writer(a.output, ofmt, a.kind, append=a.resume, keep=records.keep)
+    progress = Progress(len(records.items), start, enabled=not a.quiet, tty=sys.stderr.isatty(), every=a.progress_every)
     stats_out: list = []
     t0 = time.monotonic()
     if truth is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import grpc
 
@@ -18,6 +19,11 @@ HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND
 # "Internal error from Core" when a write was under way as the call ended. Retried (the chunk is
 # sent again on a new stream, where the real answer or status comes back), counted under this name.
 STREAM_BROKE = "stream broke (status lost)"
+# UNAVAILABLE because no connection could be made (nothing listens, the name does not resolve):
+# grpc's and httpx's words for it. A server's own UNAVAILABLE (draining, TF Serving down) differs.
+UNREACHED = re.compile(r"Connection refused|Failed to connect|failed to connect to all addresses|"
+                       r"connections to all backends failing|DNS resolution failed|All connection attempts failed|"
+                       r"Name or service not known|nodename nor servname", re.IGNORECASE)
 
 
 class ClientError(Exception):
@@ -30,6 +36,11 @@ class ClientError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code, self.message, self.pushback_s = code, message, pushback_s
         self.label = label or code.name
+
+    @property
+    def unreached(self) -> bool:
+        """No connection to the server could be made (it never saw the request)."""
+        return self.code == grpc.StatusCode.UNAVAILABLE and bool(UNREACHED.search(self.message))
 
     @property
     def retryable(self) -> bool:

@@ -27,7 +27,11 @@ stream or call of the run, so that the total in flight adapts:
   its chunks smaller for them would get less of the gateway than a client beside it).
 - **Giving up** only when no progress is made: after ``retries`` failed attempts (UNAVAILABLE,
   DEADLINE_EXCEEDED, or a refusal without pushback) with no chunk answered in between, or when no
-  chunk has been answered for ``give_up_s`` seconds. A refusal with pushback is the server pacing
+  chunk has been answered for ``give_up_s`` seconds. Before the first answer, a gateway that
+  cannot be connected to at all (connection refused, name not resolved) gets only
+  ``connect_retries`` more attempts (a wrong port or host is reported in well under a second, not
+  after ``retries`` backoffs); once the run has been answered, a lost connection is retried as
+  any UNAVAILABLE (a gateway restarting). A refusal with pushback is the server pacing
   the run, not a failure: it counts only toward the time limit. While failures are unanswered,
   one chunk at a time goes out (a probe), so ``retries`` counts attempts, not streams.
 """
@@ -103,7 +107,9 @@ class Flow:
 
     def __init__(self, window: int, *, cap: int | None = None, retries: int = 10, give_up_s: float = 120.0,
                  backoff_base_s: float = 0.1, backoff_cap_s: float = 5.0, stats=None, split_refused: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 connect_retries: int = 2, clock: Callable[[], float] = time.monotonic):
+        self.connect_retries = connect_retries
+        self.ever_answered = False
         self.split_refused = split_refused  # whole text: split a chunk refused SPLIT_AFTER_REFUSALS times
         self.cap = max(1, cap if cap is not None else window)
         self.limit = max(1, min(window, self.cap))
@@ -142,6 +148,7 @@ class Flow:
         self.inflight -= 1
         self._alone.discard(ticket)
         self.failures = 0
+        self.ever_answered = True
         self.last_answer = self.clock()
         self._acked += 1
         if self._acked >= self.limit:
@@ -177,6 +184,10 @@ class Flow:
         paced = overload and err.pushback_s is not None
         if not paced:
             self.failures += 1
+        if err.unreached and not self.ever_answered and self.failures > self.connect_retries:
+            raise ClientError(err.code, f"{err.message} (giving up: {self.failures} attempts could not connect, "
+                                        "nothing answered yet: is the address right, is the gateway up?)",
+                              err.pushback_s, err.label) from None
         if self.failures > self.retries:
             raise ClientError(err.code, f"{err.message} (giving up: {self.failures} failed attempts in a row, "
                                         f"no chunk answered in between)", err.pushback_s, err.label) from None

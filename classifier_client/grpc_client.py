@@ -135,7 +135,8 @@ class AsyncClient:
                 return await self._once("ClassifyDigits", o.digits_request(images))
         whole = kind == "sentiment" and o.whole_text
         flow = Flow(o.window, retries=o.retries, give_up_s=o.give_up_s, backoff_base_s=o.backoff_base_s,
-                    backoff_cap_s=o.backoff_cap_s, stats=self.stats, split_refused=whole)
+                    backoff_cap_s=o.backoff_cap_s, stats=self.stats, split_refused=whole,
+                    connect_retries=o.connect_retries)
         async for out in ordered_calls(call, items, o.chunk_size, flow, start,
                                        chunk_rows=o.chunk_windows if whole else None,
                                        windows_of=(lambda r: [p.windows for p in r.predictions]) if whole else None):

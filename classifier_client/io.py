@@ -50,13 +50,21 @@ class Records:
     items: list  # texts (str), or images (bytes, or a path to read lazily)
     labels: list | None  # the --evaluate field, when asked
     ids: list | None = None  # file names for a directory of images
+    keep: tuple[str, ...] = ()  # the --keep fields, in order
+    kept: list[dict] | None = None  # each record's --keep fields (jsonl: as JSON values; csv: strings)
 
 
-def read_records(path: str, fmt: str | None = None, field: str = "text", label_field: str | None = None) -> Records:
-    """Every record of ``path``: txt (one item per line; no labels), jsonl or csv (``field`` and
-    ``label_field`` by name), or a directory of PNG/JPEG files (sorted by name)."""
+def read_records(path: str, fmt: str | None = None, field: str = "text", label_field: str | None = None,
+                 keep: list[str] | tuple[str, ...] = ()) -> Records:
+    """Every record of ``path``: txt (one item per line; no labels), jsonl or csv (``field``,
+    ``label_field`` and the ``keep`` fields by name; a record without one is an error naming its
+    line), or a directory of PNG/JPEG files (sorted by name)."""
     fmt = input_format(path, fmt)
+    keep = tuple(dict.fromkeys(keep))
     items, labels = [], [] if label_field else None
+    kept: list[dict] | None = [] if keep else None
+    if fmt in ("dir", "txt") and keep:
+        raise InputError(f"--keep needs fields: give a jsonl or csv input, not {'a directory' if fmt == 'dir' else 'txt'}")
     if fmt == "dir":
         files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if label_field:
@@ -76,18 +84,22 @@ def read_records(path: str, fmt: str | None = None, field: str = "text", label_f
                 items.append(_field(rec, field, path, n))
                 if label_field:
                     labels.append(_field(rec, label_field, path, n))
+                if keep:
+                    kept.append({k: _field(rec, k, path, n) for k in keep})
         elif fmt == "csv":
             reader = csv.DictReader(f)
-            for name in (field, label_field):
+            for name in (field, label_field, *keep):
                 if name and name not in (reader.fieldnames or ()):
                     raise InputError(f"{path}: no column {name!r} (columns: {', '.join(reader.fieldnames or ())})")
             for rec in reader:
                 items.append(rec[field])
                 if label_field:
                     labels.append(rec[label_field])
+                if keep:
+                    kept.append({k: rec[k] for k in keep})
         else:
             raise InputError(f"unknown input format {fmt!r} (txt, jsonl, csv, dir)")
-    return Records(items, labels)
+    return Records(items, labels, keep=keep, kept=kept)
 
 
 def _no_labels():
@@ -144,17 +156,19 @@ def _f(x: float) -> float:
     return round(float(x), 6)
 
 
-def rows_of(kind: str, start: int, response, ids: list | None = None) -> list[dict]:
+def rows_of(kind: str, start: int, response, ids: list | None = None, kept: list[dict] | None = None) -> list[dict]:
+    """The output rows of one answered chunk: ``index``, the record's ``--keep`` fields, the prediction."""
     rows = []
     for i, p in enumerate(response.predictions):
+        row = {"index": start + i, **(kept[start + i] if kept else {})}
         if kind == "sentiment":
-            rows.append({"index": start + i, "label": p.label, "score": _f(p.score),
-                         "negative": _f(p.probabilities["negative"]), "positive": _f(p.probabilities["positive"]),
-                         "tokens": p.tokens, "unknown_tokens": p.unknown_tokens, "windows": p.windows or 1})
+            row.update({"label": p.label, "score": _f(p.score),
+                        "negative": _f(p.probabilities["negative"]), "positive": _f(p.probabilities["positive"]),
+                        "tokens": p.tokens, "unknown_tokens": p.unknown_tokens, "windows": p.windows or 1})
         else:
-            row = {"index": start + i, "id": ids[start + i] if ids else "", "label": p.label, "score": _f(p.score)}
+            row.update({"id": ids[start + i] if ids else "", "label": p.label, "score": _f(p.score)})
             row.update({f"p{d}": _f(v) for d, v in enumerate(p.probabilities)})
-            rows.append(row)
+        rows.append(row)
     return rows
 
 
@@ -191,8 +205,9 @@ def rows_done(path: str, fmt: str) -> list[dict]:
 class Writer:
     """Rows to a file (or stdout), in the order given, flushed after each chunk."""
 
-    def __init__(self, path: str | None, fmt: str, kind: str, append: bool = False):
-        self.fmt, self.cols = fmt, columns(kind)
+    def __init__(self, path: str | None, fmt: str, kind: str, append: bool = False, keep: tuple[str, ...] = ()):
+        cols = columns(kind)
+        self.fmt, self.cols = fmt, cols[:1] + list(keep) + cols[1:]
         if path is None or path == "-":
             self.f, self.close_f = sys.stdout, False
         else:

@@ -41,6 +41,7 @@ class Options:
     deadline_s: float = 30.0  # per chunk / per call
     retries: int = 10  # failed attempts with no chunk answered in between before giving up
     give_up_s: float = 120.0  # ... or this long with no chunk answered (refusals with pushback included)
+    connect_retries: int = 2  # before anything was answered: attempts after a refused connection
     backoff_base_s: float = 0.1
     backoff_cap_s: float = 5.0
 
@@ -53,8 +54,10 @@ class Options:
             raise ValueError(f"chunk size must be 1..{MAX_ITEMS} (the server's limit per request)")
         if self.version and self.version_label:
             raise ValueError("give a version or a version label, not both")
-        if self.window < 1 or self.streams < 0 or self.retries < 0 or self.deadline_s <= 0 or self.give_up_s <= 0:
-            raise ValueError("window >= 1, streams >= 0, retries >= 0, deadline > 0 and give-up time > 0")
+        if (self.window < 1 or self.streams < 0 or self.retries < 0 or self.connect_retries < 0 or self.deadline_s <= 0
+                or self.give_up_s <= 0):
+            raise ValueError("window >= 1, streams >= 0, retries and connect retries >= 0, deadline > 0 and "
+                             "give-up time > 0")
         if self.chunk_windows < 1:
             raise ValueError("chunk windows >= 1")
 

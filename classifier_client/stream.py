@@ -158,7 +158,7 @@ class StreamRun:
         self.lanes = o.streams or max(o.window, len(o.targets))
         self.flow = Flow(min(o.window, self.lanes), retries=o.retries, give_up_s=o.give_up_s,
                          backoff_base_s=o.backoff_base_s, backoff_cap_s=o.backoff_cap_s, stats=client.stats,
-                         split_refused=o.whole_text)
+                         split_refused=o.whole_text, connect_retries=o.connect_retries)
         self.chunker = Chunker(texts, o.chunk_size, o.chunk_windows if o.whole_text else None)
         self.next_start = self.emit_start = start  # next input row to cut; next to yield
         self.exhausted = False

@@ -167,6 +167,19 @@ def test_an_unreachable_target_is_a_clear_error(reviews):
     assert f"could not reach the gateway at {target}: UNAVAILABLE" in err, err
 
 
+@pytest.mark.parametrize("api", ["grpc", "rest"])
+def test_a_refused_port_is_reported_after_a_few_attempts_not_all_retries(reviews, api):
+    """With the default --retries (10) and nothing ever answered, a refused connection ends the run
+    after --connect-retries (2) more attempts: it took 11 attempts and ~15 s."""
+    port = free_port()
+    target = f"127.0.0.1:{port}" if api == "grpc" else f"http://127.0.0.1:{port}"
+    p = run_cli("sentiment", reviews, "--target", target, *(["--rest"] if api == "rest" else []), check=False)
+    err = assert_clean_failure(p)
+    assert f"could not reach the gateway at {target}: UNAVAILABLE" in err, err
+    assert "giving up: 3 attempts could not connect, nothing answered yet" in err, err
+    assert "retries: 2 (UNAVAILABLE 2" in err, err
+
+
 # -- 3. TLS -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,51 @@ def test_readers(tmp_path):
         read_records(str(tmp_path / "a.csv"))
 
 
+def test_kept_fields_pass_through_to_the_output_rows(gateway, tmp_path):
+    """--keep copies input fields into each output row (after index), for downstream joins, in
+    jsonl (JSON values as given) and csv (the column's text); a resumed run keeps them too."""
+    records = [{"id": f"r-{i}", "text": t, "meta": {"shop": i % 3}} for i, t in
+               enumerate(["a wonderful film", "dull and far too long", "great acting", "awful plot"] * 5)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    run_cli("sentiment", src, "--target", gateway.grpc, "--keep", "id,meta", "-o", out, "--chunk-size", 7)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["index"], r["id"], r["meta"]) for r in rows] == [(i, r["id"], r["meta"]) for i, r in enumerate(records)]
+    assert list(rows[0])[:4] == ["index", "id", "meta", "label"]
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:9]))  # an interrupted run
+    run_cli("sentiment", src, "--target", gateway.grpc, "--keep", "id", "--keep", "meta", "-o", out, "--resume")
+    assert out.read_text().splitlines(keepends=True) == lines
+    csv_src = tmp_path / "in.csv"
+    csv_src.write_text("review_id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in records))
+    run_cli("sentiment", csv_src, "--rest", "--target", gateway.rest, "--keep", "review_id", "-o", tmp_path / "o.csv")
+    import csv
+
+    got = list(csv.DictReader(open(tmp_path / "o.csv")))
+    assert [(r["index"], r["review_id"]) for r in got] == [(str(i), r["id"]) for i, r in enumerate(records)]
+    assert [r["label"] for r in got] == [r["label"] for r in rows]
+    for args, message in [(["--keep", "nope"], "no field 'nope'"), (["--keep", "label"], "--keep label: the output has"),
+                          (["--keep", "id", "--format", "txt"], "--keep needs fields")]:
+        p = run_cli("sentiment", src, "--target", gateway.grpc, *args, check=False)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+
+
+def test_progress_lines_without_a_terminal(gateway, reviews, tmp_path):
+    """stderr is a pipe here: a plain progress line every --progress-every seconds (there was none)."""
+    src = head(reviews, 400, tmp_path / "in.jsonl")
+    p = run_cli("sentiment", src, "--target", gateway.grpc, "--chunk-size", 8, "--window", 1,
+                "--progress-every", 0.05, "-o", tmp_path / "o.jsonl")
+    progress = [line for line in p.stderr.splitlines() if line.startswith("classifier-client: progress ")]
+    assert progress, p.stderr
+    assert "\r" not in p.stderr and "\x1b" not in p.stderr
+    done = [int(line.split()[2].split("/")[0]) for line in progress]
+    assert done == sorted(done) and all(line.split()[2].endswith("/400") for line in progress) and "rows/s" in progress[0]
+    p = run_cli("sentiment", src, "--target", gateway.grpc, "--chunk-size", 8, "--window", 1,
+                "--progress-every", 0, "-o", tmp_path / "o.jsonl")
+    assert "progress" not in p.stderr
+
+
 def test_writers_and_rows_done(tmp_path):
     from classifier_client.io import Writer, rows_done
 
