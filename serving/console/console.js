@@ -73,6 +73,8 @@
     state.models = models;
     const body = $("#models tbody");
     body.replaceChildren();
+    // Each cell names its column (data-label): on a phone the rows are cards that show it.
+    const columns = [...document.querySelectorAll("#models thead th")].map((th) => th.textContent);
     for (const m of models) {
       for (const v of m.versions) {
         const card = v.card || {};
@@ -99,6 +101,7 @@
           el("td", {}, card.test_ece === undefined ? "–" : card.test_ece.toFixed(3)),
           el("td", {}, card.parameters === undefined ? "–" : card.parameters.toLocaleString("en")),
           el("td", {}, (card.created || "–").slice(0, 10))));
+        body.lastElementChild.querySelectorAll("td").forEach((td, i) => { td.dataset.label = columns[i]; });
       }
     }
     const textModels = models.filter(isText), imageModels = models.filter((m) => !isText(m));

@@ -181,6 +181,33 @@ def test_drawn_digit_is_classified(gw, browser, finger):
     page.close()
 
 
+def test_models_table_fits_a_phone(gw, browser, tmp_path):
+    """At 390 px (a phone) the models table is one card per version, each value beside its column's
+    name: nothing is wider than the screen and nothing scrolls sideways (the 10-column table
+    scrolled off-screen). A full-page screenshot is as wide as the screen."""
+    page = Watched(browser, gw.rest, viewport={"width": 390, "height": 800}, is_mobile=True, has_touch=True)
+    try:
+        p = page.page
+        p.goto(gw.rest + "/")
+        p.locator("#models tbody tr").first.wait_for()
+        shot = tmp_path / "console-390.png"
+        p.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot: {shot}")
+        width = int.from_bytes(shot.read_bytes()[16:20], "big")  # the PNG's IHDR width
+        assert width == 390, width
+        section = p.locator("#models-section")
+        assert section.evaluate("s => s.scrollWidth <= s.clientWidth"), "the models section scrolls sideways"
+        for cell in p.locator("#models tbody td").all():
+            box = cell.bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (cell.inner_text(), box)
+        first = p.locator("#models tbody tr").first.locator("td")
+        assert first.nth(0).get_attribute("data-label") == "model"
+        assert first.nth(4).get_attribute("data-label") == "test accuracy"
+        assert page.problems == []
+    finally:
+        page.close()
+
+
 def test_page_and_assets_are_served_from_the_package(gw):
     for path, kind in [("/", "text/html"), ("/console/console.js", "text/javascript"), ("/console/console.css", "text/css")]:
         r = httpx.get(gw.rest + path)
