@@ -40,7 +40,11 @@ def begin_call(context) -> None:
 
 def grpc_errors(method):
     """A servicer method (unary, or a response stream) with its call's request id begun and any
-    :class:`ServiceError` ending the call with its status (:func:`abort`)."""
+    :class:`ServiceError` ending the call with its status (:func:`set_error`, then return: grpc
+    sends the status and discards the response). Not ``context.abort``: its AbortError, raised in
+    the ``except`` block, holds this frame, which holds the ServiceError and its traceback: every
+    refused call left ~50 objects in reference cycles (at 4 clients sending bad requests, ~25,000
+    in 3 s, which the loop's garbage collection then took ~100 ms to free)."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
@@ -49,7 +53,7 @@ def grpc_errors(method):
                 async for response in method(self, request, context):
                     yield response
             except ServiceError as e:
-                await abort(context, e)
+                set_error(context, e.with_traceback(None))
         return stream
 
     @functools.wraps(method)
@@ -58,19 +62,15 @@ def grpc_errors(method):
         try:
             return await method(self, request, context)
         except ServiceError as e:
-            await abort(context, e)
+            set_error(context, e.with_traceback(None))
+            return None
     return unary
 
 
-async def abort(context, e: ServiceError):
-    """End the call with the error's status and message; the request id and, for an overload,
-    the time to retry after go in the trailing metadata."""
-    await context.abort(e.grpc_status, e.message, trailing_metadata=trailers(e))
-
-
 def set_error(context, e: ServiceError) -> None:
-    """What :func:`abort` sends, set on the call without raising: a handler that returns next ends the
-    call with it (no exception, no traceback: refusals at high overload leave no garbage cycles)."""
+    """The error's status and message, set on the call without raising (the request id and, for an
+    overload, the time to retry after go in the trailing metadata): a handler that returns next ends
+    the call with it (no exception, no traceback: refusals leave no garbage cycles)."""
     context.set_code(e.grpc_status)
     context.set_details(e.message)
     context.set_trailing_metadata(trailers(e))
