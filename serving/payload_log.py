@@ -34,6 +34,7 @@ import numpy as np
 from serving import kinds
 from serving.logs import RateLimitedLog
 from serving.metrics import Metrics
+from serving.priority import lower_this_thread
 from serving.request import Call, request_id
 from serving.settings import Settings
 
@@ -89,6 +90,7 @@ class PayloadLog:
         self._closing = False
         self._file = None
         self._warn = RateLimitedLog(log)
+        self._nice = settings.worker_nice  # the writer yields to the event loop, as the workers do
         self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
         self._thread.start()
 
@@ -134,6 +136,7 @@ class PayloadLog:
 
     # -- the writer thread --------------------------------------------------------
     def _run(self) -> None:
+        lower_this_thread(self._nice)
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
