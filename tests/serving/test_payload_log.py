@@ -3,7 +3,8 @@ real HTTP and gRPC clients, the records read back from the destination (a file, 
 
 Four gateways, started together: ``full`` (every request, to a file, API keys on), ``sampled``
 (a quarter of the request ids, texts redacted, to stdout), ``zero`` (sample rate 0) and
-``blocked`` (a FIFO nobody reads, a queue of 4 records)."""
+``blocked`` (a FIFO nobody reads, a queue of 4 records). The byte bound and write errors are
+tested on the same PayloadLog class in this process."""
 
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.inference import open_inference_grpc_pb2 as v2
 from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from serving.kinds.text import SentimentPrediction, Texts
+from serving.metrics import Metrics
+from serving.payload_log import PayloadLog
+from serving.request import Call, Predict, Result, request_id
+from serving.settings import Settings
 from testkit.gateway import ROOT, gateway_processes, metric_samples, stable_version, wait_until
 
 KEY = "pl-Secret-Key-8f3e1c"
@@ -278,3 +285,75 @@ def test_the_readme_join_gives_live_accuracy_per_version(gws, tmp_path):
     hits = sum(p == t for p, t in zip(predicted, truth))
     assert rows == [{"model": "sentiment_lstm", "version": stable_version("sentiment_lstm"), "items": 6,
                      "accuracy": hits / 6}]
+
+
+# -- the queue and the writer, in this process (the same PayloadLog class a gateway runs) -------------
+
+def _call(text: str) -> Call:
+    preds = [SentimentPrediction("positive", 0.9, {"negative": 0.1, "positive": 0.9}, 3, 0, 1)]
+    return Call("rest", SENTIMENT, "sentiment_lstm", 4, 1, request=Predict("text", Texts([text])),
+                result=Result("sentiment_lstm", 4, preds, np.array([[0.1, 0.9]], np.float32)))
+
+
+def _log(pl: PayloadLog, rid: str, text: str) -> None:
+    token = request_id.set(rid)
+    try:
+        pl.log(_call(text), 0.002)
+    finally:
+        request_id.reset(token)
+
+
+def test_payload_logging_is_off_by_default_and_its_settings_are_checked():
+    s = Settings(_env_file=None)
+    assert (s.payload_log, s.payload_log_sample_rate, s.payload_log_destination) == (False, 1.0, "stdout")
+    for bad in ({"payload_log_sample_rate": 1.5}, {"payload_log_sample_rate": -0.1}, {"payload_log_queue_records": 0}):
+        with pytest.raises(ValidationError) as e:
+            Settings(_env_file=None, **bad)
+        assert next(iter(bad)) in str(e.value)
+
+
+def test_the_byte_bound_drops_a_record_too_large_for_the_room_left(tmp_path):
+    """Writer stuck on a FIFO: a record larger than payload_log_queue_bytes is dropped, small ones
+    behind it still fit; once a reader comes the small ones are written, in order."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    s = Settings(_env_file=None, payload_log=True, payload_log_destination=str(fifo), payload_log_queue_bytes=4096)
+    pl = PayloadLog(s, Metrics(s.models))
+    _log(pl, "small-1", "short")
+    _log(pl, "big", "x" * 5000)
+    _log(pl, "small-2", "short too")
+    m = pl.metrics
+    assert (m.payload_sampled._value.get(), m.payload_dropped.labels("queue_full")._value.get()) == (3, 1)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        data = b""
+
+        def two_lines():
+            nonlocal data
+            try:
+                data += os.read(fd, 1 << 16)
+            except BlockingIOError:
+                pass
+            return data.count(b"\n") >= 2
+
+        wait_until(two_lines, timeout=10, interval=0.02)
+        assert [json.loads(line)["request_id"] for line in data.splitlines()] == ["small-1", "small-2"]
+        pl.close()
+    finally:
+        os.close(fd)
+    assert m.payload_written._value.get() == 2
+
+
+def test_a_destination_that_cannot_be_opened_counts_write_errors_and_is_retried(tmp_path):
+    path = tmp_path / "later" / "payloads.jsonl"  # its folder does not exist yet
+    s = Settings(_env_file=None, payload_log=True, payload_log_destination=str(path))
+    pl = PayloadLog(s, Metrics(s.models))
+    m = pl.metrics
+    for i in range(3):
+        _log(pl, f"lost-{i}", "text")
+    wait_until(lambda: m.payload_dropped.labels("write_error")._value.get() == 3, timeout=10, interval=0.02)
+    path.parent.mkdir()
+    _log(pl, "kept", "text")
+    pl.close()
+    assert [r["request_id"] for r in records(path)] == ["kept"]
+    assert (m.payload_written._value.get(), m.payload_dropped.labels("queue_full")._value.get()) == (1, 0)
