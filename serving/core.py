@@ -4,7 +4,7 @@ the model's batchers, and the gateway's own life cycle (load, readiness, drain).
 Every adapter (REST /v1 and its hot path, REST V2, gRPC classifier.v1, gRPC V2) hands a
 request to :meth:`Classifier.handle` with its own ``parse`` (wire -> :class:`Predict`)
 and ``render`` (:class:`Result` -> wire); that one method is where deadlines, admission,
-metrics, the access log and the payload log (serving/payload_log.py) happen. :meth:`Classifier.predict` runs the request through
+metrics, the access log and the payload log happen. :meth:`Classifier.predict` runs the request through
 its model kind's pipeline (serving/kinds/): count -> rows -> admit -> prepare -> batch -> result.
 
 Nothing heavy runs on the event loop: large requests are validated and tokenised, and

@@ -41,7 +41,8 @@ from serving.settings import Settings
 log = logging.getLogger("serving.payload_log")
 
 STDOUT = "stdout"
-_encode = msgspec.json.Encoder(enc_hook=lambda o: o.tolist() if isinstance(o, (np.ndarray, np.generic)) else str(o)).encode
+_encode = msgspec.json.Encoder(
+    enc_hook=lambda o: o.tolist() if isinstance(o, (np.ndarray, np.generic)) else str(o)).encode
 
 
 def sampled(rid: str, rate: float) -> bool:
@@ -184,7 +185,7 @@ class PayloadLog:
         """The JSON record of a queued request (README "Payload logging")."""
         kind = kinds.KINDS.get(r.kind) if r.kind else None
         return {
-            "time": datetime.fromtimestamp(r.time, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "time": datetime.fromtimestamp(r.time, timezone.utc).isoformat(timespec="microseconds")[:-6] + "Z",
             "request_id": r.request_id,
             "protocol": r.protocol,
             "api": api_of(r.protocol, r.endpoint),

@@ -115,8 +115,8 @@ def test_records_of_all_four_apis_name_the_served_version_and_the_request(gws):
     meta = (("authorization", f"Bearer {KEY}"),)
     with grpc.insecure_channel(gw.grpc) as channel:
         v1_stub, v2_stub = pb_grpc.ClassifierStub(channel), v2_grpc.GRPCInferenceServiceStub(channel)
-        v1_stub.ClassifySentiment(pb.SentimentRequest(texts=["boring"]), metadata=(*meta, ("x-request-id", "pl-grpc-v1")),
-                                  timeout=30)
+        v1_stub.ClassifySentiment(pb.SentimentRequest(texts=["boring"]),
+                                  metadata=(*meta, ("x-request-id", "pl-grpc-v1")), timeout=30)
         answers = list(v1_stub.StreamClassifySentiment(iter([pb.SentimentRequest(texts=["one"]),
                                                              pb.SentimentRequest(texts=["two", "three"])]),
                                                         metadata=(("x-api-key", KEY), ("x-request-id", "pl-stream")),
@@ -127,7 +127,8 @@ def test_records_of_all_four_apis_name_the_served_version_and_the_request(gws):
             image.reshape(-1).tolist())
         v2_stub.ModelInfer(request, metadata=(*meta, ("x-request-id", "pl-grpc-v2")), timeout=30)
 
-    got = wait_records(gw.path, {"pl-rest-v1", "pl-rest-v1-digits", "pl-rest-v2", "pl-grpc-v1", "pl-stream", "pl-grpc-v2"})
+    got = wait_records(gw.path, {"pl-rest-v1", "pl-rest-v1-digits", "pl-rest-v2", "pl-grpc-v1", "pl-stream",
+                                 "pl-grpc-v2"})
     one = {rid: rs[0] for rid, rs in got.items()}
     where = {rid: (r["protocol"], r["api"], r["endpoint"], r["model"], r["version"], r["kind"], r["outcome"])
              for rid, r in one.items() if rid.startswith("pl-")}
@@ -160,8 +161,8 @@ def test_failed_requests_are_logged_with_their_error_code(gws):
     with grpc.insecure_channel(gw.grpc) as channel:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.ClassifierStub(channel).ClassifySentiment(
-                pb.SentimentRequest(texts=["fine"], version=999), metadata=(("x-api-key", KEY), ("x-request-id", "pl-nover")),
-                timeout=30)
+                pb.SentimentRequest(texts=["fine"], version=999),
+                metadata=(("x-api-key", KEY), ("x-request-id", "pl-nover")), timeout=30)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     got = wait_records(gw.path, {"pl-empty", "pl-unknown", "pl-nover"})
     fields = {rid: (rs[0]["outcome"], rs[0]["model"], rs[0]["version"], rs[0]["inputs"], rs[0]["outputs"])
