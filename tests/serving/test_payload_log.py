@@ -30,7 +30,7 @@ from serving.metrics import Metrics
 from serving.payload_log import PayloadLog
 from serving.request import Call, Predict, Result, request_id
 from serving.settings import Settings
-from testkit.gateway import ROOT, gateway_processes, metric_samples, stable_version, wait_until
+from testkit.gateway import ROOT, gateway_processes, metric_samples, served_versions, stable_version, wait_until
 
 KEY = "pl-Secret-Key-8f3e1c"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -109,6 +109,9 @@ def test_records_of_all_four_apis_name_the_served_version_and_the_request(gws):
     assert r.status_code == 200, r.text
     rest_v1 = r.json()
     assert post(gw, DIGITS, {"images": [image.tolist()]}, "pl-rest-v1-digits").status_code == 200
+    old = min(served_versions("sentiment_lstm"))  # not the default: the record names the version that served
+    assert old != lstm
+    assert post(gw, SENTIMENT, {"texts": ["older"], "version": old}, "pl-rest-v1-old").json()["model"]["version"] == old
     r = post(gw, "/v2/models/sentiment_lstm/infer",
              {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["what a film"]}]}, "pl-rest-v2")
     assert r.status_code == 200, r.text
@@ -127,14 +130,15 @@ def test_records_of_all_four_apis_name_the_served_version_and_the_request(gws):
             image.reshape(-1).tolist())
         v2_stub.ModelInfer(request, metadata=(*meta, ("x-request-id", "pl-grpc-v2")), timeout=30)
 
-    got = wait_records(gw.path, {"pl-rest-v1", "pl-rest-v1-digits", "pl-rest-v2", "pl-grpc-v1", "pl-stream",
-                                 "pl-grpc-v2"})
+    got = wait_records(gw.path, {"pl-rest-v1", "pl-rest-v1-digits", "pl-rest-v1-old", "pl-rest-v2", "pl-grpc-v1",
+                                 "pl-stream", "pl-grpc-v2"})
     one = {rid: rs[0] for rid, rs in got.items()}
     where = {rid: (r["protocol"], r["api"], r["endpoint"], r["model"], r["version"], r["kind"], r["outcome"])
              for rid, r in one.items() if rid.startswith("pl-")}
     assert where == {
         "pl-rest-v1": ("rest", "v1", SENTIMENT, "sentiment_lstm", lstm, "text", "ok"),
         "pl-rest-v1-digits": ("rest", "v1", DIGITS, "digits", digits_v, "image", "ok"),
+        "pl-rest-v1-old": ("rest", "v1", SENTIMENT, "sentiment_lstm", old, "text", "ok"),
         "pl-rest-v2": ("rest", "v2", "/v2/models/{name}/infer", "sentiment_lstm", lstm, "text", "ok"),
         "pl-grpc-v1": ("grpc", "v1", "ClassifySentiment", "sentiment_lstm", lstm, "text", "ok"),
         "pl-stream": ("grpc", "v1", "StreamClassifySentiment", "sentiment_lstm", lstm, "text", "ok"),
@@ -270,10 +274,12 @@ def test_the_readme_join_gives_live_accuracy_per_version(gws, tmp_path):
     texts = ["a wonderful , moving film", "dull , boring and far too long", "great acting", "awful plot",
              "i loved it", "a waste of time"]
     truth = ["positive", "negative", "negative", "negative", "positive", "positive"]  # not all what the model says
-    predicted = []
-    for i in range(0, len(texts), 2):
-        r = post(gw, SENTIMENT, {"texts": texts[i:i + 2]}, f"join-{i}")
-        predicted += [p["label"] for p in r.json()["predictions"]]
+    old, new = min(served_versions("sentiment_lstm")), stable_version("sentiment_lstm")
+    hits = {old: [], new: []}
+    for i in range(0, len(texts), 2):  # the middle request to the older version
+        version = old if i == 2 else new
+        r = post(gw, SENTIMENT, {"texts": texts[i:i + 2], "version": version}, f"join-{i}")
+        hits[version] += [p["label"] == t for p, t in zip(r.json()["predictions"], truth[i:i + 2])]
     wait_records(gw.path, {f"join-{i}" for i in range(0, len(texts), 2)})
     lines = [json.dumps({"request_id": f"join-{i - i % 2}", "index": i % 2, "label": label})
              for i, label in enumerate(truth)]
@@ -283,9 +289,8 @@ def test_the_readme_join_gives_live_accuracy_per_version(gws, tmp_path):
     r = subprocess.run(["bash", "-c", readme_jq_join()], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    hits = sum(p == t for p, t in zip(predicted, truth))
-    assert rows == [{"model": "sentiment_lstm", "version": stable_version("sentiment_lstm"), "items": 6,
-                     "accuracy": hits / 6}]
+    assert rows == [{"model": "sentiment_lstm", "version": v, "items": len(hits[v]),
+                     "accuracy": sum(hits[v]) / len(hits[v])} for v in sorted(hits)]  # per version, oldest first
 
 
 # -- the queue and the writer, in this process (the same PayloadLog class a gateway runs) -------------
