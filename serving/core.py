@@ -4,7 +4,7 @@ the model's batchers, and the gateway's own life cycle (load, readiness, drain).
 Every adapter (REST /v1 and its hot path, REST V2, gRPC classifier.v1, gRPC V2) hands a
 request to :meth:`Classifier.handle` with its own ``parse`` (wire -> :class:`Predict`)
 and ``render`` (:class:`Result` -> wire); that one method is where deadlines, admission,
-metrics and the access log happen. :meth:`Classifier.predict` runs the request through
+metrics, the access log and the payload log happen. :meth:`Classifier.predict` runs the request through
 its model kind's pipeline (serving/kinds/): count -> rows -> admit -> prepare -> batch -> result.
 
 Nothing heavy runs on the event loop: large requests are validated and tokenised, and
@@ -34,6 +34,7 @@ from serving.errors import InvalidInput, NotFound, PayloadTooLarge, RequestTimeo
 from serving.flow import Batchers
 from serving.metrics import Metrics
 from serving.model_config import MODELS_CONFIG, STABLE, TRAFFIC
+from serving.payload_log import PayloadLog
 from serving.priority import collect_garbage, lower_this_thread, lower_threads_named
 from serving.request import Call, Predict, Result
 from serving.rollout import Rollout
@@ -57,6 +58,7 @@ class Classifier:
         # Validation, tokenising and image decoding of large requests (kept apart from model calls).
         self._prep = ThreadPoolExecutor(2, "preprocess", *nice)
         self.batchers = Batchers(settings, backend, self.metrics, self._executor)
+        self.payloads = PayloadLog(settings, self.metrics) if settings.payload_log else None
         self._load_task: asyncio.Task | None = None
         self._follow_task: asyncio.Task | None = None
         self._gc_task: asyncio.Task | None = None
@@ -138,6 +140,8 @@ class Classifier:
             await b.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._prep.shutdown(wait=False, cancel_futures=True)
+        if self.payloads:
+            await asyncio.to_thread(self.payloads.close)
         self.backend.close()
 
     def ready(self) -> tuple[bool, str]:
@@ -191,7 +195,10 @@ class Classifier:
             self.active -= 1
             if not self.active:
                 self._idle.set()
-            self.record(protocol, endpoint, call.model, call.outcome, time.perf_counter() - t0, call.version, call.items)
+            seconds = time.perf_counter() - t0
+            self.record(protocol, endpoint, call.model, call.outcome, seconds, call.version, call.items)
+            if self.payloads:
+                self.payloads.log(call, seconds)
 
     def record(self, protocol: str, endpoint: str, model: str | None, outcome: str, seconds: float,
                version: int | None = None, items: int = 0) -> None:
@@ -239,11 +246,12 @@ class Classifier:
         with self.track(protocol, endpoint, model) as call:
             if kind is not None:
                 self.precheck(kind if isinstance(kind, str) else kind())
-            req = await parse()
+            req = call.request = await parse()
             if req.timeout_s is not None:
                 deadline = min(deadline, self.deadline(req.timeout_s))
             work = self.predict(req, call, deadline)
-            return await render(req, await (watch(work) if watch else work))
+            result = call.result = await (watch(work) if watch else work)
+            return await render(req, result)
 
     async def predict(self, req: Predict, call: Call | None = None, deadline: float | None = None) -> Result:
         """The request's model version and batcher; its items counted and admitted, prepared by its
@@ -272,6 +280,8 @@ class Classifier:
             elif len(prepared.rows) < reserved:
                 batcher.release(reserved - len(prepared.rows))
             reserved = len(prepared.rows)
+            if call:
+                call.rows = prepared.rows
         except BaseException:
             batcher.release(reserved)
             raise

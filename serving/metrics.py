@@ -31,6 +31,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # The endpoint label's values: the service's own routes and RPCs (anything else is "other").
 ENDPOINTS = ("/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
              "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment", "/v2/models/{name}/infer", "ModelInfer")
+# Why a payload log record was dropped (classifier_payload_log_dropped_total's reason label).
+PAYLOAD_DROP_REASONS = ("queue_full", "write_error")
 
 
 class Metrics:
@@ -121,6 +123,16 @@ class Metrics:
             "classifier_model_version_info", "Model versions the backend knows (1 = AVAILABLE)",
             ["model", "version", "state"], registry=r,
         )
+        # Payload logging (serving/payload_log.py): requests sampled, records written, records dropped.
+        self.payload_sampled = Counter("classifier_payload_log_sampled",
+                                       "Requests sampled for the payload log", registry=r)
+        self.payload_written = Counter("classifier_payload_log_written",
+                                       "Payload log records written to the destination", registry=r)
+        self.payload_dropped = Counter(
+            "classifier_payload_log_dropped", "Payload log records dropped: queue_full (the writer was behind: "
+            "payload_log_queue_records or payload_log_queue_bytes reached) or write_error", ["reason"], registry=r)
+        for reason in PAYLOAD_DROP_REASONS:
+            self.payload_dropped.labels(reason)
         self._series: dict[tuple, tuple] = {}
         self._models: dict[str, ModelSeries] = {}
         self.ready = Gauge("classifier_ready", "1 when /readyz answers 200, else 0", registry=r)

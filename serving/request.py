@@ -50,7 +50,7 @@ class Result:
 
 @dataclass
 class Call:
-    """What the access log says about one request; filled in as it is handled."""
+    """What the access log (and the payload log) says about one request; filled in as it is handled."""
 
     protocol: str
     endpoint: str
@@ -58,3 +58,7 @@ class Call:
     version: int | None = None
     items: int = 0
     outcome: str = "ok"
+    # For the payload log (serving/payload_log.py): the parsed request, the rows the model got, the answer.
+    request: Predict | None = None
+    rows: np.ndarray | None = None
+    result: Result | None = None

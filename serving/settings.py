@@ -1,6 +1,6 @@
 """All gateway settings, in one place, by group: models, the embedded backend, TF Serving,
 the servers (ports, connections, deadlines, drain), request limits, batching and admission,
-security, logs.
+security, logs, payload logging.
 
 Read from environment variables prefixed ``CLASSIFIER_`` (e.g.
 ``CLASSIFIER_REST_PORT=8080``), or from a ``.env``-style file named by
@@ -238,8 +238,27 @@ class LogsGroup(BaseModel):
     log_flush_interval_s: float = Field(0.1, gt=0, le=5)
 
 
+class PayloadLogGroup(BaseModel):
+    # Payload logging (serving/payload_log.py, README "Payload logging"; off by default): each
+    # sampled request that reached a model's handler, answered or failed, becomes one JSON line:
+    # request id, API, model, the version that served it, inputs (texts, or digests with
+    # payload_log_redact_texts; images always as digests), labels and probabilities, latency,
+    # outcome. Never a header or a credential. payload_log_sample_rate: the share of request ids
+    # logged, decided by a hash of the request id (the same id is always in or out).
+    # payload_log_destination: a file path (appended to) or "stdout". Records wait in a queue of
+    # at most payload_log_queue_records records and payload_log_queue_bytes bytes (estimated:
+    # texts' characters, model inputs' bytes) for a writer thread; a record that does not fit is
+    # dropped and counted (classifier_payload_log_dropped_total), never waited for.
+    payload_log: bool = False
+    payload_log_sample_rate: float = Field(1.0, ge=0, le=1)
+    payload_log_destination: str = Field("stdout", min_length=1)
+    payload_log_redact_texts: bool = False
+    payload_log_queue_records: int = Field(1000, ge=1)
+    payload_log_queue_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
 class Settings(ModelsGroup, EmbeddedGroup, TFServingGroup, ServerGroup, Limits, Batching, SecurityGroup, LogsGroup,
-               BaseSettings):
+               PayloadLogGroup, BaseSettings):
     """Every setting, by group (each group a class above; environment variables ``CLASSIFIER_<NAME>``)."""
 
     model_config = SettingsConfigDict(

@@ -13,6 +13,7 @@ The kind of a model version is its card's ``kind`` (:attr:`contract.repository.M
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,6 +72,31 @@ class ModelKind:
 
     def explain(self, v: ModelVersion, inputs, prepared: Prepared, result: Result, limits: Limits) -> None:
         """Attach to each prediction what the model saw."""
+
+    # -- the payload log (serving/payload_log.py) ----------------------------------------
+    def log_keep(self, inputs, rows: np.ndarray | None) -> tuple[object, int]:
+        """What the payload log keeps of a sampled request's inputs until its writer thread formats
+        them (:meth:`log_inputs`), and about how many bytes that holds. Runs on the event loop:
+        references, no copies. Default: the rows the model received (None when it failed before)."""
+        return rows, 0 if rows is None else rows.nbytes
+
+    def log_inputs(self, kept, redact: bool) -> list[dict] | None:
+        """The record's ``inputs``, one per item, from what :meth:`log_keep` kept (writer thread).
+        Default: each row's SHA-256 (its bytes as the model received them, C order) and shape, never
+        its values (an image's pixels stay out of the log)."""
+        if kept is None:
+            return None
+        shape = list(kept.shape[1:])
+        return [{"sha256": hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest(), "shape": shape}
+                for row in kept]
+
+    def log_outputs(self, result: Result) -> list[dict]:
+        """The record's ``outputs``, one per item: its label and probabilities as the API answers them
+        (runs on the event loop: references to the answer's own values)."""
+        preds = result.predictions
+        if preds and not hasattr(preds[0], "probabilities") and result.probabilities is not None:
+            return [{"label": p.label, "probabilities": row} for p, row in zip(preds, result.probabilities.tolist())]
+        return [{"label": p.label, "probabilities": getattr(p, "probabilities", None)} for p in preds]
 
     # -- the Open Inference Protocol (V2) ----------------------------------------------
     def v2_io(self, v: ModelVersion) -> tuple[list[dict], list[dict]]:

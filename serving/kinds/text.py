@@ -9,6 +9,7 @@ cards measure it) or :class:`TokenIds` (rows a client made itself, checked, not 
 from __future__ import annotations
 
 import functools
+import hashlib
 import string
 from dataclasses import dataclass
 from typing import Literal
@@ -235,6 +236,20 @@ class TextClassification(ModelKind):
                 scored.append(WindowScore(slots(pairs), labels[top(row)], dict(zip(labels, row))))
             start += n
             p.explanation = SentimentExplanation(scored[-1].slots, scored)
+
+    # -- the payload log: texts as sent, or their SHA-256 and length (token ids: digests) ----------
+    def log_keep(self, inputs: Texts | TokenIds, rows: np.ndarray | None) -> tuple[object, int]:
+        if isinstance(inputs, TokenIds):
+            return super().log_keep(inputs, rows)
+        return inputs.texts, sum(map(len, inputs.texts))
+
+    def log_inputs(self, kept, redact: bool) -> list[dict] | None:
+        if not isinstance(kept, list):
+            return super().log_inputs(kept, redact)
+        if not redact:
+            return [{"text": t} for t in kept]
+        return [{"sha256": hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest(), "chars": len(t)}
+                for t in kept]
 
     # -- V2: 'text' BYTES [n] (or [n, 1]) or 'token_ids' INT [n, maxlen]; parameter whole_text --
     def v2_io(self, v: ModelVersion) -> tuple[list[dict], list[dict]]:
