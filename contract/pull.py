@@ -168,7 +168,9 @@ def pull(source: str, dest: str | os.PathLike, choose: Mapping[str, Chooser],
     fs, root = open_source(source)
     try:
         _check_root(fs, root, source)
-    except OSError as e:  # PermissionError (credentials), connection errors
+    except PullError:
+        raise
+    except Exception as e:  # the backend's: no or wrong credentials, connection errors, ...
         raise PullError(f"{source}: {type(e).__name__}: {e}") from None
     dest = Path(dest)
     errors: list[str] = []
@@ -204,7 +206,9 @@ def pull(source: str, dest: str | os.PathLike, choose: Mapping[str, Chooser],
                         report(f"kept {model}/{v} (already complete in {dest})")
                     continue
                 plan.append((model, v, f"{model_root}/{v}", files))
-    except OSError as e:
+    except PullError:
+        raise
+    except Exception as e:  # the backend's (see above)
         raise PullError(f"{source}: listing failed: {type(e).__name__}: {e}") from None
     if errors:
         raise PullError("; ".join(errors))
@@ -237,7 +241,7 @@ def _copy_version(fs, remote: str, files: dict[str, int], final: Path, url: str)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
             fs.get([f"{remote}/{rel}" for rel in names], [str(tmp / rel) for rel in names])
-        except OSError as e:
+        except Exception as e:  # the backend's (see pull)
             raise PullError(f"{url}: copy failed: {type(e).__name__}: {e}") from None
         diff = _differences(files, _local_listing(tmp))
         if diff:

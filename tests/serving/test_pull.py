@@ -238,6 +238,23 @@ def test_watch_pulls_versions_added_to_models_config(s3, tmp_path):
     assert tree(dest / "digits" / "2") == tree(MODELS / "digits" / "2")
 
 
+def test_credentials_come_from_a_shared_credentials_file_and_none_is_a_clear_error(s3, tmp_path):
+    """k8s/components/models-from-s3 mounts the Secret as a file (AWS_SHARED_CREDENTIALS_FILE)."""
+    env, _ = s3
+    env = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(HOME=str(tmp_path), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "secret" / "credentials"))
+    dest = tmp_path / "models"
+    r = run_pull(env, f"s3://{BUCKET}/{PREFIX}", dest)  # the optional Secret is absent: no credentials at all
+    assert r.returncode == 1 and "NoCredentialsError" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not dest.exists()
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "credentials").write_text("[default]\naws_access_key_id = testing\n"
+                                                     "aws_secret_access_key = testing\n")
+    r = run_pull(env, f"s3://{BUCKET}/{PREFIX}", dest)
+    assert r.returncode == 0, r.stderr
+    assert versions(dest) == configured()
+
+
 def test_a_local_folder_is_a_source_too(tmp_path):
     dest = tmp_path / "models"
     r = run_pull(dict(os.environ), str(MODELS), dest)
