@@ -48,7 +48,7 @@ def pull_once(source: str, dest: Path, models_config: Path) -> str:
             f"from {source} into {dest}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving pull",
                                 description="Copy the versions models.config names from object storage (s3://, "
                                             "gs://) or a folder into a local model repository, atomically per version.")
@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="TF Serving's models.config: which models and versions to pull")
     p.add_argument("--watch", type=float, metavar="SECONDS",
                    help="keep running: re-read models.config and pull new versions every SECONDS")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     if a.watch is not None and not a.watch > 0:
         p.error("--watch must be a positive number of seconds")
