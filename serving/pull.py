@@ -34,8 +34,9 @@ def chooser(policy: ModelPolicy):
     return policy.choose
 
 
-def pull_once(source: str, dest: Path, models_config: Path) -> str:
-    """One pull; the summary line. Raises PullError/ConfigError/OSError."""
+def pull_once(source: str, dest: Path, models_config: Path, quiet: bool = False) -> str | None:
+    """One pull; the summary line (None when ``quiet`` and nothing was copied: a watch round that
+    found everything in place says nothing). Raises PullError/ConfigError/OSError."""
     models = parse(models_config.read_text(encoding="utf-8"))
     if not models:
         raise ConfigError(f"{models_config} names no model")
@@ -43,7 +44,9 @@ def pull_once(source: str, dest: Path, models_config: Path) -> str:
     if found:
         raise ConfigError("; ".join(found))
     r = pull(source, dest, {name: chooser(p) for name, p in models.items()},
-             report=lambda line: print(f"pull: {line}", flush=True))
+             report=lambda line: None if quiet and line.startswith("kept ") else print(f"pull: {line}", flush=True))
+    if quiet and not r.copied:
+        return None
     return (f"{len(r.copied)} version(s) copied ({r.bytes_copied / 1e6:.1f} MB), {len(r.kept)} kept, "
             f"from {source} into {dest}")
 
@@ -66,13 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.watch is not None and not a.watch > 0:
         p.error("--watch must be a positive number of seconds")
+    rounds = 0
     while True:
         try:
-            print(f"pull: {pull_once(a.source, a.dest, a.models_config)}", flush=True)
+            # Watching: after the first round, only what changes (copies, errors) is printed.
+            summary = pull_once(a.source, a.dest, a.models_config, quiet=rounds > 0)
+            if summary:
+                print(f"pull: {summary}", flush=True)
         except (PullError, ConfigError, OSError) as e:
             print(f"pull: error: {e}", file=sys.stderr, flush=True)
             if a.watch is None:
                 return 1
+        rounds += 1
         if a.watch is None:
             return 0
         time.sleep(a.watch)

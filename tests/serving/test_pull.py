@@ -235,6 +235,13 @@ def test_watch_pulls_versions_added_to_models_config(s3, tmp_path):
         p.terminate()
         out, err = p.communicate(timeout=30)
     assert "version(s) [9] not under" in err, err
+    # Quiet while nothing changes: the first round's summary, then only copies (and errors).
+    assert out.splitlines() == ["pull: copied digits/1 (6 files, 1305614 bytes)",
+                                "pull: 1 version(s) copied (1.3 MB), 0 kept, "
+                                f"from s3://{BUCKET}/{PREFIX} into {dest}",
+                                "pull: copied digits/2 (6 files, 1306110 bytes)",
+                                "pull: 1 version(s) copied (1.3 MB), 1 kept, "
+                                f"from s3://{BUCKET}/{PREFIX} into {dest}"], out
     assert tree(dest / "digits" / "2") == tree(MODELS / "digits" / "2")
 
 
