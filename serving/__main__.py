@@ -3,6 +3,9 @@
     python -m serving            # REST on :8000, gRPC on :50051 (see serving/settings.py)
     python -m serving check-config FILE [--previous F] [--traffic F] [--models DIR]
                                  # would the gateway apply this models.config? (exit 0/1)
+    python -m serving pull SOURCE DEST --models-config FILE [--watch SECONDS]
+                                 # copy the versions models.config names from s3://, gs:// or a
+                                 # folder into DEST, atomically per version (serving/pull.py)
 
 On SIGTERM (or SIGINT) it drains as an orchestrator expects: /readyz answers
 503 and gRPC health NOT_SERVING at once; new work is still taken for
@@ -172,6 +175,10 @@ def main() -> None:
         from serving.model_config import check_main
 
         sys.exit(check_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["pull"]:
+        from serving.pull import main as pull_main
+
+        sys.exit(pull_main(sys.argv[2:]))
     from serving.logs import setup_logging
 
     settings = Settings()

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 
@@ -395,13 +396,14 @@ def test_images_run_as_non_root(path):
     assert user.split(":")[0] not in ("root", "0"), f"{path.name}: USER {user}"
 
 
-def test_gateway_image_installs_the_serve_extra_only_and_never_tensorflow():
+def test_gateway_image_installs_the_serve_and_storage_extras_only_and_never_tensorflow():
     instructions = dockerfile(GATEWAY_DOCKERFILE)
     installs = [seg.strip() for ins, args in instructions if ins == "RUN"
                 for seg in re.split(r"&&|;|\|\|", args) if "pip install" in seg]
     assert installs, "the gateway Dockerfile installs nothing"
     for seg in installs:
-        assert re.findall(r"\.\[([^\]]*)\]", seg) == ["serve"], f"must install '.[serve]' only: {seg}"
+        # storage: fsspec/s3fs/gcsfs for `python -m serving pull` (k8s/components/models-from-s3).
+        assert re.findall(r"\.\[([^\]]*)\]", seg) == ["serve,storage"], f"must install '.[serve,storage]' only: {seg}"
         assert "tensorflow" not in seg.lower(), seg
         assert "-e " not in seg and "--editable" not in seg, f"the image needs a real install: {seg}"
     copies = [args for ins, args in instructions if ins == "COPY" and "--from" not in args]
@@ -416,6 +418,9 @@ def test_gateway_image_installs_the_serve_extra_only_and_never_tensorflow():
     assert cmd in (["python", "-m", "serving"], ["classifier-gateway"])
     # pyproject's readme must be in the image for the install to work.
     assert 'readme = "README.md"' in (ROOT / "pyproject.toml").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("serve", "storage"):
+        assert not [r for r in extras[extra] if r.lower().startswith(("tensorflow", "keras"))], extra
 
 
 def test_trainer_image_installs_train_and_reads_data_from_a_volume():

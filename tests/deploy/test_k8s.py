@@ -42,7 +42,11 @@ LAYERED = {
     **{f"gpu+{alt}": ("gpu", [alt if c == replaced else c for c in COMPONENTS])
        for alt, replaced in ALTERNATIVES.items()},
     "dev+autoscaling": ("dev", ["autoscaling-gateway", "autoscaling-tfserving"]),
+    # The model repository from object storage (init container + sidecar, no PVC): on both overlays.
+    "dev+models-from-s3": ("dev", ["models-from-s3"]),
+    "gpu+models-from-s3": ("gpu", ["models-from-s3"]),
 }
+FROM_S3 = ["dev+models-from-s3", "gpu+models-from-s3"]
 TARGETS = OVERLAYS + list(LAYERED) + ["jobs/train"]
 ROLLOUT = ROOT / "scripts" / "rollout.sh"
 TFSERVING_CONFIG = ROOT / "serving" / "tfserving"
@@ -323,7 +327,7 @@ def test_checkov_passes_on_the_dockerfiles():
 
 
 # -- workloads: selectors, ports, probes -----------------------------------------
-@pytest.mark.parametrize("target", OVERLAYS + ["jobs/train"])
+@pytest.mark.parametrize("target", OVERLAYS + FROM_S3 + ["jobs/train"])
 def test_selectors_match_pod_labels(target, rendered):
     docs = rendered[target]
     for w in workloads(docs):
@@ -346,7 +350,7 @@ def test_selectors_match_pod_labels(target, rendered):
             assert [p["metadata"]["name"] for p in pods_selected(docs, sel) if p["kind"] == "Deployment"] == [name]
 
 
-@pytest.mark.parametrize("target", OVERLAYS)
+@pytest.mark.parametrize("target", OVERLAYS + FROM_S3)
 def test_every_named_port_exists_on_the_container(target, rendered):
     docs = rendered[target]
     for w in workloads(docs):
@@ -542,7 +546,7 @@ def configmap_names(volume: dict) -> list[str]:
     return [s["configMap"]["name"] for s in volume.get("projected", {}).get("sources", []) if "configMap" in s]
 
 
-@pytest.mark.parametrize("target", OVERLAYS)
+@pytest.mark.parametrize("target", OVERLAYS + FROM_S3)
 def test_models_config_and_traffic_file_are_one_configmap_mounted_as_a_folder(target, rendered):
     """scripts/rollout.sh edits both files; `kubectl apply` updates their ConfigMap in place and the
     kubelet swaps the mounted folder's contents, both files at once. That reaches a container only
@@ -600,7 +604,9 @@ def test_tfserving_runs_the_compose_flags_and_image(target, rendered):
 def test_images_are_pinned_and_agree_with_compose_and_the_dockerfiles(rendered):
     gateway_image = compose()["gateway"].get("image", f"classifier-gateway:{VERSION}")
     expected = {"gateway": gateway_image, "seed": f"classifier-models:{VERSION}",
-                "train": f"classifier-trainer:{VERSION}"}
+                "train": f"classifier-trainer:{VERSION}",
+                # models-from-s3: python -m serving pull, in the gateway image (it has the storage extra).
+                "pull-models": gateway_image, "models-sync": gateway_image}
     assert gateway_image == f"classifier-gateway:{VERSION}", "the gateway image tag is the package version"
     assert "classifier-gateway" in (ROOT / "docker" / "gateway.Dockerfile").read_text()
     assert "classifier-trainer" in (ROOT / "docker" / "trainer.Dockerfile").read_text()
@@ -622,7 +628,8 @@ def test_gpu_resources_only_in_the_gpu_overlay(rendered):
             for c in containers(spec):
                 res = c.get("resources", {})
                 gpus = {k: res.get(k, {}).get(GPU) for k in ("requests", "limits")}
-                is_tfserving = w["metadata"]["name"] == "tfserving"
+                # The model server itself, not the containers beside it (models-from-s3's pull).
+                is_tfserving = w["metadata"]["name"] == "tfserving" and c["name"] == "tfserving"
                 wants_gpu = target == "jobs/train" or (target.startswith("gpu") and is_tfserving)
                 if not wants_gpu:
                     assert gpus == {"requests": None, "limits": None}, f"{target}: {c['name']} asks for a GPU"
@@ -680,7 +687,7 @@ def test_grace_period_covers_prestop_settle_and_drain(target, rendered):
 
 
 # -- resources and security ----------------------------------------------------------
-@pytest.mark.parametrize("target", OVERLAYS + ["jobs/train"])
+@pytest.mark.parametrize("target", OVERLAYS + FROM_S3 + ["jobs/train"])
 def test_every_container_has_requests_and_limits(target, rendered):
     for w in workloads(rendered[target]):
         for c in containers(pod_spec(w)):
@@ -692,7 +699,7 @@ def test_every_container_has_requests_and_limits(target, rendered):
                 assert quantity(res["limits"][r]) >= quantity(res["requests"][r]), f"{c['name']}: limit < request"
 
 
-@pytest.mark.parametrize("target", OVERLAYS + ["jobs/train"])
+@pytest.mark.parametrize("target", OVERLAYS + FROM_S3 + ["jobs/train"])
 def test_pods_are_locked_down(target, rendered):
     docs = rendered[target]
     accounts = objects(docs, "ServiceAccount")
@@ -808,6 +815,56 @@ def test_one_model_repository_read_only_for_serving_writable_for_seeding(target,
     assert cmd[-1] == seed_path
 
 
+@pytest.mark.parametrize("target", FROM_S3)
+def test_models_from_object_storage_fill_a_pod_local_copy_before_the_servers_start(target, rendered):
+    """components/models-from-s3: no PVC, no seeding Job; in each server's pod an init container
+    pulls the versions models.config names into an emptyDir at the path the server reads, a
+    native sidecar follows models.config; the command is one the real CLI parses."""
+    from serving.pull import parser
+
+    docs = rendered[target]
+    assert "models" not in objects(docs, "PersistentVolumeClaim") and "models-seed" not in objects(docs, "Job")
+    server_paths = {
+        "gateway": env(container(docs, "gateway"))["CLASSIFIER_MODEL_BASE_PATH"],
+        "tfserving": str(PurePosixPath(re.findall(r'\bbase_path:\s*"([^"]+)"',
+                                                  (TFSERVING_CONFIG / "models.config").read_text())[0]).parent),
+    }
+    cms = objects(docs, "ConfigMap")
+    for name, path in server_paths.items():
+        w = one(docs, "Deployment", name)
+        spec = pod_spec(w)
+        vols = {v["name"]: v for v in spec["volumes"]}
+        (server_mount,) = [m for m in container(docs, name)["volumeMounts"] if m["mountPath"] == path]
+        assert server_mount["readOnly"] is True
+        volume = vols[server_mount["name"]]
+        assert "persistentVolumeClaim" not in volume and quantity(volume["emptyDir"]["sizeLimit"]) >= 2**30, volume
+        init = spec["initContainers"]
+        assert [c["name"] for c in init] == ["pull-models", "models-sync"], f"{name}: the pull runs first"
+        assert "restartPolicy" not in init[0] and init[1]["restartPolicy"] == "Always"  # a native sidecar
+        for c in init:
+            assert c["command"][:4] == ["python", "-m", "serving", "pull"], c["command"]
+            a = parser().parse_args(c["command"][4:])
+            assert (a.watch is None) == (c["name"] == "pull-models") and (a.watch is None or a.watch > 0)
+            (m,) = [m for m in c["volumeMounts"] if m["name"] == server_mount["name"]]
+            assert m["mountPath"] == str(a.dest) == path and not m.get("readOnly"), f"{name}/{c['name']} {m}"
+            # The same models.config as the servers, from the ConfigMap, refreshed in place (no subPath).
+            assert mounted_files(docs, spec, c)[str(a.models_config)] == (TFSERVING_CONFIG / "models.config").read_text()
+            # $(MODELS_URL) comes from the component's ConfigMap: a bucket URL.
+            assert a.source == "$(MODELS_URL)"
+            (ref,) = [e["configMapRef"]["name"] for e in c["envFrom"]]
+            assert re.fullmatch(r"(s3|gs)://[a-z0-9.-]+/\S*", cms[ref]["data"]["MODELS_URL"])
+            # Credentials as a file of an optional Secret (IRSA / workload identity need none), never env values.
+            creds = PurePosixPath(env(c)["AWS_SHARED_CREDENTIALS_FILE"])
+            (cm,) = [m for m in c["volumeMounts"] if PurePosixPath(m["mountPath"]) == creds.parent]
+            assert vols[cm["name"]]["secret"]["optional"] is True and cm["readOnly"] is True
+            assert not [e for e in c.get("env", []) if "valueFrom" in e]
+        # The object store is reachable (HTTPS) from this pod despite default-deny.
+        nps = [n for n in objects(docs, "NetworkPolicy").values()
+               if n["spec"]["podSelector"] and w in pods_selected(docs, n["spec"]["podSelector"])]
+        assert any(p["port"] == 443 for n in nps for r in n["spec"].get("egress", []) for p in r.get("ports", [])
+                   if any("ipBlock" in peer for peer in r.get("to", []))), f"{name}: no egress to the object store"
+
+
 def test_training_job_writes_the_model_repository_and_reads_data(rendered):
     docs = rendered["jobs/train"]
     (job,) = objects(docs, "Job").values()
@@ -917,5 +974,5 @@ def test_operator_guide_covers_the_essentials():
     guide = (K8S / "README.md").read_text()
     for needed in ("kubectl apply -k k8s/overlays/", "ReadWriteMany", "prometheus-adapter",
                    "classifier_batch_busy_ratio", "autoscaling-tfserving-keda", "ScaledObject", "subPath", "version_label", "grpcurl", "scripts/rollout.sh", "traffic.json",
-                   "k8s/jobs/train", "kind", "minikube"):
+                   "k8s/jobs/train", "kind", "minikube", "models-from-s3", "python -m serving pull"):
         assert needed in guide, f"k8s/README.md does not mention {needed}"
