@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= train,serve,embedded,dev
+EXTRAS ?= train,serve,embedded,storage,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup run stage bench-stage test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 train-v4 bench-text bench-model-options clean plots plot-capacity plot-accuracy test-tools
