@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Http, load_texts, pct, raw_ceiling, save  # noqa: E402
+from classifier_client.flow import PUSHBACK_JITTER  # noqa: E402
 from testkit.gateway import gateway_process  # noqa: E402
 
 BATCH = 1024
@@ -198,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, help="clients instead of --times (one phase)")
     p.add_argument("--timeout", type=float, default=30, help="client timeout per request, s")
     p.add_argument("--no-retry-after", action="store_true", help="retry refused requests at once")
-    p.add_argument("--retry-jitter", type=float, default=0.2,
+    p.add_argument("--retry-jitter", type=float, default=PUSHBACK_JITTER[1] - 1,
                    help="a refused client waits Retry-After x uniform(1, 1 + this); 0: exactly (retry waves)")
     p.add_argument("--grpc", action="store_true", help="also overload over gRPC (ClassifySentiment)")
     p.add_argument("--json", help="write the figures here")

@@ -120,6 +120,10 @@ class Gateway:
             await self.http.serve()
         finally:
             await self.grpc.stop(grace=1)
+            if self._grpc_stopping is not None:
+                # The drain's stop (grace drain_timeout_s) ends with the one above: a stream still
+                # open (a health Watch) got 1 s. Awaited so that no task outlives the gateway.
+                await asyncio.wait([self._grpc_stopping], timeout=2)
             await self.core.stop()
             log.info("stopped")
 
@@ -146,7 +150,7 @@ class Gateway:
         self.http.config.http.closing = True
         for server in getattr(self.http, "servers", ()):
             server.close()
-        grpc_stopping = asyncio.ensure_future(self.grpc.stop(grace=s.drain_timeout_s))
+        self._grpc_stopping = asyncio.ensure_future(self.grpc.stop(grace=s.drain_timeout_s))
         # What was accepted just before is still served (not refused: a request whose connection was
         # accepted an instant before the listener closed is as much the gateway's as any in flight) ...
         await asyncio.sleep(LISTENERS_CLOSED_S)
@@ -160,8 +164,7 @@ class Gateway:
         # A last moment for requests already on their way over open connections to get their 503 (and
         # gRPC calls their UNAVAILABLE) before idle connections close.
         await asyncio.sleep(DRAIN_LINGER_S)
-        self._grpc_stopping = grpc_stopping  # run() ends it (a stream still open, e.g. a health Watch, gets 1 s)
-        self.http.should_exit = True
+        self.http.should_exit = True  # run() ends the gRPC stop begun above
 
     def stop(self) -> None:
         """Exit without draining (tests)."""
