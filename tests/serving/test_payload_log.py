@@ -8,6 +8,7 @@ tested on the same PayloadLog class in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -241,22 +242,30 @@ def test_a_writer_that_cannot_keep_up_drops_and_counts_instead_of_blocking(gws):
     assert slowest < 2.0, slowest  # a blocking log would hang the first request past its queue
     assert counters(gw) == {"sampled": 30, "written": 0, "queue_full": 26, "write_error": 0}
 
-    fd = os.open(gw.path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        data = b""
+    with fifo_reader(gw.path) as records:
+        assert [r["request_id"] for r in records(4)] == ["blk-0", "blk-1", "blk-2", "blk-3"]
+        wait_until(lambda: counters(gw)["written"] == 4, timeout=10)
 
-        def four_lines():
-            nonlocal data
+
+@contextlib.contextmanager
+def fifo_reader(path):
+    """A reader on the FIFO ``path``, kept open in the block: ``records(n)`` waits for the first
+    ``n`` lines and returns them as JSON."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    data = bytearray()
+
+    def records(n: int) -> list[dict]:
+        def enough():
             try:
-                data += os.read(fd, 1 << 16)
+                data.extend(os.read(fd, 1 << 16))
             except BlockingIOError:
                 pass
-            return data.count(b"\n") >= 4
+            return data.count(b"\n") >= n
 
-        wait_until(four_lines, timeout=10, interval=0.05)
-        ids = [json.loads(line)["request_id"] for line in data.splitlines()]
-        assert ids == ["blk-0", "blk-1", "blk-2", "blk-3"]
-        wait_until(lambda: counters(gw)["written"] == 4, timeout=10)
+        wait_until(enough, timeout=10, interval=0.02)
+        return [json.loads(line) for line in bytes(data).splitlines()]
+    try:
+        yield records
     finally:
         os.close(fd)
 
@@ -330,23 +339,9 @@ def test_the_byte_bound_drops_a_record_too_large_for_the_room_left(tmp_path):
     _log(pl, "small-2", "short too")
     m = pl.metrics
     assert (m.payload_sampled._value.get(), m.payload_dropped.labels("queue_full")._value.get()) == (3, 1)
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        data = b""
-
-        def two_lines():
-            nonlocal data
-            try:
-                data += os.read(fd, 1 << 16)
-            except BlockingIOError:
-                pass
-            return data.count(b"\n") >= 2
-
-        wait_until(two_lines, timeout=10, interval=0.02)
-        assert [json.loads(line)["request_id"] for line in data.splitlines()] == ["small-1", "small-2"]
+    with fifo_reader(fifo) as records:
+        assert [r["request_id"] for r in records(2)] == ["small-1", "small-2"]
         pl.close()
-    finally:
-        os.close(fd)
     assert m.payload_written._value.get() == 2
 
 
