@@ -173,7 +173,8 @@ class Classifier:
 
     @contextmanager
     def track(self, protocol: str, endpoint: str, model: str | None = None) -> Iterator[Call]:
-        """Count, time and log one request, whatever the protocol, by its outcome."""
+        """Count, time and log one request, whatever the protocol, by its outcome; add it to its model
+        version's statistics (serving/statistics.py) once one was chosen."""
         t0 = time.perf_counter()
         call = Call(protocol, endpoint, model)
         self.active += 1

@@ -5,7 +5,7 @@ Counted by the core (serving/core.py) for every request of every protocol (/v1, 
 once its model version is chosen, from what the core and the batcher measure anyway:
 
 - ``success`` / ``fail``: requests that were answered / failed after their version was chosen
-  (over a limit, invalid text, deadline passed, backend error), with their whole time in the
+  (over a limit, invalid text, refused by admission, deadline passed, backend error), with their whole time in the
   gateway; requests refused before that (unknown model, bad tensor) belong to no version.
 - for successful requests: ``queue`` (waiting in the model's batcher), ``compute_input``
   (validation and preprocessing: ``classifier_preprocess_duration_seconds``), ``compute_infer``
