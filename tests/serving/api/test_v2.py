@@ -501,3 +501,22 @@ def test_grpc_model_stream_infer_answers_each_request_in_order(gw, stub):
     want = v1(gw, "/v1/sentiment:predict", {"texts": TEXTS[:2], "model": TOKEN_MODEL})["predictions"]
     for r, p in zip((responses[0], responses[2]), want):
         assert r.infer_response.id in TEXTS and [x.decode() for x in unbytes(r.infer_response.raw_output_contents[1])] == [p["label"]]
+
+
+@pytest.mark.parametrize("method", ["ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+                                    "RepositoryModelUnload"])
+def test_grpc_extensions_refuse_undecodable_messages(gw, method):
+    with grpc.insecure_channel(gw.grpc) as channel, pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary(f"/inference.GRPCInferenceService/{method}")(b"\xff\xff\xff")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not a valid inference." in e.value.details()
+
+
+def test_grpc_model_stream_infer_answers_an_undecodable_message_and_goes_on(gw):
+    good = v2.ModelInferRequest(model_name=TOKEN_MODEL)
+    good.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"fine")
+    with grpc.insecure_channel(gw.grpc) as channel:
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                     response_deserializer=v2.ModelStreamInferResponse.FromString)
+        first, second = list(call(iter([b"\xff\xff\xff", good.SerializeToString()])))
+    assert first.error_message.startswith("request is not a valid inference.ModelInferRequest message")
+    assert not second.error_message and second.infer_response.model_name == TOKEN_MODEL
