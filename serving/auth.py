@@ -194,7 +194,7 @@ class ApiKeyMiddleware:
             self.on_reject(scope["path"])
         if scope["type"] == "websocket":  # closing before accept: the server answers 403
             return await send({"type": "websocket.close", "code": 1008})
-        body = error_body(Unauthenticated(INVALID if key else MISSING))
+        body = error_body(Unauthenticated(INVALID if key else MISSING), scope["path"])
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"www-authenticate", b"Bearer")]})

@@ -186,12 +186,14 @@ class Batcher:
         """Give back a reservation that will not be submitted (the request failed first)."""
         self._reserved_rows -= n
 
-    async def submit(self, rows: np.ndarray, deadline: float | None = None, admitted: bool = False) -> np.ndarray:
+    async def submit(self, rows: np.ndarray, deadline: float | None = None, admitted: bool = False,
+                     timing=None) -> np.ndarray:
         """Probabilities for ``rows``, computed together with whatever else is queued.
 
         ``deadline`` (the event loop's clock): queued rows still waiting then are
         dropped. ``admitted``: :meth:`admit` already reserved room for them.
-        Cancelling the caller drops its rows that are still queued.
+        Cancelling the caller drops its rows that are still queued. ``timing``: an object
+        whose ``infer_s`` gets the seconds of each backend call that carries its rows.
         """
         n = len(rows)
         if not admitted:
@@ -202,7 +204,8 @@ class Batcher:
         futures = []
         for start in range(0, n, self.max_batch_size):
             fut = loop.create_future()
-            entry = _Entry(rows[start : start + self.max_batch_size], fut, now, deadline, self.tag() if self.tag else None)
+            entry = _Entry(rows[start : start + self.max_batch_size], fut, now, deadline, self.tag() if self.tag else None,
+                           timing)
             fut.add_done_callback(lambda f, e=entry: self._abandoned(e) if f.cancelled() else None)
             self._queue.append(entry)
             futures.append(fut)
@@ -280,6 +283,9 @@ class Batcher:
             seconds = time.perf_counter() - t0
             self._measured(rows, seconds)
             self.on_batch(rows, seconds)
+            timings = {id(e.timing): e.timing for e in batch if e.timing is not None}  # each request once
+            for t in timings.values():
+                t.infer_s += seconds
             offset = 0
             for e in batch:
                 if not e.fut.done():
@@ -307,7 +313,9 @@ class Batcher:
 
 
 class _Entry:
-    __slots__ = ("x", "fut", "t", "deadline", "tag", "queued")
+    __slots__ = ("x", "fut", "t", "deadline", "tag", "queued", "timing")
 
-    def __init__(self, x: np.ndarray, fut: asyncio.Future, t: float, deadline: float | None, tag: str | None):
+    def __init__(self, x: np.ndarray, fut: asyncio.Future, t: float, deadline: float | None, tag: str | None,
+                 timing=None):
         self.x, self.fut, self.t, self.deadline, self.tag, self.queued = x, fut, t, deadline, tag, True
+        self.timing = timing

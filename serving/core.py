@@ -39,6 +39,7 @@ from serving.priority import collect_garbage, lower_this_thread, lower_threads_n
 from serving.request import Call, Predict, Result
 from serving.rollout import Rollout
 from serving.settings import Limits, Settings
+from serving.statistics import Statistics
 
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")
@@ -57,7 +58,8 @@ class Classifier:
         self._executor = ThreadPoolExecutor(max(2, threads), "backend", *nice)
         # Validation, tokenising and image decoding of large requests (kept apart from model calls).
         self._prep = ThreadPoolExecutor(2, "preprocess", *nice)
-        self.batchers = Batchers(settings, backend, self.metrics, self._executor)
+        self.statistics = Statistics()  # per model version, as the V2 statistics extension reports them
+        self.batchers = Batchers(settings, backend, self.metrics, self._executor, self.statistics)
         self.payloads = PayloadLog(settings, self.metrics) if settings.payload_log else None
         self._load_task: asyncio.Task | None = None
         self._follow_task: asyncio.Task | None = None
@@ -175,7 +177,8 @@ class Classifier:
 
     @contextmanager
     def track(self, protocol: str, endpoint: str, model: str | None = None) -> Iterator[Call]:
-        """Count, time and log one request, whatever the protocol, by its outcome."""
+        """Count, time and log one request, whatever the protocol, by its outcome; add it to its model
+        version's statistics (serving/statistics.py) once one was chosen."""
         t0 = time.perf_counter()
         call = Call(protocol, endpoint, model)
         self.active += 1
@@ -197,6 +200,7 @@ class Classifier:
                 self._idle.set()
             seconds = time.perf_counter() - t0
             self.record(protocol, endpoint, call.model, call.outcome, seconds, call.version, call.items)
+            self.statistics.request(call, seconds)
             if self.payloads:
                 self.payloads.log(call, seconds)
 
@@ -251,7 +255,11 @@ class Classifier:
                 deadline = min(deadline, self.deadline(req.timeout_s))
             work = self.predict(req, call, deadline)
             result = call.result = await (watch(work) if watch else work)
-            return await render(req, result)
+            t0 = time.perf_counter()
+            try:
+                return await render(req, result)
+            finally:
+                call.output_s += time.perf_counter() - t0
 
     async def predict(self, req: Predict, call: Call | None = None, deadline: float | None = None) -> Result:
         """The request's model version and batcher; its items counted and admitted, prepared by its
@@ -286,13 +294,18 @@ class Classifier:
             batcher.release(reserved)
             raise
         m = self.metrics.of_model(name)
-        m.preprocess_seconds.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        m.preprocess_seconds.observe(t1 - t0)
         kind.observe(m, prepared)
-        probs = await self._predict(batcher, prepared.rows, deadline, f"{n} {kind.items} for {v.name}/{v.version}")
+        probs = await self._predict(batcher, prepared.rows, deadline, f"{n} {kind.items} for {v.name}/{v.version}", call)
+        t2 = time.perf_counter()
         m.items.inc(n)
         result = kind.result(v, prepared, probs)
         if req.explain:
             await self.offload(kind.explain, v, req.inputs, prepared, result, limits, heavy=heavy)
+        if call:
+            call.prepare_s, call.queue_s = t1 - t0, max(0.0, t2 - t1 - call.infer_s)
+            call.output_s += time.perf_counter() - t2
         self.rollout.served(req, v, batcher, result)
         return result
 
@@ -370,11 +383,12 @@ class Classifier:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
 
-    async def _predict(self, batcher: Batcher, x: np.ndarray, deadline: float | None, what: str) -> np.ndarray:
+    async def _predict(self, batcher: Batcher, x: np.ndarray, deadline: float | None, what: str,
+                       call: Call | None = None) -> np.ndarray:
         deadline = deadline if deadline is not None else self.deadline()
         try:
             async with asyncio.timeout_at(deadline):
-                return await batcher.submit(x, deadline, admitted=True)
+                return await batcher.submit(x, deadline, admitted=True, timing=call)
         except TimeoutError:
             raise RequestTimeout(
                 f"{what} not answered within its deadline (request_timeout_s={self.settings.request_timeout_s:g} "

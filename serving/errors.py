@@ -1,7 +1,8 @@
 """The one error table: every error the service answers is a :class:`ServiceError` subclass
 carrying its HTTP status, its code (the REST body's ``error.code``, the metrics' ``outcome``)
 and its gRPC status together. The adapters only look these up; :func:`error_body` is the one
-JSON body of a /v1 error, :data:`OUTCOMES` the outcomes the metrics may record."""
+JSON body of a REST error (/v1's shape, or the Open Inference Protocol's on ``/v2`` paths),
+:data:`OUTCOMES` the outcomes the metrics may record."""
 
 from __future__ import annotations
 
@@ -93,6 +94,15 @@ class MethodNotAllowed(ServiceError):
     grpc_status = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unsupported(ServiceError):
+    """A protocol feature this gateway does not offer (e.g. V2 unloading a model, or shared-memory
+    tensors); the message says what and why. REST 501, gRPC UNIMPLEMENTED."""
+
+    http_status = 501
+    code = "UNIMPLEMENTED"
+    grpc_status = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Unauthenticated(ServiceError):
     """No valid API key (REST 401 with ``WWW-Authenticate: Bearer``; gRPC UNAUTHENTICATED)."""
 
@@ -144,8 +154,20 @@ def _codes(cls: type[ServiceError]) -> set[str]:
 OUTCOMES = frozenset({"ok"} | _codes(ServiceError))
 
 
-def error_body(e: ServiceError) -> bytes:
-    """The JSON body of a /v1 error: ``{"error": {"code": ..., "message": ...}}``."""
+def is_v2_path(path: str | bytes) -> bool:
+    """A path of the Open Inference Protocol (``/v2``, ``/v2/...``): its errors have that protocol's shape."""
+    if isinstance(path, bytes):
+        path = path.decode("latin-1")
+    path = path.split("?", 1)[0]
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_body(e: ServiceError, path: str | bytes = "") -> bytes:
+    """The JSON body of a REST error: ``{"error": {"code": ..., "message": ...}}`` (/v1 and the
+    gateway's own paths), or the Open Inference Protocol's ``{"error": message}`` for a ``/v2``
+    ``path`` (what tritonclient and the kserve client read). Same status either way."""
+    if is_v2_path(path):
+        return _encode({"error": e.message})
     return _encode({"error": {"code": e.code, "message": e.message}})
 
 

@@ -17,11 +17,14 @@ from serving.batching import Batcher
 from serving.metrics import FlowStats, Metrics
 from serving.request import request_id
 from serving.settings import Settings
+from serving.statistics import Statistics
 
 
 class Batchers:
-    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics, executor: Executor):
+    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics, executor: Executor,
+                 statistics: Statistics | None = None):
         self.settings, self.backend, self.metrics, self.executor = settings, backend, metrics, executor
+        self.statistics = statistics or Statistics()
         self._live: dict[tuple[str, int], Batcher] = {}
         self._retired_busy_s: dict[str, float] = {}  # busy seconds of retired versions' batchers
         metrics.flow = self.stats
@@ -39,8 +42,8 @@ class Batchers:
                 f"{name}/{v.version}",
                 lambda x, tags, ver=v.version: self.backend.predict(name, ver, x, request_ids=tags),
                 s.max_batch_size, s.max_batch_wait_us / 1e6, s.max_queue_items, self.executor,
-                on_batch=lambda rows, sec, r=m.batch_rows.labels(name), b=m.backend_seconds.labels(name): (
-                    r.observe(rows), b.observe(sec)),
+                on_batch=lambda rows, sec, r=m.batch_rows.labels(name), b=m.backend_seconds.labels(name), ver=v.version: (
+                    r.observe(rows), b.observe(sec), self.statistics.batch(name, ver, rows, sec)),
                 # The model's rows over all its versions (stable and canary share the gauge).
                 on_depth=lambda _, g=m.queue_rows.labels(name), name=name: g.set(self.depth(name)),
                 on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),

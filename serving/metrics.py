@@ -30,7 +30,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # The endpoint label's values: the service's own routes and RPCs (anything else is "other").
 ENDPOINTS = ("/v1/sentiment:predict", "/v1/digits:predict", "/v1/models", "/healthz", "/readyz", "/metrics",
-             "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment", "/v2/models/{name}/infer", "ModelInfer")
+             "ClassifySentiment", "ClassifyDigits", "StreamClassifySentiment", "/v2/models/{name}/infer", "ModelInfer",
+             "ModelStreamInfer")
 # Why a payload log record was dropped (classifier_payload_log_dropped_total's reason label).
 PAYLOAD_DROP_REASONS = ("queue_full", "write_error")
 

@@ -50,7 +50,8 @@ class Result:
 
 @dataclass
 class Call:
-    """What the access log (and the payload log) says about one request; filled in as it is handled."""
+    """What the access log, the statistics (serving/statistics.py) and the payload log
+    (serving/payload_log.py) say about one request; filled in as it is handled."""
 
     protocol: str
     endpoint: str
@@ -62,3 +63,9 @@ class Call:
     request: Predict | None = None
     rows: np.ndarray | None = None
     result: Result | None = None
+    # Seconds spent preparing its inputs, waiting in the batcher, in backend calls (added by the
+    # batcher for each call that carried its rows), and making its answer and response.
+    prepare_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0

@@ -24,6 +24,17 @@ text is scored and combined as on /v1; output ``windows`` INT32 ``[n]`` says how
 
 Versions are strings in this protocol: a number, or a version label from
 models.config (``stable``, ``canary``); none means the default version, as on ``/v1``.
+
+Triton's extensions, the same on both protocols (shapes: Triton's JSON field names):
+
+- model repository: the index lists every configured model's versions and their state
+  (READY, LOADING, UNLOADING, UNAVAILABLE with the reason); *load* of a configured model
+  succeeds without doing anything once it is ready (this gateway serves what its
+  configuration names, loaded at start); *unload*, and *load* with a config or files, are
+  :class:`~serving.errors.Unsupported` saying so; an unknown model is NotFound.
+- statistics: per model version, counted by the core for every protocol (serving/statistics.py).
+- model configuration: name, platform, max_batch_size (``max_items_per_request``), the inputs
+  and outputs without their batch dimension, and the dynamic batcher's delay.
 """
 
 from __future__ import annotations
@@ -35,12 +46,16 @@ from dataclasses import dataclass
 from contract.repository import ModelVersion
 from serving import kinds
 from serving.core import Classifier
-from serving.errors import InvalidInput, NotFound
+from serving.errors import InvalidInput, NotFound, Unavailable, Unsupported
 from serving.request import Predict, Result
 from serving.tensor import ElementLimit, Tensor
 
 SERVER_NAME = "classifier-gateway"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
+# The repository index's state of a version, by its backend state (TF Serving's, and the embedded
+# backend's LOADING -> WARMING -> AVAILABLE | FAILED).
+INDEX_STATES = {"AVAILABLE": "READY", "START": "LOADING", "LOADING": "LOADING", "WARMING": "LOADING",
+                "UNLOADING": "UNLOADING", "END": "UNAVAILABLE", "FAILED": "UNAVAILABLE"}
 
 
 @dataclass
@@ -118,6 +133,85 @@ class DataPlane:
             "outputs": outputs,
         }
 
+    # -- Triton's extensions: model repository, statistics, model configuration ---------------
+    def repository_index(self, ready_only: bool = False, repository: str = "") -> list[dict]:
+        """Every configured model's versions with their state (``ready_only``: the READY ones)."""
+        self._one_repository(repository)
+        out = []
+        for name, versions in sorted(self.core.models().items()):
+            for number, v in sorted(versions.items()):
+                state = INDEX_STATES.get(v.state, "UNAVAILABLE")
+                if ready_only and state != "READY":
+                    continue
+                entry = {"name": name, "version": str(number), "state": state}
+                reason = v.error or ("" if state == "READY" else f"version state {v.state}")
+                if reason:
+                    entry["reason"] = reason
+                out.append(entry)
+        return out
+
+    def load(self, name: str, parameters: dict | None = None, repository: str = "") -> None:
+        """Nothing to do for a configured model that is ready: this gateway serves what its
+        configuration names. Unsupported with a config or files; NotFound for any other model;
+        Unavailable while its default version is not ready yet."""
+        self._one_repository(repository)
+        versions = self._versions(name)
+        if parameters:
+            raise Unsupported(f"loading model {name[:100]!r} with parameters {sorted(parameters)[:10]} (a config or "
+                              f"files) is not supported: {self._served_by()}")
+        number = self.core.default_version(name, versions) if versions else None
+        v = versions.get(number) if number is not None else None
+        if v is None or v.state != "AVAILABLE":
+            state = f"is {v.state}" + (f" ({v.error})" if v and v.error else "") if v else "is not loaded"
+            raise Unavailable(f"model {name!r}: its default version {number} {state}; it is loaded as the "
+                              f"gateway's configuration says, retry later")
+
+    def unload(self, name: str, repository: str = "") -> None:
+        """Unsupported for a configured model (saying why), NotFound for any other."""
+        self._one_repository(repository)
+        self._versions(name)
+        raise Unsupported(f"unloading model {name!r} is not supported: {self._served_by()}")
+
+    def _served_by(self) -> str:
+        s = self.core.settings
+        where = ("TF Serving loads their versions (its model config)" if s.backend == "tfserving"
+                 else "their versions are chosen by models.config")
+        return (f"this gateway serves the models its configuration names (setting models: {list(s.models)}; "
+                f"{where}), loaded at start; it does not load or unload models on request")
+
+    @staticmethod
+    def _one_repository(repository: str) -> None:
+        if repository:
+            raise NotFound(f"unknown model repository {repository[:100]!r}: this gateway has one, "
+                           f"leave repository_name empty")
+
+    def statistics(self, name: str = "", version: str | None = None) -> dict:
+        """``{"model_stats": [...]}``: every version of every model (no ``name``), every version of
+        one model (no ``version``), or one version (a number or a label)."""
+        if not name:
+            if version:
+                raise InvalidInput("statistics of a version need the model's name")
+            pairs = [(n, number) for n, versions in sorted(self.core.models().items()) for number in sorted(versions)]
+        elif version:
+            pairs = [(name, self.model_version(name, version).version)]
+        else:
+            pairs = [(name, number) for number in sorted(self._versions(name))]
+        return {"model_stats": [self.core.statistics.model_stats(n, number) for n, number in pairs]}
+
+    def model_config(self, name: str, version: str | None = None) -> dict:
+        """Triton's model configuration of a version (the default one when none is named)."""
+        v = self.model_version(name, version)
+        inputs, outputs = kinds.get(v.kind).v2_io(v)
+        return {
+            "name": name,
+            "platform": "tensorflow_savedmodel",
+            "backend": "tensorflow",
+            "max_batch_size": self.core.limits(name).max_items_per_request,
+            "input": [_config_tensor(t) for t in inputs],
+            "output": [_config_tensor(t) for t in outputs],
+            "dynamic_batching": {"max_queue_delay_microseconds": self.core.settings.batching(name).max_batch_wait_us},
+        }
+
     def element_limit(self, name: str) -> ElementLimit:
         """What one BYTES input of model ``name`` may declare (one element per item: the model's
         ``max_items_per_request``), checked against its shape before its data is read; NotFound
@@ -159,3 +253,14 @@ class DataPlane:
         available = kinds.get(req.kind).v2_outputs(r, req.inputs)
         chosen = [available[name] for name in dict.fromkeys(outputs)] if outputs else list(available.values())
         return InferResponse(r.model, r.version, chosen)
+
+
+def _config_tensor(t: dict) -> dict:
+    """A V2 metadata tensor as Triton's model config has it: ``data_type`` TYPE_*, ``dims`` without
+    the batch dimension; one element per item is dims [1] reshaped to [] (Triton's idiom)."""
+    dims = list(t["shape"][1:])
+    out = {"name": t["name"], "data_type": "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}",
+           "dims": dims or [1]}
+    if not dims:
+        out["reshape"] = {"shape": []}
+    return out

@@ -212,7 +212,8 @@ def rest_app():
     async def hello(request):
         return PlainTextResponse(f"hello {request.method}")
 
-    inner = Starlette(routes=[Route("/v1/x", hello, methods=["GET", "POST", "OPTIONS"]), Route("/healthz", hello)])
+    inner = Starlette(routes=[Route("/v1/x", hello, methods=["GET", "POST", "OPTIONS"]), Route("/healthz", hello),
+                              Route("/v2/models/x/infer", hello, methods=["POST"])])
     rejected = []
     app = ApiKeyMiddleware(inner, ApiKeys(["k1", "k2"]), public_paths=["/healthz"], on_reject=rejected.append)
     with uvicorn_server(app) as url:
@@ -231,6 +232,16 @@ def test_rest_missing_or_wrong_key_is_401(rest_app):
         assert r.json() == {"error": {"code": "UNAUTHENTICATED", "message": message}}
         assert "nope" not in r.text
     assert rejected == ["/v1/x"] * 4
+
+
+def test_rest_v2_paths_get_the_open_inference_protocol_error_shape(rest_app):
+    url, rejected = rest_app
+    rejected.clear()
+    r = httpx.post(url + "/v2/models/x/infer", json={})
+    assert (r.status_code, r.headers["www-authenticate"]) == (401, "Bearer")
+    assert r.json() == {"error": MISSING}  # what tritonclient and the kserve client read
+    assert httpx.post(url + "/v2/models/x/infer", headers={"x-api-key": "k1"}).text == "hello POST"
+    assert rejected == ["/v2/models/x/infer"]
 
 
 def test_rest_valid_key_public_path_and_options_pass(rest_app):

@@ -296,3 +296,34 @@ def test_a_refusal_leaves_no_reference_cycle():
         assert gc.collect() == 0, "refusals left objects only the cyclic collector can free"
     finally:
         gc.enable()
+
+
+def test_timing_gets_the_seconds_of_each_call_that_carried_its_rows_once():
+    """A request's ``timing.infer_s`` (the statistics' compute_infer, serving/statistics.py): the
+    seconds of every backend call with its rows, each call once however many of its entries it
+    holds; a request without timing is not timed."""
+    calls = []
+
+    class Timing:
+        infer_s = 0.0
+
+    def model(x):
+        calls.append(len(x))
+        time.sleep(0.05)
+        return x
+
+    async def main():
+        b = Batcher("m", model, max_batch_size=4, max_batch_wait_s=0.0, max_queue_items=100,
+                    executor=ThreadPoolExecutor(1))
+        b.start()
+        big, small = Timing(), Timing()
+        # 10 rows cut into entries of 4, 4, 2; the lone 1-row request joins the last call
+        await asyncio.gather(b.submit(np.zeros((10, 1)), timing=big), b.submit(np.zeros((1, 1)), timing=small),
+                             b.submit(np.zeros((1, 1))))
+        await b.stop()
+        return big.infer_s, small.infer_s
+
+    big, small = run(main())
+    assert sum(calls) == 12 and len(calls) >= 3
+    assert 0.05 * len(calls) <= big <= 0.05 * len(calls) + 0.5  # every call held some of its rows
+    assert 0.05 <= small < big

@@ -262,6 +262,13 @@ def test_body_over_the_limit_is_413_and_counted(configured_gw):
     assert too_large_count(configured_gw) == before + 2
 
 
+def test_body_over_the_limit_on_v2_is_413_in_the_protocols_shape(configured_gw):
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a" * 5000]}]}).encode()
+    r = post(configured_gw, "/v2/models/sentiment_lstm/infer", body, **{"content-type": "application/json"})
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": f"request body is {len(body)} bytes > max_body_bytes=4096"}
+
+
 # -- 7. request ids and the JSON log ------------------------------------------------------
 def log_records(gw) -> list[dict]:
     return [json.loads(line) for line in log_path(gw).read_text().splitlines() if line.startswith("{")]

@@ -57,6 +57,14 @@ def test_ready_only_after_load_and_warmup():
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             health = health_pb2_grpc.HealthStub(ch)
             wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+            v2_health = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+            assert health.Check(v2_health).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # V2 model repository: the index says LOADING, a load request waits for the gateway's own
+            r = httpx.post(gw.rest + "/v2/repository/index")
+            assert {(m["state"], m["reason"]) for m in r.json()} == {("LOADING", "version state LOADING")}
+            r = httpx.post(gw.rest + "/v2/repository/models/sentiment_lstm/load")
+            assert r.status_code == 503 and r.json()["error"].startswith("model 'sentiment_lstm': its default version")
+            assert "is LOADING" in r.json()["error"]
 
             backend.may_load.set()
             wait_until(lambda: httpx.get(gw.rest + "/readyz").status_code == 200, 60)
@@ -64,6 +72,8 @@ def test_ready_only_after_load_and_warmup():
             assert backend.calls >= 3
             assert all(v.state == "AVAILABLE" for v in backend.versions()["sentiment_lstm"].values())
             wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING, 10)
+            assert health.Check(v2_health).status == health_pb2.HealthCheckResponse.SERVING
+            assert httpx.post(gw.rest + "/v2/repository/models/sentiment_lstm/load").status_code == 200
         assert httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["good"]}).status_code == 200
 
 

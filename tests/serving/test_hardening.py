@@ -172,6 +172,12 @@ def test_slow_or_idle_clients_are_timed_out(strict_gw):
                   b"content-length: 100\r\n\r\n{\"texts\": [")
         answer = _read_until_closed(s)
         assert b" 408 " in answer.split(b"\r\n")[0] and b"http_body_timeout_s=0.5" in answer
+    with _connect(strict_gw) as s:  # the same on a /v2 path: the Open Inference Protocol's error shape
+        s.sendall(b"POST /v2/models/sentiment_lstm/infer?x=1 HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: 100\r\n\r\n{\"inputs\": [")
+        answer = _read_until_closed(s)
+        assert b" 408 " in answer.split(b"\r\n")[0]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "request body not received within http_body_timeout_s=0.5"}
     with _connect(strict_gw) as s:  # keep-alive, then idle: closed
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = _read_until_closed(s)

@@ -34,6 +34,8 @@ from serving.request import Predict, Result
 log = logging.getLogger("serving.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+# What the health service knows, each following readiness: the server ("") and each API's service.
+HEALTH_NAMES = ("", SERVICE_NAME, v2_servicer.SERVICE_NAME)
 
 
 def _slots(slots: list) -> list[pb.Slot]:
@@ -209,7 +211,8 @@ class GrpcServer:
         interceptors.append(AdmissionInterceptor(core))
         self.server = grpc.aio.server(options=server_options(core), interceptors=interceptors)
         self.server.add_generic_rpc_handlers((handlers(ClassifierServicer(core)),
-                                              v2_servicer.handlers(v2_servicer.InferenceServicer(core))))
+                                              v2_servicer.handlers(v2_servicer.InferenceServicer(core)),
+                                              v2_servicer.Unimplemented()))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, v2_servicer.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
@@ -228,8 +231,8 @@ class GrpcServer:
         while True:
             status = OK if self.core.ready()[0] else NOT
             if status != last:
-                await self.health.set("", status)
-                await self.health.set(SERVICE_NAME, status)
+                for name in HEALTH_NAMES:
+                    await self.health.set(name, status)
                 last = status
             await asyncio.sleep(0.2)
 

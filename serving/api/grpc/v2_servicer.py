@@ -7,16 +7,23 @@ What a model takes and returns is in serving/api/v2.py (shared with REST); error
 the call with the status code and message of /v1. Requests arrive as bytes and are
 parsed here, as for classifier.v1, so an undecodable message is INVALID_ARGUMENT.
 A server that is not ready answers ServerReady/ModelReady with ``ready: false``.
+
+Triton's extensions, as on REST (serving/api/v2.py builds the answers of both, with
+Triton's JSON field names, made into messages here): ModelStreamInfer (one response or
+``error_message`` per request, the stream goes on), ModelConfig, ModelStatistics,
+RepositoryIndex, RepositoryModelLoad/Unload. Any other method of the service (shared memory,
+trace and log settings) ends UNIMPLEMENTED naming it.
 """
 
 from __future__ import annotations
 
 import grpc
+from google.protobuf import json_format
 
-from serving.api.grpc.common import grpc_errors, parse_message
-from serving.api.v2 import DataPlane
+from serving.api.grpc.common import begin_call, grpc_errors, parse_message
+from serving.api.v2 import EXTENSIONS, DataPlane
 from serving.core import Classifier
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, ServiceError, Unsupported
 from serving.gen.inference import open_inference_grpc_pb2 as pb
 from serving.request import Predict, Result
 from serving.tensor import ElementLimit, Tensor, declared_count, from_raw, from_values, to_raw
@@ -86,12 +93,55 @@ class InferenceServicer:
 
     @grpc_errors
     async def ModelInfer(self, data: bytes, context):
+        return await self._infer(data, context, "ModelInfer")
+
+    async def ModelStreamInfer(self, requests, context):
+        """Each request as ModelInfer; a failed one is answered with its ``error_message`` and the
+        stream goes on (as Triton does). Each gets its own request id (trailing metadata: the last)."""
+        async for data in requests:
+            begin_call(context)
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._infer(data, context, "ModelStreamInfer"))
+            except ServiceError as e:
+                yield pb.ModelStreamInferResponse(error_message=e.message)
+
+    @grpc_errors
+    async def ModelConfig(self, data: bytes, context):
+        request = await parse_message(self.core, pb.ModelConfigRequest, data, "ModelConfig")
+        config = self.plane.model_config(request.name, request.version)
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
+
+    @grpc_errors
+    async def ModelStatistics(self, data: bytes, context):
+        request = await parse_message(self.core, pb.ModelStatisticsRequest, data, "ModelStatistics")
+        return json_format.ParseDict(self.plane.statistics(request.name, request.version), pb.ModelStatisticsResponse())
+
+    @grpc_errors
+    async def RepositoryIndex(self, data: bytes, context):
+        request = await parse_message(self.core, pb.RepositoryIndexRequest, data, "RepositoryIndex")
+        index = self.plane.repository_index(request.ready, request.repository_name)
+        return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
+
+    @grpc_errors
+    async def RepositoryModelLoad(self, data: bytes, context):
+        request = await parse_message(self.core, pb.RepositoryModelLoadRequest, data, "RepositoryModelLoad")
+        parameters = {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for k, v in request.parameters.items()}
+        self.plane.load(request.model_name, parameters, request.repository_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @grpc_errors
+    async def RepositoryModelUnload(self, data: bytes, context):
+        request = await parse_message(self.core, pb.RepositoryModelUnloadRequest, data, "RepositoryModelUnload")
+        self.plane.unload(request.model_name, request.repository_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _infer(self, data: bytes, context, endpoint: str):
         core, plane = self.core, self.plane
         wire: pb.ModelInferRequest | None = None
 
         async def parse() -> Predict:
             nonlocal wire
-            wire = await parse_message(core, pb.ModelInferRequest, data, "ModelInfer")
+            wire = await parse_message(core, pb.ModelInferRequest, data, endpoint)
             plane.check_inputs(wire.model_name, [t.name for t in wire.inputs[:10]], len(wire.inputs))
             limit = plane.element_limit(wire.model_name)
             tensors = await core.offload(input_tensors, wire, limit, heavy=len(data) > core.settings.inline_parse_bytes)
@@ -107,7 +157,7 @@ class InferenceServicer:
                 response.raw_output_contents.append(to_raw(t))
             return response
 
-        return await core.handle("grpc", "ModelInfer", parse, render, client_timeout=context.time_remaining())
+        return core.handle("grpc", endpoint, parse, render, client_timeout=context.time_remaining())
 
 
 def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
@@ -120,4 +170,29 @@ def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         "ModelReady": unary(servicer.ModelReady, pb.ModelReadyResponse),
         "ModelMetadata": unary(servicer.ModelMetadata, pb.ModelMetadataResponse),
         "ModelInfer": unary(servicer.ModelInfer, pb.ModelInferResponse),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            servicer.ModelStreamInfer, response_serializer=pb.ModelStreamInferResponse.SerializeToString),
+        "ModelConfig": unary(servicer.ModelConfig, pb.ModelConfigResponse),
+        "ModelStatistics": unary(servicer.ModelStatistics, pb.ModelStatisticsResponse),
+        "RepositoryIndex": unary(servicer.RepositoryIndex, pb.RepositoryIndexResponse),
+        "RepositoryModelLoad": unary(servicer.RepositoryModelLoad, pb.RepositoryModelLoadResponse),
+        "RepositoryModelUnload": unary(servicer.RepositoryModelUnload, pb.RepositoryModelUnloadResponse),
     })
+
+
+class Unimplemented(grpc.GenericRpcHandler):
+    """The service's other methods (Triton's shared memory, trace and log settings): UNIMPLEMENTED
+    naming the method, instead of gRPC's bare "Method not found!"."""
+
+    PREFIX = f"/{SERVICE_NAME}/"
+
+    def service(self, details):
+        if not details.method.startswith(self.PREFIX):
+            return None
+        error = Unsupported(f"{details.method[len(self.PREFIX):][:100]} is not supported by this gateway; its "
+                            f"extensions: {EXTENSIONS}")
+
+        async def refuse(requests, context):  # the message is never read
+            await context.abort(error.grpc_status, error.message)
+
+        return grpc.stream_unary_rpc_method_handler(refuse)

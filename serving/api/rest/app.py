@@ -4,7 +4,8 @@ and /redoc (served from packaged assets: no CDN, works offline; serving/api/rest
 
 Every /v1 error has one shape, ``{"error": {"code": ..., "message": ...}}``, where the
 message names the broken rule; the HTTP status matches the gRPC status of the same error
-(serving/errors.py). With ``rest_hot_path``, POSTs to the two /v1 predict endpoints skip
+(serving/errors.py). Every error on a /v2 path (unknown ones, 404/405, 401, 413 included)
+has the Open Inference Protocol's ``{"error": message}`` with the same status. With ``rest_hot_path``, POSTs to the two /v1 predict endpoints skip
 FastAPI's routing (serving/api/rest/hot_path.py) through the same middlewares and code.
 """
 
@@ -53,9 +54,9 @@ def middlewares(core: Classifier, api_keys: ApiKeys | None = None, docs_paths: t
 
 
 def unexpected(path: str, e: Exception) -> Response:
-    """An exception that is not a ServiceError: logged with its traceback, answered 500 in the one shape."""
+    """An exception that is not a ServiceError: logged with its traceback, answered 500 in the path's shape."""
     log.exception("unexpected error on %s", path)
-    return error_response(Internal(f"internal error ({type(e).__name__}); it has been logged"))
+    return error_response(Internal(f"internal error ({type(e).__name__}); it has been logged"), path=path)
 
 
 def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
@@ -82,16 +83,18 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
     if s.console:
         add_console_routes(app, lambda: keys.enabled)
 
+    # Errors in the shape of the path's protocol: /v2 paths (unknown ones included) the Open
+    # Inference Protocol's {"error": message}, every other path /v1's (serving.errors.error_body).
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError):
-        return error_response(e)
+        return error_response(e, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         error = HTTP_ERRORS.get(e.status_code, InvalidInput)(f"{request.method} {request.url.path}: {e.detail}")
         core.record("rest", request.url.path, None, error.code, 0.0)
         error.http_status = e.status_code
-        return error_response(error, e.headers)
+        return error_response(error, e.headers, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):

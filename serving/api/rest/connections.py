@@ -49,8 +49,8 @@ from serving.settings import Settings
 log = logging.getLogger("serving.connections")
 
 
-def _response(e: ServiceError, reason: str) -> bytes:
-    body = error_body(e)
+def _response(e: ServiceError, reason: str, path: bytes = b"") -> bytes:
+    body = error_body(e, path)
     head = (f"HTTP/1.1 {e.http_status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode()
     return head + body
@@ -334,7 +334,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                      f"{self.body_rate_grace_s:g})")
         else:
             return self._arm_body()
-        self._refuse_body(_response(SlowClient(error), "Request Timeout"))
+        self._refuse_body(_response(SlowClient(error), "Request Timeout", self.url))
 
     # -- refusing --------------------------------------------------------------------------------
     def _too_large(self, message: str) -> None:

@@ -31,16 +31,16 @@ def retry_headers(e: ServiceError) -> dict | None:
     return {"retry-after": str(max(1, math.ceil(e.retry_after_s)))} if e.retry_after_s is not None else None
 
 
-def error_response(e: ServiceError, headers: dict | None = None) -> Response:
-    """The /v1 error: ``{"error": {"code": ..., "message": ...}}`` with the error's status."""
-    return Response(error_body(e), status_code=e.http_status, media_type="application/json",
+def error_response(e: ServiceError, headers: dict | None = None, path: str = "") -> Response:
+    """The error with its status: ``{"error": {"code": ..., "message": ...}}``, or on a ``/v2``
+    ``path`` the Open Inference Protocol's ``{"error": message}`` (serving.errors.error_body)."""
+    return Response(error_body(e, path), status_code=e.http_status, media_type="application/json",
                     headers=headers or retry_headers(e))
 
 
 def v2_error_response(e: ServiceError) -> Response:
     """The Open Inference Protocol's error: ``{"error": message}``, same status as /v1."""
-    return Response(_json.encode({"error": e.message}), status_code=e.http_status, media_type="application/json",
-                    headers=retry_headers(e))
+    return error_response(e, path="/v2")
 
 
 def json_response(body, status: int = 200) -> Response:
@@ -190,7 +190,7 @@ class BodyLimit:
             message = f"request body is {size} bytes > max_body_bytes={self.max_bytes}"
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": error_body(PayloadTooLarge(message))})
+        await send({"type": "http.response.body", "body": error_body(PayloadTooLarge(message), scope["path"])})
 
 
 class RequestId:

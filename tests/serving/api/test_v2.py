@@ -5,7 +5,8 @@ and errors as the protocol specifies them with /v1's messages.
 Real gateways (`python -m serving`, embedded and TF Serving backends, the fixture of
 tests/serving/test_gateway.py); requests built here by hand from the protocol's
 specification. tests/serving/api/test_v2_clients.py runs the real tritonclient and
-kserve clients against it.
+kserve clients against it. Triton's extensions (model repository, statistics, model
+configuration, ModelStreamInfer) are at the end.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.gen.inference import model_config_pb2
 from serving.gen.inference import open_inference_grpc_pb2 as v2
 from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from contract.repository import read_version
@@ -209,7 +213,8 @@ def test_rest_health_and_metadata(gw):
     assert httpx.get(gw.rest + "/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
     assert httpx.get(gw.rest + "/v2/models/digits/versions/1/ready").status_code == 200
     server = httpx.get(gw.rest + "/v2").json()
-    assert server["name"] == "classifier-gateway" and server["extensions"] == ["binary_tensor_data"]
+    assert server["name"] == "classifier-gateway"
+    assert server["extensions"] == ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
     m = httpx.get(gw.rest + "/v2/models/digits").json()
     assert m["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]},
                            {"name": "image_encoded", "datatype": "BYTES", "shape": [-1]}]
@@ -321,3 +326,197 @@ def test_v2_infer_is_counted_in_the_metrics(gw, stub):
     request.raw_input_contents.append(bytes(784))
     stub.ModelInfer(request)
     assert (counted(gw, "rest", "/v2/models/{name}/infer"), counted(gw, "grpc", "ModelInfer")) == (before[0] + 1, before[1] + 1)
+
+
+# -- Triton's extensions: repository, statistics, config; errors in the protocol's shape ---------
+def test_unknown_v2_paths_methods_and_extensions_answer_in_the_protocol_shape(gw):
+    r = httpx.get(gw.rest + "/v2/nope")
+    assert (r.status_code, r.json()) == (404, {"error": "GET /v2/nope: Not Found"})
+    r = httpx.get(gw.rest + "/v2/models/digits/infer")
+    assert (r.status_code, r.json()) == (405, {"error": "GET /v2/models/digits/infer: Method Not Allowed"})
+    for method, path, what in [("POST", "/v2/systemsharedmemory/region/r/register", "system shared memory"),
+                               ("GET", "/v2/cudasharedmemory/status", "CUDA shared memory"),
+                               ("GET", "/v2/trace/setting", "trace settings"), ("POST", "/v2/logging", "log settings")]:
+        r = httpx.request(method, gw.rest + path, json={})
+        assert r.status_code == 501 and r.json()["error"].startswith(f"{what} (Triton's extension) is not supported"), r.text
+    r = httpx.get(gw.rest + "/v1/nope")  # the gateway's own paths keep /v1's shape
+    assert r.json() == {"error": {"code": "NOT_FOUND", "message": "GET /v1/nope: Not Found"}}
+    with grpc.insecure_channel(gw.grpc) as channel, pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryStatus")(b"")
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert e.value.details().startswith("SystemSharedMemoryStatus is not supported by this gateway")
+
+
+def expected_index() -> list[dict]:
+    return [{"name": m, "version": str(v), "state": "READY"} for m in sorted(MODEL_NAMES) for v in served_versions(m)]
+
+
+MODEL_NAMES = ("digits", "sentiment_bilstm", "sentiment_lstm")
+
+
+def test_repository_index_load_and_unload(gw, stub):
+    for body in (b"", b"{}", b'{"ready": true}'):
+        r = httpx.post(gw.rest + "/v2/repository/index", content=body)
+        assert (r.status_code, r.json()) == (200, expected_index())
+    index = stub.RepositoryIndex(v2.RepositoryIndexRequest(ready=True))
+    assert [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in index.models] == expected_index()
+    # load: nothing to do for a configured, ready model; unknown ones and overrides are errors
+    for name in MODEL_NAMES:
+        r = httpx.post(gw.rest + f"/v2/repository/models/{name}/load", content=b"")
+        assert (r.status_code, r.json()) == (200, {})
+        stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name=name))
+    r = httpx.post(gw.rest + "/v2/repository/models/nope/load", json={})
+    assert r.status_code == 404 and r.json()["error"].startswith("unknown model 'nope'")
+    r = httpx.post(gw.rest + "/v2/repository/models/digits/load", json={"parameters": {"config": "{}"}})
+    assert r.status_code == 501 and r.json()["error"].startswith("loading model 'digits' with parameters ['config']")
+    request = v2.RepositoryModelLoadRequest(model_name="digits")
+    request.parameters["config"].string_param = "{}"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RepositoryModelLoad(request)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "is not supported" in e.value.details()
+    # unload: not what this gateway does, and it says why
+    served_by = "TF Serving loads their versions" if gw.standin else "their versions are chosen by models.config"
+    r = httpx.post(gw.rest + "/v2/repository/models/digits/unload", json={"parameters": {"unload_dependents": False}})
+    assert r.status_code == 501
+    assert r.json()["error"].startswith("unloading model 'digits' is not supported") and served_by in r.json()["error"]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name="digits"))
+    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.UNIMPLEMENTED, r.json()["error"])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RepositoryIndex(v2.RepositoryIndexRequest(repository_name="other"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "this gateway has one" in e.value.details()
+
+
+def test_model_config(gw, stub):
+    r = httpx.get(gw.rest + "/v2/models/sentiment_lstm/config")
+    assert r.status_code == 200, r.text
+    config = r.json()
+    assert {k: config[k] for k in ("name", "platform", "backend", "max_batch_size")} == {
+        "name": "sentiment_lstm", "platform": "tensorflow_savedmodel", "backend": "tensorflow", "max_batch_size": 1024}
+    assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+                               {"name": "token_ids", "data_type": "TYPE_INT32", "dims": [20]}]
+    assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [2]},
+                                {"name": "label", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}]
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+    got = stub.ModelConfig(v2.ModelConfigRequest(name="sentiment_lstm")).config
+    assert (got.name, got.platform, got.max_batch_size) == ("sentiment_lstm", "tensorflow_savedmodel", 1024)
+    assert [(t.name, list(t.dims)) for t in got.input] == [("text", [1]), ("token_ids", [20])]
+    assert got.output[1].data_type == got.input[0].data_type == model_config_pb2.TYPE_STRING and got.input[0].HasField("reshape")
+    digits = httpx.get(gw.rest + "/v2/models/digits/versions/stable/config").json()
+    assert digits["input"][0] == {"name": "image", "data_type": "TYPE_UINT8", "dims": [28, 28]}
+    assert digits["output"][1] == {"name": "label", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}
+    r = httpx.get(gw.rest + "/v2/models/digits/versions/9/config")
+    assert r.status_code == 404 and r.json()["error"].startswith("model 'digits' has no version 9")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelConfig(v2.ModelConfigRequest(name="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def rest_stats(gw, path: str) -> dict:
+    r = httpx.get(gw.rest + path)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_statistics_count_every_protocol_per_version(gw, stub):
+    model, version = TOKEN_MODEL, stable_version(TOKEN_MODEL)
+    path = f"/v2/models/{model}/versions/{version}/stats"
+    (before,) = rest_stats(gw, path)["model_stats"]
+    t0 = __import__("time").time()
+    texts = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": TEXTS[:3]}]}
+    assert infer(gw, model, texts, str(version)).status_code == 200  # V2 REST: 3 items
+    request = v2.ModelInferRequest(model_name=model, model_version=str(version))
+    request.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend([b"fine", b"awful"])
+    stub.ModelInfer(request)  # V2 gRPC: 2 items
+    v1(gw, "/v1/sentiment:predict", {"texts": ["ok"], "model": model, "version": version})  # /v1: 1 item
+    too_long = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x" * 20_001]}]}
+    assert infer(gw, model, too_long, str(version)).status_code == 413  # failed once its version was chosen
+    assert infer(gw, "nope", texts).status_code == 404  # no model, no version: counted nowhere
+    (after,) = rest_stats(gw, path)["model_stats"]
+    assert (after["name"], after["version"]) == (model, str(version))
+    assert after["inference_count"] - before["inference_count"] == 6
+    assert after["execution_count"] - before["execution_count"] >= 3
+    assert after["last_inference"] >= int(t0 * 1000)
+    b, a = before["inference_stats"], after["inference_stats"]
+    for name in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert a[name]["count"] - b[name]["count"] == 3, name
+        assert a[name]["ns"] > b[name]["ns"], name
+    assert a["fail"]["count"] - b["fail"]["count"] == 1 and a["fail"]["ns"] > b["fail"]["ns"]
+    # the parts of a request take no longer than the whole
+    parts = sum(a[k]["ns"] - b[k]["ns"] for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert parts <= a["success"]["ns"] - b["success"]["ns"]
+    sizes = {s["batch_size"]: s["compute_infer"]["count"] for s in after["batch_stats"]}
+    assert sum(sizes.values()) == after["execution_count"]
+    # the same from gRPC, the version label's, the model's and every model's
+    got = json_format.MessageToDict(stub.ModelStatistics(v2.ModelStatisticsRequest(name=model, version=str(version))),
+                                    preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    assert int(got["model_stats"][0]["inference_count"]) == after["inference_count"]
+    assert int(got["model_stats"][0]["inference_stats"]["success"]["ns"]) == a["success"]["ns"]
+    assert rest_stats(gw, f"/v2/models/{model}/versions/stable/stats")["model_stats"][0]["version"] == str(stable_version(model))
+    assert [s["version"] for s in rest_stats(gw, f"/v2/models/{model}/stats")["model_stats"]] == [
+        str(v) for v in served_versions(model)]
+    assert [(s["name"], s["version"]) for s in rest_stats(gw, "/v2/models/stats")["model_stats"]] == [
+        (e["name"], e["version"]) for e in expected_index()]
+    assert len(stub.ModelStatistics(v2.ModelStatisticsRequest()).model_stats) == len(expected_index())
+    r = httpx.get(gw.rest + f"/v2/models/{model}/versions/99/stats")
+    assert r.status_code == 404 and r.json()["error"].startswith(f"model '{model}' has no version 99")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelStatistics(v2.ModelStatisticsRequest(name="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_timeout_parameter_shortens_the_deadline_on_rest_and_grpc(gw, stub):
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fine"]}], "parameters": {"timeout": 1}}
+    r = infer(gw, TOKEN_MODEL, body)
+    assert r.status_code == 503 and "not answered within its deadline" in r.json()["error"], r.text
+    request = v2.ModelInferRequest(model_name=TOKEN_MODEL)
+    request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"fine")
+    request.parameters["timeout"].int64_param = 1
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(request)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "not answered within its deadline" in e.value.details()
+    request.parameters["timeout"].int64_param = 30_000_000  # 30 s: answered
+    assert stub.ModelInfer(request).model_name == TOKEN_MODEL
+
+
+def test_grpc_health_knows_the_v2_service(gw):
+    with grpc.insecure_channel(gw.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "classifier.v1.Classifier", "inference.GRPCInferenceService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpc_model_stream_infer_answers_each_request_in_order(gw, stub):
+    def request(model: str, text: str) -> v2.ModelInferRequest:
+        m = v2.ModelInferRequest(model_name=model, id=text)
+        m.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(text.encode())
+        return m
+
+    responses = list(stub.ModelStreamInfer(iter([request(TOKEN_MODEL, TEXTS[0]), request("nope", "x"),
+                                                 request(TOKEN_MODEL, TEXTS[1])])))
+    assert [r.error_message for r in responses] == ["", "unknown model 'nope'; models: " + str(list(MODEL_NAMES)), ""]
+    want = v1(gw, "/v1/sentiment:predict", {"texts": TEXTS[:2], "model": TOKEN_MODEL})["predictions"]
+    for r, p in zip((responses[0], responses[2]), want):
+        assert r.infer_response.id in TEXTS and [x.decode() for x in unbytes(r.infer_response.raw_output_contents[1])] == [p["label"]]
+
+
+@pytest.mark.parametrize("method", ["ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+                                    "RepositoryModelUnload"])
+def test_grpc_extensions_refuse_undecodable_messages(gw, method):
+    with grpc.insecure_channel(gw.grpc) as channel, pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary(f"/inference.GRPCInferenceService/{method}")(b"\xff\xff\xff")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not a valid inference." in e.value.details()
+
+
+def test_grpc_model_stream_infer_answers_an_undecodable_message_and_goes_on(gw):
+    good = v2.ModelInferRequest(model_name=TOKEN_MODEL)
+    good.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"fine")
+    with grpc.insecure_channel(gw.grpc) as channel:
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                     response_deserializer=v2.ModelStreamInferResponse.FromString)
+        first, second = list(call(iter([b"\xff\xff\xff", good.SerializeToString()])))
+    assert first.error_message.startswith("request is not a valid inference.ModelInferRequest message")
+    assert not second.error_message and second.infer_response.model_name == TOKEN_MODEL

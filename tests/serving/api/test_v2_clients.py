@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from contract.repository import read_version
-from testkit.gateway import ROOT, stable_version
+from testkit.gateway import ROOT, served_versions, stable_version
 from tests.serving.api.test_v2 import png
 from tests.serving.test_gateway import MODELS, TEXTS
 from tests.venvs import tool_venv
@@ -96,3 +96,62 @@ def test_clients_see_the_protocol_errors_with_v1_messages(results):
     too_long = got["tritonclient.grpc"]["errors"]["too long"]
     assert too_long["status"] == "StatusCode.INVALID_ARGUMENT"
     assert too_long["message"] == v1_errors["too long"]["error"]["message"]
+
+
+MODELS_SERVED = ("digits", "sentiment_bilstm", "sentiment_lstm")
+UNSUPPORTED = {"get_trace_settings": "trace settings", "update_trace_settings": "trace settings",
+               "get_log_settings": "log settings", "update_log_settings": "log settings",
+               "get_system_shared_memory_status": "system shared memory", "register_system_shared_memory":
+               "system shared memory", "unregister_system_shared_memory": "system shared memory",
+               "get_cuda_shared_memory_status": "CUDA shared memory", "register_cuda_shared_memory": "CUDA shared memory",
+               "unregister_cuda_shared_memory": "CUDA shared memory"}
+
+
+@pytest.mark.parametrize("client", ["tritonclient.http", "tritonclient.grpc"])
+def test_tritonclient_every_method_gets_an_answer_or_a_printable_protocol_error(results, client):
+    got = results[0][client]["methods"]
+    http = client.endswith("http")
+    status = (lambda code, name: str(code)) if http else (lambda code, name: f"StatusCode.{name}")
+    for call, outcome in got.items():
+        if isinstance(outcome, dict) and "error" in outcome:  # tritonclient could print it
+            e = outcome["error"]
+            assert isinstance(e["message"], str) and e["str"] == f"[{e['status']}] {e['message']}", (call, e)
+    ok = {call: outcome["ok"] for call, outcome in got.items() if isinstance(outcome, dict) and "ok" in outcome}
+    errors = {call: outcome["error"] for call, outcome in got.items() if isinstance(outcome, dict) and "error" in outcome}
+    assert set(ok) == {"get_server_metadata", "get_model_metadata", "get_model_config", "get_model_repository_index",
+                       "load_model", "get_inference_statistics", "get_inference_statistics all", "async_infer",
+                       *(["is_model_ready nope"] if http else [])}, errors
+    assert "statistics" in ok["get_server_metadata"]["extensions"]
+    assert ok["get_model_metadata"]["versions"] == [str(stable_version("digits"))]
+    if http:  # the client reads 404 as not ready; over gRPC, NOT_FOUND naming the models
+        assert ok["is_model_ready nope"] is False
+    else:
+        assert errors["is_model_ready nope"]["status"] == "StatusCode.NOT_FOUND"
+    config = ok["get_model_config"] if http else ok["get_model_config"]["config"]
+    assert (config["name"], config["platform"], config["max_batch_size"]) == ("digits", "tensorflow_savedmodel", 1024)
+    assert [(t["name"], t["data_type"]) for t in config["input"]] == [("image", "TYPE_UINT8"), ("image_encoded", "TYPE_STRING")]
+    index = ok["get_model_repository_index"] if http else ok["get_model_repository_index"]["models"]
+    assert index == [{"name": m, "version": str(v), "state": "READY"} for m in MODELS_SERVED for v in served_versions(m)]
+    stats = ok["get_inference_statistics"]["model_stats"]
+    assert [s["version"] for s in stats] == [str(v) for v in served_versions("digits")]
+    # the digits cases above were answered (3 per client): counted, with their times
+    assert sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats) >= 3
+    assert all(int(s["inference_stats"]["compute_infer"].get("ns", 0)) > 0 for s in stats if int(s.get("inference_count", 0)))
+    assert len(ok["get_inference_statistics all"]["model_stats"]) == sum(len(served_versions(m)) for m in MODELS_SERVED)
+    assert ok["async_infer"] in (["positive"], ["negative"])
+    for call in ("get_model_config nope", "load_model nope", "get_inference_statistics nope"):
+        assert errors[call]["status"] == status(404, "NOT_FOUND") and errors[call]["message"].startswith("unknown model 'nope'")
+    assert errors["load_model config"]["status"] == status(501, "UNIMPLEMENTED")
+    assert errors["unload_model"]["status"] == status(501, "UNIMPLEMENTED")
+    assert errors["unload_model"]["message"].startswith("unloading model 'digits' is not supported")
+    for call, what in UNSUPPORTED.items():
+        assert errors[call]["status"] == status(501, "UNIMPLEMENTED"), call
+        assert "is not supported by this gateway" in errors[call]["message"], call
+        if http:
+            assert errors[call]["message"].startswith(what), call
+    assert errors["infer timeout"]["status"] == status(503, "DEADLINE_EXCEEDED")
+    assert "not answered within its deadline" in errors["infer timeout"]["message"]
+    if not http:
+        first, error, last = got["stream"]
+        assert first == last and first in (["positive"], ["negative"])
+        assert error == "unknown model 'nope'; models: ['digits', 'sentiment_bilstm', 'sentiment_lstm']"

@@ -9,7 +9,9 @@ the project: ``python v2_clients.py tritonclient|kserve INPUT.json REST_URL GRPC
 
 INPUT.json: {"texts": [...], "token_ids": [[...20 ids]], "digits": [[28x28]], "pngs_b64": [...]}.
 Output: {client: {case: {"probabilities": [[...]], "label": [...], "model_version": "1"}}}
-plus {client: {"health": {...}, "errors": {...}}}.
+plus {client: {"health": {...}, "errors": {...}}}, and for tritonclient {client: {"methods":
+{call: {"ok": answer} or {"error": {"status", "message", "str"}}}}}: every other method of the
+client (repository, statistics, config, shared memory, trace, logging, async and stream infer).
 """
 
 from __future__ import annotations
@@ -41,6 +43,77 @@ def result(probabilities, label, version) -> dict:
     return {"probabilities": np.asarray(probabilities, dtype=np.float64).tolist(), "label": label, "model_version": version}
 
 
+def attempt(fn, *args, **kwargs) -> dict:
+    """``fn``'s answer (protobuf messages as dicts), or its InferenceServerException as the client
+    shows it: ``str(e)`` must work (it fails when the server's error body is not the protocol's)."""
+    from google.protobuf.json_format import MessageToDict
+    from google.protobuf.message import Message
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        answer = fn(*args, **kwargs)
+    except InferenceServerException as e:
+        try:
+            shown = str(e)
+        except Exception as failed:  # noqa: BLE001 - what the test reports (e.g. a /v1-shaped error body)
+            shown = f"str() failed: {failed!r}; message: {e.message()!r}"
+        return {"error": {"status": e.status(), "message": repr(e.message()) if not isinstance(e.message(), str)
+                          else e.message(), "str": shown}}
+    if isinstance(answer, Message):
+        answer = MessageToDict(answer, preserving_proto_field_name=True)
+    return {"ok": answer}
+
+
+def triton_methods(client, infer_input, stream: bool) -> dict:
+    """Every method of a tritonclient InferenceServerClient (http or grpc) beyond plain infer."""
+    out = {
+        "get_server_metadata": attempt(client.get_server_metadata),
+        "get_model_metadata": attempt(client.get_model_metadata, "digits", "stable"),
+        "is_model_ready nope": attempt(client.is_model_ready, "nope"),
+        "get_model_config": attempt(client.get_model_config, "digits"),
+        "get_model_config nope": attempt(client.get_model_config, "nope"),
+        "get_model_repository_index": attempt(client.get_model_repository_index),
+        "load_model": attempt(client.load_model, "digits"),
+        "load_model nope": attempt(client.load_model, "nope"),
+        "load_model config": attempt(client.load_model, "digits", config="{}"),
+        "unload_model": attempt(client.unload_model, "digits"),
+        "get_inference_statistics": attempt(client.get_inference_statistics, "digits"),
+        "get_inference_statistics all": attempt(client.get_inference_statistics),
+        "get_inference_statistics nope": attempt(client.get_inference_statistics, "nope"),
+        "get_trace_settings": attempt(client.get_trace_settings),
+        "update_trace_settings": attempt(client.update_trace_settings, settings={"trace_level": ["TIMESTAMPS"]}),
+        "get_log_settings": attempt(client.get_log_settings),
+        "update_log_settings": attempt(client.update_log_settings, {"log_verbose_level": 1}),
+        "get_system_shared_memory_status": attempt(client.get_system_shared_memory_status),
+        "register_system_shared_memory": attempt(client.register_system_shared_memory, "r", "/r", 16),
+        "unregister_system_shared_memory": attempt(client.unregister_system_shared_memory),
+        "get_cuda_shared_memory_status": attempt(client.get_cuda_shared_memory_status),
+        "register_cuda_shared_memory": attempt(client.register_cuda_shared_memory, "r", b"aGFuZGxl", 0, 16),
+        "unregister_cuda_shared_memory": attempt(client.unregister_cuda_shared_memory),
+        "infer timeout": attempt(client.infer, "sentiment_lstm", [infer_input], timeout=1),
+    }
+    import queue
+
+    labels = lambda r: [x.decode() for x in r.as_numpy("label").reshape(-1).tolist()]  # noqa: E731
+    answers = queue.Queue()
+    if stream:  # gRPC: async_infer calls back
+        client.async_infer("sentiment_lstm", [infer_input], lambda result, error: answers.put(
+            str(error) if error else labels(result)))
+        out["async_infer"] = {"ok": answers.get(timeout=60)}
+    else:  # http: a handle to wait on
+        out["async_infer"] = attempt(lambda: labels(client.async_infer("sentiment_lstm", [infer_input]).get_result()))
+    if stream:  # gRPC only: ModelStreamInfer, one answer or error per request, in order
+        client.start_stream(callback=lambda result, error: answers.put(str(error) if error else labels(result)))
+        try:
+            for model in ("sentiment_lstm", "nope", "sentiment_lstm"):
+                client.async_stream_infer(model, [infer_input])
+            out["stream"] = [answers.get(timeout=60) for _ in range(3)]
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out["stream"] = f"failed: {e!r}"
+        client.stop_stream()
+    return out
+
+
 def triton_http(rest_url: str, data: dict) -> dict:
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
@@ -65,6 +138,7 @@ def triton_http(rest_url: str, data: dict) -> dict:
         except InferenceServerException as e:
             errors[label] = {"status": e.status(), "message": e.message()}
     out["errors"] = errors
+    out["methods"] = triton_methods(client, x, stream=False)
     return out
 
 
@@ -87,6 +161,9 @@ def triton_grpc(grpc_address: str, data: dict) -> dict:
         client.infer("sentiment_lstm", [x])
     except InferenceServerException as e:
         out["errors"] = {"too long": {"status": e.status(), "message": e.message()}}
+    x = tgrpc.InferInput("text", [1], "BYTES")
+    x.set_data_from_numpy(np.array([b"fine"], dtype=np.object_))
+    out["methods"] = triton_methods(client, x, stream=True)
     return out
 
 
