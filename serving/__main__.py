@@ -29,6 +29,7 @@ from serving.core import Classifier
 from serving.api.grpc.server import GrpcServer
 from serving.api.rest.hot_path import create_asgi
 from serving.settings import Settings
+from serving import tracing
 
 log = logging.getLogger("serving")
 
@@ -118,6 +119,7 @@ class Gateway:
         finally:
             await self.grpc.stop(grace=1)
             await self.core.stop()
+            await asyncio.to_thread(tracing.flush)  # the spans still buffered (tracing on), at most 2 s
             log.info("stopped")
 
     def request_stop(self) -> None:
@@ -176,6 +178,11 @@ def main() -> None:
 
     settings = Settings()
     setup_logging(settings)
+    try:  # OpenTelemetry tracing: on with OTEL_TRACES_EXPORTER=otlp (serving/tracing.py)
+        tracing.configure()
+    except ValueError as e:
+        log.error("tracing: %s", e)
+        sys.exit(2)
     sys.setswitchinterval(settings.gil_switch_interval_s)
     if settings.event_loop == "uvloop":
         import uvloop
