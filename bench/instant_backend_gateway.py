@@ -19,6 +19,7 @@ import uvloop  # noqa: E402
 from serving.__main__ import Gateway  # noqa: E402
 from serving.backends.embedded import EmbeddedBackend  # noqa: E402
 from serving.settings import Settings  # noqa: E402
+from serving import tracing  # noqa: E402
 
 
 class InstantBackend(EmbeddedBackend):
@@ -39,4 +40,5 @@ if __name__ == "__main__":
 
     s = Settings(host="127.0.0.1", rest_port=int(os.environ["BENCH_REST_PORT"]), grpc_port=0)
     setup_logging(s)  # as `python -m serving`: the access log line of every request is written too
+    tracing.configure()  # as `python -m serving`: OTEL_TRACES_EXPORTER=otlp traces (bench/gateway.py --tracing)
     uvloop.run(Gateway(s, InstantBackend(s)).run())

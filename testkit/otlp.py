@@ -98,11 +98,13 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def env(self, service_name: str = "classifier-gateway", schedule_delay_ms: int = 50, **more: str) -> dict[str, str]:
+    def env(self, service_name: str = "classifier-gateway", schedule_delay_ms: int | None = 50, **more: str) -> dict[str, str]:
         """The OTEL_* variables that turn a gateway's tracing on and send its spans here, exported
-        every ``schedule_delay_ms`` (the batch span processor's delay; its default is 5 s)."""
-        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
-                "OTEL_SERVICE_NAME": service_name, "OTEL_BSP_SCHEDULE_DELAY": str(schedule_delay_ms), **more}
+        every ``schedule_delay_ms`` (the batch span processor's delay; None: its default, 5 s)."""
+        env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint, "OTEL_SERVICE_NAME": service_name}
+        if schedule_delay_ms is not None:
+            env["OTEL_BSP_SCHEDULE_DELAY"] = str(schedule_delay_ms)
+        return {**env, **more}
 
     def trace(self, trace_id: str) -> list[Span]:
         with self._lock:
