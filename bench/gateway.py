@@ -25,8 +25,8 @@ the performance issue next to its target.
 only the cases that measure the gateway's own code -- REST single texts at concurrency 64,
 gRPC batches of 256, and the gateway over the instant backend (CPU per request) -- for
 that tree and this one, alternating, ``--rounds`` times, and prints them side by side.
-``--tracing`` runs the same cases on this tree with OpenTelemetry tracing off and on
-(OTEL_TRACES_EXPORTER=otlp, every request sampled, the SDK's default batch span processor,
+``--tracing`` runs the same cases on this tree with OpenTelemetry tracing off, on for every
+request, and on for 1 in 10 (OTEL_TRACES_EXPORTER=otlp, the SDK's default batch span processor,
 exporting to an OTLP/gRPC sink in this process: testkit/otlp.py), side by side, with the
 spans the sink received. Needs `wrk` (Debian: apt-get install wrk).
 Every server runs on loopback on this machine, so client and server share its cores,
@@ -233,20 +233,22 @@ COMPARED = (("rest_single_text_c64", "texts_per_s"), ("rest_single_text_c64", "p
 def compare(variants: dict[str, dict], model: str, texts: list[str], bodies_file: str, seconds: float, rounds: int,
             counted=None) -> tuple[dict, dict]:
     """``tree_cases`` of each variant (its keyword arguments), alternating, ``rounds`` times; prints the medians
-    side by side (the second variant over the first in the last column). Returns (runs, medians)."""
+    side by side, then each other variant over the first. Returns (runs, medians)."""
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(rounds):
         for name, kw in variants.items():
             runs[name].append(tree_cases(model=model, texts=texts, bodies_file=bodies_file, seconds=seconds,
                                          counted=counted, **kw))
             print(f"round {r + 1}/{rounds} {name} done", flush=True)
-    a, b = variants
-    print(f"\n{'case (median of ' + str(rounds) + ' rounds)':<44}{a:>12}{b:>12}{b + '/' + a:>11}")
+    a, *others = variants
+    print(f"\n{'case (median of ' + str(rounds) + ' rounds)':<44}" + "".join(f"{n:>12}" for n in variants)
+          + "".join(f"{b + '/' + a:>14}" for b in others))
     table = {}
     for case, field in COMPARED:
         med = {name: sorted(run[case][field] for run in runs[name])[rounds // 2] for name in variants}
         table[f"{case} {field}"] = med
-        print(f"{case + ' ' + field:<44}{med[a]:>12.1f}{med[b]:>12.1f}{med[b] / med[a]:>11.3f}")
+        print(f"{case + ' ' + field:<44}" + "".join(f"{med[n]:>12.1f}" for n in variants)
+              + "".join(f"{med[b] / med[a]:>14.3f}" for b in others))
     return runs, table
 
 
@@ -258,20 +260,22 @@ def compare_trees(base: Path, model: str, texts: list[str], bodies_file: str, se
 
 
 def compare_tracing(model: str, texts: list[str], bodies_file: str, seconds: float, rounds: int, json_path: str) -> int:
-    """This tree's gateway with tracing off and on (every request sampled, the SDK's default batch span
-    processor), exporting to an OTLP/gRPC sink in this process that counts the spans it receives."""
+    """This tree's gateway with tracing off, on for every request, and on for 1 request in 10 (the client sends no
+    traceparent: the sampler decides), the SDK's default batch span processor, exporting to an OTLP/gRPC sink
+    in this process that counts the spans it receives."""
     from testkit.otlp import OtlpReceiver
 
     with OtlpReceiver(keep=False) as sink:
-        variants = {"off": {"root": ROOT}, "on": {"root": ROOT, "env": sink.env(schedule_delay_ms=None)}}
+        on = sink.env(schedule_delay_ms=None)
+        variants = {"off": {"root": ROOT}, "on": {"root": ROOT, "env": on},
+                    "on_10pct": {"root": ROOT, "env": {**on, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                                       "OTEL_TRACES_SAMPLER_ARG": "0.1"}}}
         runs, table = compare(variants, model, texts, bodies_file, seconds, rounds, counted=lambda: sink.count)
-    print(f"\n{'spans received (tracing on; median)':<44}")
-    for case, _ in COMPARED[::2]:
-        spans = sorted(run[case]["spans"] for run in runs["on"])[rounds // 2]
-        requests = sorted(run[case]["texts"] for run in runs["on"])[rounds // 2]
-        if case == "grpc_batches_256":
-            requests //= 256
-        print(f"{case:<44}{spans:>12}  for {requests} requests ({spans / max(requests, 1):.1f} per request)")
+    print("\nspans received while each case ran (its warm-up included; median of the rounds)")
+    for name in ("on", "on_10pct"):
+        for case, _ in COMPARED[::2]:
+            spans = sorted(run[case]["spans"] for run in runs[name])[rounds // 2]
+            print(f"  {name + ' ' + case:<42}{spans:>10}")
     save(json_path, {"seconds_each": seconds, "rounds": runs, "medians": table})
     return 0
 
