@@ -215,6 +215,21 @@ def test_a_refused_request_ends_its_spans_in_error_and_an_unsampled_one_is_not_e
     assert f"-{unsampled}-" not in " ".join(p or "" for p in gw.standin.traceparents)
 
 
+def test_rows_dropped_from_the_queue_end_their_queue_span_in_error(gw, receiver):
+    # The client's deadline (0.2 s) passes while its rows wait for the batch window (0.4 s).
+    trace_id, client_span, traceparent = new_parent()
+    with grpc.insecure_channel(gw.grpc) as channel, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.ClassifierStub(channel).ClassifySentiment(pb.SentimentRequest(texts=["too late"]), timeout=0.2,
+                                                          metadata=(("traceparent", traceparent),))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    by_name = spans_of(receiver, trace_id, {"grpc ClassifySentiment", "queue"})
+    [server], [queue] = by_name["grpc ClassifySentiment"], by_name["queue"]
+    assert server.parent_span_id == client_span and server.status_code == ERROR
+    assert queue.parent_span_id == server.span_id and queue.status_code == ERROR
+    assert queue.attributes["classifier.dropped"] in ("deadline", "cancelled")  # the gateway's timer or the client's cancel
+    assert "batch" not in by_name and "predict" not in by_name
+
+
 def test_a_request_without_traceparent_starts_its_own_trace(gw, receiver):
     r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["no parent"]}, timeout=30,
                    headers={"x-request-id": "no-parent-1"})
