@@ -27,7 +27,8 @@ from serving.gen.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from testkit.gateway import MODELS_CONFIG, ROOT, SHIPPED_MODELS, gateway_processes
 from testkit.otlp import OtlpReceiver
 
-pytestmark = pytest.mark.slow  # the stand-in loads the shipped models with TensorFlow in this process
+# The tests with gateways: the stand-in loads the shipped models with TensorFlow in this process first.
+slow = pytest.mark.slow
 
 SERVER, CLIENT = 2, 3  # OTLP Span.SpanKind
 ERROR = 2  # OTLP Status.StatusCode
@@ -132,6 +133,7 @@ def spans_of(receiver, trace_id: str, names: set[str]) -> dict[str, list]:
     return out
 
 
+@slow
 @pytest.mark.parametrize("server_name", list(ADAPTERS))
 def test_a_request_is_traced_under_the_clients_span_and_tf_serving_gets_its_traceparent(gw, receiver, server_name):
     trace_id, client_span, traceparent = new_parent()
@@ -158,6 +160,7 @@ def test_a_request_is_traced_under_the_clients_span_and_tf_serving_gets_its_trac
     assert f"00-{trace_id}-{batch.span_id}-01" in gw.standin.traceparents
 
 
+@slow
 def test_the_batch_span_links_every_request_it_served(gw, receiver):
     clients = [new_parent() for _ in range(4)]
     start = threading.Barrier(len(clients))
@@ -198,6 +201,7 @@ def test_the_batch_span_links_every_request_it_served(gw, receiver):
         assert [(t, s) for t, s, _ in predict.links] == [(batch.trace_id, batch.span_id)]
 
 
+@slow
 def test_a_refused_request_ends_its_spans_in_error_and_an_unsampled_one_is_not_exported(gw, receiver):
     unsampled, _, traceparent = new_parent(sampled=False)
     rest_v1(gw, traceparent, "not-sampled")
@@ -215,6 +219,7 @@ def test_a_refused_request_ends_its_spans_in_error_and_an_unsampled_one_is_not_e
     assert f"-{unsampled}-" not in " ".join(p or "" for p in gw.standin.traceparents)
 
 
+@slow
 def test_rows_dropped_from_the_queue_end_their_queue_span_in_error(gw, receiver):
     # The client's deadline (0.2 s) passes while its rows wait for the batch window (0.4 s).
     trace_id, client_span, traceparent = new_parent()
@@ -230,6 +235,7 @@ def test_rows_dropped_from_the_queue_end_their_queue_span_in_error(gw, receiver)
     assert "batch" not in by_name and "predict" not in by_name
 
 
+@slow
 def test_a_request_without_traceparent_starts_its_own_trace(gw, receiver):
     r = httpx.post(gw.rest + "/v1/sentiment:predict", json={"texts": ["no parent"]}, timeout=30,
                    headers={"x-request-id": "no-parent-1"})
@@ -239,6 +245,7 @@ def test_a_request_without_traceparent_starts_its_own_trace(gw, receiver):
     assert server.parent_span_id == "" and server.name == "rest /v1/sentiment:predict"
 
 
+@slow
 def test_with_tracing_off_no_exporter_is_configured(gateways, off_receiver):
     _, gw = gateways
     # This gateway cannot import the OpenTelemetry SDK or exporter (WITHOUT_OTEL_SDK), and serves.
