@@ -51,7 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Http, grpc_batches, instant, load_texts, pct, raw_calls, raw_ceiling, run_cli, save, wrk  # noqa: E402
+from bench.common import (Http, grpc_batches, instant, load_texts, pct, process_cpu_seconds, raw_calls,  # noqa: E402
+                          raw_ceiling, run_cli, save, wrk)
 from testkit.gateway import free_port, gateway_process, stable_version, wait_until  # noqa: E402
 
 
@@ -206,12 +207,16 @@ def tree_cases(root: Path, model: str, texts: list[str], bodies_file: str, secon
                counted=None) -> dict:
     """The gateway of the tree at ``root`` (its own ``python -m serving``): REST c64, gRPC batches, instant backend.
     ``env``: added to the gateways' environment; ``counted()``: a count read before and after each case
-    (the spans an OTLP sink received), as ``spans`` in its result."""
+    (the spans an OTLP sink received), as ``spans`` in its result. The REST and gRPC cases also give the
+    gateway process's CPU per text (``gateway_cpu_us_per_text``: less sensitive to other load than throughput)."""
     out = {}
 
-    def measure(case, fn, *args, **kw):
+    def measure(case, fn, *args, pid=None, **kw):
         before = counted() if counted else 0
+        cpu0 = process_cpu_seconds(pid) if pid else 0.0
         out[case] = fn(*args, **kw)
+        if pid:
+            out[case]["gateway_cpu_us_per_text"] = (process_cpu_seconds(pid) - cpu0) / max(out[case]["texts"], 1) * 1e6
         if counted:
             time.sleep(0.5)  # what was exported at the end of the case
             out[case]["spans"] = counted() - before
@@ -219,14 +224,15 @@ def tree_cases(root: Path, model: str, texts: list[str], bodies_file: str, secon
     with gateway_process(root=root, env=env) as gw:
         url = gw.rest + "/v1/sentiment:predict"
         wrk(url, bodies_file, 16, 2)
-        measure("rest_single_text_c64", wrk, url, bodies_file, 64, seconds)
-        measure("grpc_batches_256", grpc_batches, gw.grpc, model, texts, seconds)
+        measure("rest_single_text_c64", wrk, url, bodies_file, 64, seconds, pid=gw.process.pid)
+        measure("grpc_batches_256", grpc_batches, gw.grpc, model, texts, seconds, pid=gw.process.pid)
     measure("instant_backend_c64", instant, bodies_file, seconds, root=root, env=env)
     return out
 
 
 COMPARED = (("rest_single_text_c64", "texts_per_s"), ("rest_single_text_c64", "p99_ms"),
-            ("grpc_batches_256", "texts_per_s"), ("grpc_batches_256", "p99_ms"),
+            ("rest_single_text_c64", "gateway_cpu_us_per_text"),
+            ("grpc_batches_256", "texts_per_s"), ("grpc_batches_256", "p99_ms"), ("grpc_batches_256", "gateway_cpu_us_per_text"),
             ("instant_backend_c64", "texts_per_s"), ("instant_backend_c64", "gateway_cpu_us_per_request"))
 
 
@@ -273,7 +279,7 @@ def compare_tracing(model: str, texts: list[str], bodies_file: str, seconds: flo
         runs, table = compare(variants, model, texts, bodies_file, seconds, rounds, counted=lambda: sink.count)
     print("\nspans received while each case ran (its warm-up included; median of the rounds)")
     for name in ("on", "on_10pct"):
-        for case, _ in COMPARED[::2]:
+        for case in dict(COMPARED):
             spans = sorted(run[case]["spans"] for run in runs[name])[rounds // 2]
             print(f"  {name + ' ' + case:<42}{spans:>10}")
     save(json_path, {"seconds_each": seconds, "rounds": runs, "medians": table})
