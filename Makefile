@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= train,serve,embedded,storage,dev
+# storage: fsspec/s3fs/gcsfs for `python -m serving pull` (tests/serving/test_pull.py); tracing: the
+# OpenTelemetry SDK and OTLP exporter, so that `make run` with OTEL_TRACES_EXPORTER=otlp traces
+# (serving/tracing.py) and the tracing tests run; the gateway works without either (tracing off).
+EXTRAS ?= train,serve,tracing,embedded,storage,dev
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup run stage bench-stage test evaluate protos bench-gateway bench-overload bench-tfserving bench-client bench-capacity bench-whole-text train-digits train-sentiment_lstm train-sentiment_bilstm train-all train-v2 train-v3 train-v4 bench-text bench-model-options clean plots plot-capacity plot-accuracy test-tools
@@ -30,8 +33,10 @@ protos: setup
 	$(PY) -m serving.protogen
 
 # Gateway vs raw batched model call vs naive baseline (needs wrk: apt-get install wrk).
+# BENCH_GATEWAY_ARGS=--tracing: instead, the gateway's own cost with tracing off and on, side by side.
+BENCH_GATEWAY_ARGS ?=
 bench-gateway: setup
-	$(PY) bench/gateway.py
+	$(PY) bench/gateway.py $(BENCH_GATEWAY_ARGS)
 
 # The gateway at 4x its capacity with 1,024-text requests: goodput, p99 of admitted requests, speed of 429s.
 bench-stage: setup test-tools

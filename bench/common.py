@@ -237,15 +237,15 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def instant(bodies_file: str, seconds: float, hot_path: bool = True, root: Path = ROOT) -> dict:
+def instant(bodies_file: str, seconds: float, hot_path: bool = True, root: Path = ROOT, env: dict | None = None) -> dict:
     """The gateway of the tree at ``root`` over the instant backend under 64 wrk connections:
-    req/s, latency, and the gateway's CPU per request (from /proc)."""
+    req/s, latency, and the gateway's CPU per request (from /proc). ``env``: added to its environment."""
     import httpx
 
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(root / "bench" / "instant_backend_gateway.py")],
-        env={**os.environ, "BENCH_REST_PORT": str(port), "CLASSIFIER_REST_HOT_PATH": str(hot_path).lower()},
+        env={**os.environ, **(env or {}), "BENCH_REST_PORT": str(port), "CLASSIFIER_REST_HOT_PATH": str(hot_path).lower()},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -24,7 +24,11 @@ the performance issue next to its target.
 ``--base-root PATH`` (another checkout, e.g. ``git worktree add /tmp/base <commit>``) runs
 only the cases that measure the gateway's own code -- REST single texts at concurrency 64,
 gRPC batches of 256, and the gateway over the instant backend (CPU per request) -- for
-that tree and this one, alternating, ``--rounds`` times, and prints them side by side. Needs `wrk` (Debian: apt-get install wrk).
+that tree and this one, alternating, ``--rounds`` times, and prints them side by side.
+``--tracing`` runs the same cases on this tree with OpenTelemetry tracing off, on for every
+request, and on for 1 in 10 (OTEL_TRACES_EXPORTER=otlp, the SDK's default batch span processor,
+exporting to an OTLP/gRPC sink in this process: testkit/otlp.py), side by side, with the
+spans the sink received. Needs `wrk` (Debian: apt-get install wrk).
 Every server runs on loopback on this machine, so client and server share its cores,
 as they would on one node.
 """
@@ -41,12 +45,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Http, grpc_batches, instant, load_texts, pct, raw_calls, raw_ceiling, run_cli, save, wrk  # noqa: E402
+from bench.common import (Http, grpc_batches, instant, load_texts, pct, process_cpu_seconds, raw_calls,  # noqa: E402
+                          raw_ceiling, run_cli, save, wrk)
 from testkit.gateway import free_port, gateway_process, stable_version, wait_until  # noqa: E402
 
 
@@ -143,8 +149,11 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "gateway.json"))
     p.add_argument("--base-root", type=Path, help="also run another tree's gateway, side by side (see above)")
-    p.add_argument("--rounds", type=int, default=3, help="with --base-root: alternating rounds per tree")
+    p.add_argument("--rounds", type=int, default=3, help="with --base-root or --tracing: alternating rounds of each")
+    p.add_argument("--tracing", action="store_true", help="the gateway's own cost with tracing off and on (see above)")
     a = p.parse_args(argv)
+    if a.tracing and a.json == p.get_default("json"):
+        a.json = str(ROOT / "bench" / "results" / "gateway_tracing.json")
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
@@ -155,6 +164,8 @@ def main(argv=None) -> int:
     bodies.close()
     if a.base_root:
         return compare_trees(a.base_root.resolve(), a.model, texts, bodies.name, a.seconds, a.rounds, a.json)
+    if a.tracing:
+        return compare_tracing(a.model, texts, bodies.name, a.seconds, a.rounds, a.json)
 
     results = {"model": a.model, "seconds_each": a.seconds, "cpus": os.cpu_count()}
     results["a_raw_batched_model_call"] = raw_ceiling(a.model, texts, a.seconds)
@@ -192,35 +203,86 @@ def main(argv=None) -> int:
     return 0
 
 
-def tree_cases(root: Path, model: str, texts: list[str], bodies_file: str, seconds: float) -> dict:
-    """The gateway of the tree at ``root`` (its own ``python -m serving``): REST c64, gRPC batches, instant backend."""
+def tree_cases(root: Path, model: str, texts: list[str], bodies_file: str, seconds: float, env: dict | None = None,
+               counted=None) -> dict:
+    """The gateway of the tree at ``root`` (its own ``python -m serving``): REST c64, gRPC batches, instant backend.
+    ``env``: added to the gateways' environment; ``counted()``: a count read before and after each case
+    (the spans an OTLP sink received), as ``spans`` in its result. The REST and gRPC cases also give the
+    gateway process's CPU per text (``gateway_cpu_us_per_text``: less sensitive to other load than throughput)."""
     out = {}
-    with gateway_process(root=root) as gw:
+
+    def measure(case, fn, *args, pid=None, **kw):
+        before = counted() if counted else 0
+        cpu0 = process_cpu_seconds(pid) if pid else 0.0
+        out[case] = fn(*args, **kw)
+        if pid:
+            out[case]["gateway_cpu_us_per_text"] = (process_cpu_seconds(pid) - cpu0) / max(out[case]["texts"], 1) * 1e6
+        if counted:
+            time.sleep(0.5)  # what was exported at the end of the case
+            out[case]["spans"] = counted() - before
+
+    with gateway_process(root=root, env=env) as gw:
         url = gw.rest + "/v1/sentiment:predict"
         wrk(url, bodies_file, 16, 2)
-        out["rest_single_text_c64"] = wrk(url, bodies_file, 64, seconds)
-        out["grpc_batches_256"] = grpc_batches(gw.grpc, model, texts, seconds)
-    out["instant_backend_c64"] = instant(bodies_file, seconds, root=root)
+        measure("rest_single_text_c64", wrk, url, bodies_file, 64, seconds, pid=gw.process.pid)
+        measure("grpc_batches_256", grpc_batches, gw.grpc, model, texts, seconds, pid=gw.process.pid)
+    measure("instant_backend_c64", instant, bodies_file, seconds, root=root, env=env)
     return out
+
+
+COMPARED = (("rest_single_text_c64", "texts_per_s"), ("rest_single_text_c64", "p99_ms"),
+            ("rest_single_text_c64", "gateway_cpu_us_per_text"),
+            ("grpc_batches_256", "texts_per_s"), ("grpc_batches_256", "p99_ms"), ("grpc_batches_256", "gateway_cpu_us_per_text"),
+            ("instant_backend_c64", "texts_per_s"), ("instant_backend_c64", "gateway_cpu_us_per_request"))
+
+
+def compare(variants: dict[str, dict], model: str, texts: list[str], bodies_file: str, seconds: float, rounds: int,
+            counted=None) -> tuple[dict, dict]:
+    """``tree_cases`` of each variant (its keyword arguments), alternating, ``rounds`` times; prints the medians
+    side by side, then each other variant over the first. Returns (runs, medians)."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, kw in variants.items():
+            runs[name].append(tree_cases(model=model, texts=texts, bodies_file=bodies_file, seconds=seconds,
+                                         counted=counted, **kw))
+            print(f"round {r + 1}/{rounds} {name} done", flush=True)
+    a, *others = variants
+    print(f"\n{'case (median of ' + str(rounds) + ' rounds)':<44}" + "".join(f"{n:>12}" for n in variants)
+          + "".join(f"{b + '/' + a:>14}" for b in others))
+    table = {}
+    for case, field in COMPARED:
+        med = {name: sorted(run[case][field] for run in runs[name])[rounds // 2] for name in variants}
+        table[f"{case} {field}"] = med
+        print(f"{case + ' ' + field:<44}" + "".join(f"{med[n]:>12.1f}" for n in variants)
+              + "".join(f"{med[b] / med[a]:>14.3f}" for b in others))
+    return runs, table
 
 
 def compare_trees(base: Path, model: str, texts: list[str], bodies_file: str, seconds: float, rounds: int,
                   json_path: str) -> int:
-    trees = {"base": base, "this": ROOT}
-    runs: dict[str, list[dict]] = {name: [] for name in trees}
-    for r in range(rounds):
-        for name, root in trees.items():
-            runs[name].append(tree_cases(root, model, texts, bodies_file, seconds))
-            print(f"round {r + 1}/{rounds} {name} ({root}) done", flush=True)
-    print(f"\n{'case (median of ' + str(rounds) + ' rounds)':<44}{'base':>12}{'this':>12}{'this/base':>11}")
-    table = {}
-    for case, field in (("rest_single_text_c64", "texts_per_s"), ("rest_single_text_c64", "p99_ms"),
-                        ("grpc_batches_256", "texts_per_s"), ("grpc_batches_256", "p99_ms"),
-                        ("instant_backend_c64", "texts_per_s"), ("instant_backend_c64", "gateway_cpu_us_per_request")):
-        med = {name: sorted(run[case][field] for run in runs[name])[rounds // 2] for name in trees}
-        table[f"{case} {field}"] = med
-        print(f"{case + ' ' + field:<44}{med['base']:>12.1f}{med['this']:>12.1f}{med['this'] / med['base']:>11.3f}")
+    runs, table = compare({"base": {"root": base}, "this": {"root": ROOT}}, model, texts, bodies_file, seconds, rounds)
     save(json_path, {"base": str(base), "this": str(ROOT), "seconds_each": seconds, "rounds": runs, "medians": table})
+    return 0
+
+
+def compare_tracing(model: str, texts: list[str], bodies_file: str, seconds: float, rounds: int, json_path: str) -> int:
+    """This tree's gateway with tracing off, on for every request, and on for 1 request in 10 (the client sends no
+    traceparent: the sampler decides), the SDK's default batch span processor, exporting to an OTLP/gRPC sink
+    in this process that counts the spans it receives."""
+    from testkit.otlp import OtlpReceiver
+
+    with OtlpReceiver(keep=False) as sink:
+        on = sink.env(schedule_delay_ms=None)
+        variants = {"off": {"root": ROOT}, "on": {"root": ROOT, "env": on},
+                    "on_10pct": {"root": ROOT, "env": {**on, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                                       "OTEL_TRACES_SAMPLER_ARG": "0.1"}}}
+        runs, table = compare(variants, model, texts, bodies_file, seconds, rounds, counted=lambda: sink.count)
+    print("\nspans received while each case ran (its warm-up included; median of the rounds)")
+    for name in ("on", "on_10pct"):
+        for case in dict(COMPARED):
+            spans = sorted(run[case]["spans"] for run in runs[name])[rounds // 2]
+            print(f"  {name + ' ' + case:<42}{spans:>10}")
+    save(json_path, {"seconds_each": seconds, "rounds": runs, "medians": table})
     return 0
 
 

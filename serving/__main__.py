@@ -32,6 +32,7 @@ from serving.core import Classifier
 from serving.api.grpc.server import GrpcServer
 from serving.api.rest.hot_path import create_asgi
 from serving.settings import Settings
+from serving import tracing
 
 log = logging.getLogger("serving")
 
@@ -125,6 +126,7 @@ class Gateway:
                 # open (a health Watch) got 1 s. Awaited so that no task outlives the gateway.
                 await asyncio.wait([self._grpc_stopping], timeout=2)
             await self.core.stop()
+            await asyncio.to_thread(tracing.flush)  # the spans still buffered (tracing on), at most 2 s
             log.info("stopped")
 
     def request_stop(self) -> None:
@@ -186,6 +188,11 @@ def main() -> None:
 
     settings = Settings()
     setup_logging(settings)
+    try:  # OpenTelemetry tracing: on with OTEL_TRACES_EXPORTER=otlp (serving/tracing.py)
+        tracing.configure()
+    except ValueError as e:
+        log.error("tracing: %s", e)
+        sys.exit(2)
     sys.setswitchinterval(settings.gil_switch_interval_s)
     if settings.event_loop == "uvloop":
         import uvloop

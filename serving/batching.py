@@ -35,6 +35,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from serving import tracing
 from serving.errors import Internal, Overloaded, ServiceError, Unavailable
 
 log = logging.getLogger("serving.batching")
@@ -201,11 +202,12 @@ class Batcher:
         self._reserved_rows -= n
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
+        traced = tracing.queued()  # the request's span (tracing on, request sampled), else None
         futures = []
         for start in range(0, n, self.max_batch_size):
             fut = loop.create_future()
             entry = _Entry(rows[start : start + self.max_batch_size], fut, now, deadline, self.tag() if self.tag else None,
-                           timing)
+                           timing, traced)
             fut.add_done_callback(lambda f, e=entry: self._abandoned(e) if f.cancelled() else None)
             self._queue.append(entry)
             futures.append(fut)
@@ -223,6 +225,7 @@ class Batcher:
             self._queued_rows -= len(e.x)
             late = e.deadline is not None and asyncio.get_running_loop().time() >= e.deadline
             self.on_drop(len(e.x), "deadline" if late else "cancelled")
+            tracing.dropped(e.trace, "deadline" if late else "cancelled")
             self.on_depth(self.depth)
 
     def _live_head(self) -> _Entry | None:
@@ -275,11 +278,17 @@ class Batcher:
 
     async def _call(self, batch: list[_Entry], rows: int) -> None:
         loop = asyncio.get_running_loop()
+        # Tracing on: the batch's span, linked to the requests it serves (serving/tracing.py); else None.
+        traced = tracing.batch(self.name, [e.trace for e in batch], rows) if tracing.enabled() else None
+        error: BaseException | None = None
         try:
             x = batch[0].x if len(batch) == 1 else np.concatenate([e.x for e in batch])
             t0 = time.perf_counter()
             args = (x, [e.tag for e in batch]) if self.tag else (x,)
-            y = await loop.run_in_executor(self.executor, self.fn, *args)
+            if traced is None:
+                y = await loop.run_in_executor(self.executor, self.fn, *args)
+            else:
+                y = await loop.run_in_executor(self.executor, traced.run, self.fn, *args)
             seconds = time.perf_counter() - t0
             self._measured(rows, seconds)
             self.on_batch(rows, seconds)
@@ -298,24 +307,29 @@ class Batcher:
             else:
                 log.exception("backend call for %s failed", self.name)
                 err = Internal(f"model call failed for {self.name}: {type(ex).__name__}")
+            error = err
             for e in batch:
                 if not e.fut.done():
                     e.fut.set_exception(err)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as ex:
+            error = ex
             for e in batch:
                 if not e.fut.done():
                     e.fut.set_exception(Unavailable(f"{self.name}: the gateway is shutting down"))
             raise
         finally:
+            if traced is not None:
+                traced.end(error)
             self._in_flight_rows -= rows
             self._slots.release()
             self.on_depth(self.depth)
 
 
 class _Entry:
-    __slots__ = ("x", "fut", "t", "deadline", "tag", "queued", "timing")
+    __slots__ = ("x", "fut", "t", "deadline", "tag", "queued", "timing", "trace")
 
     def __init__(self, x: np.ndarray, fut: asyncio.Future, t: float, deadline: float | None, tag: str | None,
-                 timing=None):
+                 timing=None, trace: tuple | None = None):
         self.x, self.fut, self.t, self.deadline, self.tag, self.queued = x, fut, t, deadline, tag, True
-        self.timing = timing
+        self.timing = timing  # the request's statistics (serving/statistics.py): backend seconds added
+        self.trace = trace  # tracing: the request's span and when these rows were queued (serving/tracing.py)

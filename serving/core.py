@@ -40,6 +40,7 @@ from serving.request import Call, Predict, Result
 from serving.rollout import Rollout
 from serving.settings import Limits, Settings
 from serving.statistics import Statistics
+from serving import tracing
 
 log = logging.getLogger("serving.core")
 access_log = logging.getLogger("serving.access")
@@ -247,7 +248,7 @@ class Classifier:
         (:meth:`predict`, admission included), ``render`` (the adapter encodes). ``watch`` wraps the
         model's work (REST: the client's disconnect cancels it). Errors are raised as ServiceError."""
         deadline = self.deadline(client_timeout)
-        with self.track(protocol, endpoint, model) as call:
+        with self.track(protocol, endpoint, model) as call, tracing.request(protocol, endpoint, call):
             if kind is not None:
                 self.precheck(kind if isinstance(kind, str) else kind())
             req = call.request = await parse()
@@ -276,13 +277,15 @@ class Classifier:
         self._check_count(n, what, limits)
         # The rows it will make (whole text: its windows), estimated before any work; a request
         # certainly over a limit is refused here. Reserved now, corrected once prepared.
-        reserved = await self.offload(kind.rows, v, req.inputs, limits,
-                                      heavy=kind.rows_heavy(v, req.inputs, limits))
-        batcher.admit(reserved)
+        with tracing.span("admission"):
+            reserved = await self.offload(kind.rows, v, req.inputs, limits,
+                                          heavy=kind.rows_heavy(v, req.inputs, limits))
+            batcher.admit(reserved)
         heavy = kind.heavy(req.inputs)
         try:
             t0 = time.perf_counter()
-            prepared = await self.offload(kind.prepare, v, req.inputs, limits, heavy=heavy)
+            with tracing.span("preprocess"):
+                prepared = await self.offload(kind.prepare, v, req.inputs, limits, heavy=heavy)
             if len(prepared.rows) > reserved:
                 batcher.grow(len(prepared.rows) - reserved)
             elif len(prepared.rows) < reserved:

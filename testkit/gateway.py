@@ -89,7 +89,7 @@ WITHOUT_TENSORFLOW = [
 
 @contextmanager
 def gateway_process(command: list[str] | None = None, wait_ready: bool = True, verify=None, drain_settle_s: float = 0,
-                    **env_settings):
+                    env: dict[str, str] | None = None, **env_settings):
     """``python -m serving`` (or ``command``) in a subprocess on free loopback ports; waits for /readyz.
 
     ``verify`` (an ssl context or CA file): the gateway serves TLS (give tls_cert_file/tls_key_file);
@@ -97,9 +97,11 @@ def gateway_process(command: list[str] | None = None, wait_ready: bool = True, v
     ``root``: another checkout whose gateway to run (benchmarks before/after); default this one.
     ``drain_settle_s`` is 0 unless given (no load balancer waits for the gateway's shutdown here:
     each stop would otherwise cost the default 5 s); the tests of draining give it.
+    ``env``: environment variables given as they are (not settings), e.g. OTEL_* (testkit/otlp.py).
     The gateway's output goes to ``running.log_path`` (.pytest_cache/gateway-<rest port>.log) when
     .pytest_cache exists, else nowhere (``running.log_path`` None)."""
-    spec = dict(command=command, wait_ready=wait_ready, verify=verify, drain_settle_s=drain_settle_s, **env_settings)
+    spec = dict(command=command, wait_ready=wait_ready, verify=verify, drain_settle_s=drain_settle_s, env=env,
+                **env_settings)
     with gateway_processes(spec) as (running,):
         yield running
 
@@ -134,13 +136,14 @@ def _stop(started) -> None:
 
 
 def _spawn(command: list[str] | None = None, wait_ready: bool = True, verify=None, drain_settle_s: float = 0,
-           root: Path = ROOT, **env_settings) -> Running:
+           root: Path = ROOT, env: dict[str, str] | None = None, **env_settings) -> Running:
     """Start one gateway process (see gateway_process) in the tree at ``root`` (another checkout's
     gateway for a benchmark: its ``python -m serving`` finds its own packages first);
     ``running.wait_ready()`` waits for it."""
     rest, grpc_port = free_port(), free_port()
     env_settings["drain_settle_s"] = drain_settle_s
-    env = {**os.environ, "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest), "CLASSIFIER_GRPC_PORT": str(grpc_port)}
+    env = {**os.environ, **(env or {}), "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_REST_PORT": str(rest),
+           "CLASSIFIER_GRPC_PORT": str(grpc_port)}
     env.update({f"CLASSIFIER_{k.upper()}": str(v) for k, v in env_settings.items()})
     log_path = ROOT / ".pytest_cache" / f"gateway-{rest}.log"
     log = open(log_path, "w") if log_path.parent.is_dir() else subprocess.DEVNULL

@@ -67,6 +67,7 @@ class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
         # Every Predict: (model, version, {input name: ndarray}).
         self.calls: list[tuple[str, int, dict]] = []
         self.request_ids: list[str | None] = []  # the x-request-id metadata of each Predict
+        self.traceparents: list[str | None] = []  # the W3C traceparent metadata of each Predict
         self.port = 0
         self.server: grpc.Server | None = None
 
@@ -141,7 +142,9 @@ class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input keys {sorted(request.inputs)} != {sorted(expected)}")
         inputs = {k: tf.make_ndarray(t) for k, t in request.inputs.items()}
         self.calls.append((request.model_spec.name, version, inputs))
-        self.request_ids.append(dict(context.invocation_metadata()).get("x-request-id"))
+        metadata = dict(context.invocation_metadata())
+        self.request_ids.append(metadata.get("x-request-id"))
+        self.traceparents.append(metadata.get("traceparent"))
         outputs = sig(**{k: tf.constant(v) for k, v in inputs.items()})
         response = predict_pb2.PredictResponse()
         response.model_spec.name = request.model_spec.name

@@ -38,6 +38,7 @@ import time
 import grpc
 import numpy as np
 
+from serving import tracing
 from serving.errors import DeadlineExceeded, ServiceError, Unavailable
 from serving.gen.tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -261,7 +262,8 @@ class TFServingBackend:
     # -- inference ------------------------------------------------------------
     def predict(self, model: str, version: int, batch: np.ndarray, request_ids: Sequence[str] = ()) -> np.ndarray:
         """Predict pinned to ``version``; the batch's request ids go along as ``x-request-id``
-        metadata (comma-separated, at most 1,000 characters) for TF Serving's side of a trace."""
+        metadata (comma-separated, at most 1,000 characters) for TF Serving's side of a trace, and,
+        with tracing on, the batch span's W3C ``traceparent`` (serving/tracing.py)."""
         v = self._known[(model, version)]
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
@@ -271,12 +273,14 @@ class TFServingBackend:
         request.output_filter.append(OUTPUT)
         s = self.settings
         ids = ",".join(dict.fromkeys(i for i in request_ids if i))[:1000]
-        metadata = (("x-request-id", ids),) if ids else None
+        metadata = (("x-request-id", ids),) if ids else ()
+        if (parent := tracing.traceparent()) is not None:
+            metadata += (("traceparent", parent),)
         probe = self.breaker.before_call()  # raises while the breaker is open
         try:
             for attempt in range(s.tfserving_retries + 1):
                 try:
-                    response = self._predict.Predict(request, timeout=s.tfserving_timeout_s, metadata=metadata)
+                    response = self._predict.Predict(request, timeout=s.tfserving_timeout_s, metadata=metadata or None)
                 except grpc.RpcError as e:
                     code = e.code()
                     if code == grpc.StatusCode.UNAVAILABLE and attempt < s.tfserving_retries:

@@ -9,6 +9,7 @@ import logging
 
 from google.protobuf.message import DecodeError
 
+from serving import tracing
 from serving.core import Classifier
 from serving.errors import InvalidInput, ServiceError
 from serving.logs import RateLimitedLog
@@ -35,6 +36,7 @@ def begin_call(context) -> None:
     metadata. Its routing key (weighted canary): ``x-routing-key`` metadata."""
     metadata = _metadata(context)
     rid = begin_request_id(metadata.get("x-request-id"), metadata.get("x-routing-key"))
+    tracing.incoming(metadata.get("traceparent"), metadata.get("tracestate"))  # W3C trace context
     context.set_trailing_metadata((("x-request-id", rid),))
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from serving.logs import RateLimitedLog
 from serving.errors import (Cancelled, InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType,
                             error_body)
+from serving import tracing
 from serving.request import begin_request_id
 
 _json = msgspec.json.Encoder()
@@ -203,13 +204,18 @@ class RequestId:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid, key = b"", None
+        rid, key, parent, state = b"", None, None, None
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 rid = v
             elif k == b"x-routing-key":
                 key = v.decode("latin-1")
+            elif k == b"traceparent":  # W3C trace context (serving/tracing.py; ignored when tracing is off)
+                parent = v.decode("latin-1")
+            elif k == b"tracestate":
+                state = v.decode("latin-1")
         rid = begin_request_id(rid.decode("latin-1"), key)
+        tracing.incoming(parent, state)
         header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message):
