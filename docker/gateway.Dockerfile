@@ -1,7 +1,8 @@
 # The gateway image: REST :8000 + gRPC :50051, in front of TensorFlow Serving.
-# Installs the `serve` extra (FastAPI, gRPC, protobuf, ...) and `storage` (fsspec, s3fs,
+# Installs the `serve` extra (FastAPI, gRPC, protobuf, ...), `storage` (fsspec, s3fs,
 # gcsfs: `python -m serving pull`, the init container and sidecar of
-# k8s/components/models-from-s3; the gateway never imports them): no TensorFlow.
+# k8s/components/models-from-s3; the gateway never imports them) and `tracing` (the
+# OpenTelemetry SDK and OTLP exporter, imported only with OTEL_TRACES_EXPORTER=otlp): no TensorFlow.
 #
 #   docker build -f docker/gateway.Dockerfile -t classifier-gateway .
 #   docker run -p 8000:8000 -p 50051:50051 -v "$PWD/models:/models:ro" \
@@ -23,9 +24,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY contract/ contract/
 COPY serving/ serving/
-RUN pip install --no-cache-dir '.[serve,storage]' \
+RUN pip install --no-cache-dir '.[serve,storage,tracing]' \
  && python -c "import importlib.util, sys; sys.exit('tensorflow must not be in the gateway image' if importlib.util.find_spec('tensorflow') else 0)" \
- && cd / && python -c "import serving.__main__, serving.backends.tfserving, serving.pull, uvloop, s3fs, gcsfs"
+ && cd / && python -c "import serving.__main__, serving.backends.tfserving, serving.pull, uvloop, s3fs, gcsfs, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
 
 # -- runtime: the venv only, as a non-root user ---------------------------------
 FROM python:3.11.14-slim-bookworm

@@ -396,14 +396,16 @@ def test_images_run_as_non_root(path):
     assert user.split(":")[0] not in ("root", "0"), f"{path.name}: USER {user}"
 
 
-def test_gateway_image_installs_the_serve_and_storage_extras_only_and_never_tensorflow():
+def test_gateway_image_installs_the_serve_storage_and_tracing_extras_only_and_never_tensorflow():
     instructions = dockerfile(GATEWAY_DOCKERFILE)
     installs = [seg.strip() for ins, args in instructions if ins == "RUN"
                 for seg in re.split(r"&&|;|\|\|", args) if "pip install" in seg]
     assert installs, "the gateway Dockerfile installs nothing"
     for seg in installs:
-        # storage: fsspec/s3fs/gcsfs for `python -m serving pull` (k8s/components/models-from-s3).
-        assert re.findall(r"\.\[([^\]]*)\]", seg) == ["serve,storage"], f"must install '.[serve,storage]' only: {seg}"
+        # storage: fsspec/s3fs/gcsfs for `python -m serving pull` (k8s/components/models-from-s3);
+        # tracing: the OpenTelemetry SDK, imported only when OTEL_TRACES_EXPORTER=otlp.
+        assert re.findall(r"\.\[([^\]]*)\]", seg) == ["serve,storage,tracing"], \
+            f"must install '.[serve,storage,tracing]' only: {seg}"
         assert "tensorflow" not in seg.lower(), seg
         assert "-e " not in seg and "--editable" not in seg, f"the image needs a real install: {seg}"
     copies = [args for ins, args in instructions if ins == "COPY" and "--from" not in args]
