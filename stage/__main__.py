@@ -19,8 +19,9 @@ def main(argv=None) -> int:
     p.add_argument("--gateways", type=int, default=2)
     p.add_argument("--model-servers", type=int, default=2)
     p.add_argument("--models", nargs="+", default=["sentiment_lstm", "sentiment_bilstm", "digits"])
-    p.add_argument("--drain-settle-s", type=float, default=0.0,
-                   help="the gateways' drain_settle_s (nginx has no readiness checks: 0 by default)")
+    p.add_argument("--drain-settle-s", type=float, default=1.0,
+                   help="the gateways' drain_settle_s: long enough for the stage's endpoints (readiness "
+                   "probed every 0.2 s, out after 2 failures) to take a draining gateway out of nginx")
     p.add_argument("--alert-time-scale", type=float, default=1.0,
                    help="divide every alert's range windows and for: by this (1: deploy/alerts.yml as it is)")
     a = p.parse_args(argv)

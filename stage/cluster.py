@@ -7,7 +7,9 @@
   TF Serving backend and ``round_robin`` over every model server (one gRPC target that lists
   them all, as the headless Service's DNS name does in k8s), reading the same models.config;
 - nginx in front of the gateways (stage/nginx.py: the Ingress annotations' limits, timeouts and
-  retry policy) for REST and gRPC;
+  retry policy) for REST and gRPC, routing to the gateways whose readiness passes
+  (:class:`Endpoints`: the Endpoints controller's part, as ingress-nginx follows a Service's
+  ready endpoints), so a gateway that drains or restarts leaves and rejoins the rotation;
 - Prometheus scraping every process with deploy/prometheus.yml's jobs (gateway, tfserving; the
   targets are the stage's) and deploy/alerts.yml's rules; with ``alert_time_scale`` S > 1 every
   range window and ``for:`` of those rules is divided by S (the tests use 20: ``for: 10m`` is 30 s,
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,12 +176,52 @@ class StagePrometheus(PrometheusServer):
                 "rule_files": [str(p) for p in self.rule_files], "scrape_configs": scrape}
 
 
+class Endpoints(threading.Thread):
+    """The Endpoints controller's part in the stage: nginx routes to the gateways whose ``/readyz``
+    passes. Each gateway is probed every ``period_s``; it leaves after ``failure_threshold`` failed
+    probes in a row and comes back after one that passes (k8s/base/gateway.yaml's readinessProbe,
+    faster); a change rewrites nginx.conf and reloads nginx (SIGHUP: new workers, the old ones finish
+    what they have). With no gateway ready every one stays listed (nginx needs a server)."""
+
+    def __init__(self, stage: Stage, period_s: float = 0.2, failure_threshold: int = 2):
+        super().__init__(name="stage-endpoints", daemon=True)
+        self.stage, self.period_s, self.failure_threshold = stage, period_s, failure_threshold
+        self.ready = list(stage.gateways)
+        self.changes: list[tuple[float, list[str]]] = []  # (time, the names of the ready gateways)
+        self._failures = {g.name: 0 for g in stage.gateways}
+        self._halt = threading.Event()
+
+    def _probe(self, g: Proc) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{g.ports['rest']}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def run(self) -> None:
+        while not self._halt.wait(self.period_s):
+            ready = []
+            for g in self.stage.gateways:
+                ok = self._probe(g)
+                self._failures[g.name] = 0 if ok else self._failures[g.name] + 1
+                if ok or (g in self.ready and self._failures[g.name] < self.failure_threshold):
+                    ready.append(g)
+            if ready != self.ready:
+                self.ready = ready
+                self.changes.append((time.monotonic(), [g.name for g in ready]))
+                self.stage._write_nginx_conf(ready or self.stage.gateways)
+                self.stage.nginx.signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
 class Stage:
     """M gateways x N model servers behind nginx, with Prometheus. ``with Stage(...) as st:``;
     ``st.rest`` / ``st.grpc`` are nginx's addresses, ``st.prometheus.url`` Prometheus's."""
 
     def __init__(self, gateways: int = 2, model_servers: int = 2, models: list[str] = ("sentiment_lstm",),
-                 workdir: Path | None = None, scrape_interval: str = "1s", drain_settle_s: float = 0.0,
+                 workdir: Path | None = None, scrape_interval: str = "1s", drain_settle_s: float = 1.0,
                  gateway_settings: dict | None = None, alert_time_scale: float = 1.0):
         self.n_gateways, self.n_model_servers, self.models = gateways, model_servers, list(models)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="stage-")
@@ -189,6 +232,8 @@ class Stage:
         self.model_servers: list[Proc] = []
         self.gateways: list[Proc] = []
         self.nginx: Proc | None = None
+        self.endpoints: Endpoints | None = None
+        self._nginx_ports: tuple[int, int] = (0, 0)
         self.prometheus: StagePrometheus | None = None
         self.rest = self.grpc = ""
         self.models_config = self.workdir / "config" / "models.config"
@@ -254,21 +299,33 @@ class Stage:
                   g, 120)
         self._start_nginx()
 
+    def _write_nginx_conf(self, gateways: list[Proc]) -> Path:
+        rest, grpc_port = self._nginx_ports
+        prefix = self.workdir / "nginx"
+        conf = prefix / "nginx.conf"
+        tmp = conf.with_name("nginx.conf.tmp")
+        tmp.write_text(nginx.render(rest, grpc_port, [f"127.0.0.1:{g.ports['rest']}" for g in gateways],
+                                    [f"127.0.0.1:{g.ports['grpc']}" for g in gateways], prefix))
+        os.replace(tmp, conf)
+        return conf
+
     def _start_nginx(self) -> None:
-        rest, grpc_port = free_port(), free_port()
+        rest, grpc_port = self._nginx_ports = free_port(), free_port()
         prefix = self.workdir / "nginx"
         prefix.mkdir(exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(nginx.render(rest, grpc_port, [f"127.0.0.1:{g.ports['rest']}" for g in self.gateways],
-                                     [f"127.0.0.1:{g.ports['grpc']}" for g in self.gateways], prefix))
+        conf = self._write_nginx_conf(self.gateways)
         self.nginx = Proc("nginx", ["nginx", "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"], self._env(),
                           prefix / "stdout.log", {"rest": rest, "grpc": grpc_port}).start()
         _wait("nginx", lambda: _accepts(rest) and _accepts(grpc_port), self.nginx, 20)
         self.rest, self.grpc = f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}"
+        self.endpoints = Endpoints(self)
+        self.endpoints.start()
 
     def stop(self) -> None:
         """nginx first (no new requests), then the gateways (SIGTERM: they drain), the model servers,
         Prometheus; each gets SIGKILL if it has not exited within 30 s."""
+        if self.endpoints:
+            self.endpoints.stop()
         if self.nginx:
             self.nginx.signal(signal.SIGQUIT)  # nginx's graceful shutdown
             self.nginx.wait(10)

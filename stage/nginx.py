@@ -19,8 +19,10 @@ a gateway leaves the rotation when its readiness fails (the Endpoints). Without 
 (each gateway refusing one request during a model-server restart) would mark every gateway
 down for ``fail_timeout`` and nginx would answer 502 "no live upstreams" for 10 s.
 
-Like ingress-nginx, upstream connections are not kept alive by default here; each request
-opens its own, so a draining gateway (listener closed) is skipped on connect, which nginx
+The upstreams list the gateways whose readiness passes (stage/cluster.py's ``Endpoints``
+rewrites this file and reloads nginx). Like ingress-nginx, upstream connections are not kept
+alive by default here; each request opens its own, so a gateway whose listener closed is
+skipped on connect, which nginx
 retries whatever the method. Bodies are streamed to the gateway (``proxy-request-buffering:
 "off"``; gRPC always), so nginx cannot resend a request once it has started sending it: a
 reset after that, or a gRPC status in trailers, reaches the client, and gRPC clients retry
