@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from serving.api.rest import openapi
+from serving.api.rest import openapi, v2_extensions
 from serving.api.rest.console import PUBLIC_PATHS as CONSOLE_PATHS
 from serving.api.rest.console import add_console_routes
 from serving.api.rest.v1_endpoints import ERROR_REF, add_v1_routes
@@ -101,7 +101,7 @@ def create_app(core: Classifier, api_keys: ApiKeys | None = None) -> FastAPI:
         return unexpected(request.url.path, e)
 
     add_v1_routes(app, core)
-    add_v2_routes(app, core)
+    add_v2_routes(app, core, v2_extensions.add_routes)
     add_ops_routes(app, core)
     public = None
     if keys.enabled:
