@@ -20,7 +20,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import json_format
 
-from serving.api.grpc.common import begin_call, grpc_errors, parse_message
+from serving.api.grpc.common import begin_call, grpc_errors, parse_message, set_error
 from serving.api.v2 import EXTENSIONS, DataPlane
 from serving.core import Classifier
 from serving.errors import InvalidInput, ServiceError, Unsupported
@@ -192,7 +192,7 @@ class Unimplemented(grpc.GenericRpcHandler):
         error = Unsupported(f"{details.method[len(self.PREFIX):][:100]} is not supported by this gateway; its "
                             f"extensions: {EXTENSIONS}")
 
-        async def refuse(requests, context):  # the message is never read
-            await context.abort(error.grpc_status, error.message)
+        async def refuse(requests, context):  # the message is never read; no exception (common.set_error)
+            set_error(context, error)
 
         return grpc.stream_unary_rpc_method_handler(refuse)
