@@ -262,17 +262,12 @@ class V2Endpoints:
     def __init__(self, core: Classifier):
         self.core, self.plane = core, DataPlane(core)
 
+    # A ServiceError raised by these is answered by the app's handler, in the protocol's shape.
     def metadata(self, name: str, version: str | None) -> Response:
-        try:
-            return json_response(self.plane.model_metadata(name, version))
-        except ServiceError as e:
-            return v2_error_response(e)
+        return json_response(self.plane.model_metadata(name, version))
 
     def ready(self, name: str, version: str | None) -> Response:
-        try:
-            ok = self.plane.model_ready(name, version)
-        except ServiceError as e:
-            return v2_error_response(e)
+        ok = self.plane.model_ready(name, version)
         return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
     async def infer(self, request: Request, name: str, version: str | None) -> Response:
