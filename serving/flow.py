@@ -49,6 +49,7 @@ class Batchers:
                 on_drop=lambda rows, reason: m.dropped_rows.labels(name, reason).inc(rows),
                 max_concurrent=s.max_concurrent_batches,
                 max_queue_wait_s=s.max_queue_wait_s,
+                max_retry_after_s=s.max_retry_after_s,
                 tag=request_id.get,
                 wait_when_idle=s.batch_wait_when_idle,
                 model=name,
@@ -72,10 +73,13 @@ class Batchers:
         """Refuse (raise :class:`Overloaded`) when every model of this ``kind`` has a full queue: no
         request of that kind could be admitted, whatever it asks."""
         versions = self.backend.versions()
-        refusals = [b.refusal(1) for (name, _), b in self._live.items()
+        batchers = [b for (name, _), b in self._live.items()
                     if (v := versions.get(name)) and any(x.kind == kind for x in v.values())]
+        refusals = [b.refusal(1) for b in batchers]
         if refusals and all(refusals):
-            refused = min(refusals, key=lambda e: e.retry_after_s)
+            i = min(range(len(refusals)), key=lambda i: refusals[i].retry_after_s)
+            batchers[i].refused()
+            refused = refusals[i]
             refusals.clear()
             try:
                 raise refused

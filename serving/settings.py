@@ -59,6 +59,9 @@ class Batching(BaseModel):
     # model's queue would hold more than max_queue_items rows or its estimated wait would exceed
     # max_queue_wait_s.
     max_queue_wait_s: float = Field(0.1, gt=0)
+    # The wait a refusal asks for is the work ahead, stretched by how many requests are refused
+    # for each one admitted (serving/batching.py), at most this long.
+    max_retry_after_s: float = Field(5.0, gt=0)
 
 
 class ModelsGroup(BaseModel):

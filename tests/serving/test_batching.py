@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving.batching import Batcher
+from serving.batching import RETRY_AFTER_SPREAD, Batcher, Contention
 from serving.errors import Internal, Overloaded, Unavailable
 
 
@@ -131,6 +131,62 @@ def test_full_queue_refuses_at_once():
 
     a, b = run(main())
     assert a.shape == b.shape == (4, 1)
+
+
+def test_the_pushback_grows_with_refusals_per_admission_up_to_its_cap_and_is_spread():
+    """Many refused for each admitted: each is told to wait longer (not all "when the work ahead
+    is done", which brings them back together); at most max_retry_after_s; never less than the
+    work ahead; spread by RETRY_AFTER_SPREAD so that clients refused together do not return together."""
+    calls, gate = [], threading.Event()
+
+    def held(x):
+        gate.wait(10)
+        return x
+
+    async def main():
+        b = make(held, calls, max_queue_items=4, max_batch_size=4, max_batch_wait_s=0, max_queue_wait_s=0.1,
+                 max_retry_after_s=2.0)
+        b.start()
+        first = asyncio.create_task(b.submit(np.zeros((4, 1))))
+        while not calls:
+            await asyncio.sleep(0.001)
+        second = asyncio.create_task(b.submit(np.zeros((4, 1))))  # two admitted; the queue is full
+        await asyncio.sleep(0.01)
+        waits = []
+        for _ in range(40):
+            with pytest.raises(Overloaded) as e:
+                b.admit(1)
+            waits.append(e.value.retry_after_s)
+        gate.set()
+        await asyncio.gather(first, second)
+        await b.stop()
+        return waits
+
+    waits = run(main())
+    lo, hi = RETRY_AFTER_SPREAD
+    assert 0.1 * lo <= waits[0] <= 0.1 * hi  # nothing refused yet: the work ahead (its floor, max_queue_wait_s)
+    # The k-th refusal (k from 0) sees k refusals per 2 admissions: 0.1 x (1 + k / 2), spread.
+    for k, w in enumerate(waits[:20]):
+        assert 0.1 * (1 + k / 2) * lo * 0.95 <= w <= 0.1 * (1 + k / 2) * hi * 1.05, (k, w)
+    assert max(waits) == 2.0 and all(w <= 2.0 for w in waits)  # capped
+    assert len({round(w, 6) for w in waits[:20]}) == 20  # spread, not one value
+
+
+def test_contention_counts_decay_and_admissions_count_at_least_one():
+    now = [0.0]
+    c = Contention(tau_s=5.0, clock=lambda: now[0])
+    for _ in range(3):
+        c.refused()
+    assert c.ratio() == 3.0  # no admission yet: over 1, not over 0
+    for _ in range(6):
+        c.admitted()
+    assert c.ratio() == 0.5
+    now[0] = 5.0  # one time constant: both counts x 1/e, the ratio stays
+    assert c.ratio() == pytest.approx(0.5)
+    c.refused()
+    assert c.ratio() == pytest.approx((3 / 2.718281828 + 1) / (6 / 2.718281828))
+    now[0] = 60.0  # long quiet: the refusals are forgotten (admissions floor at 1)
+    assert c.ratio() < 1e-4
 
 
 def test_a_failing_model_call_fails_every_request_in_the_batch_and_the_batcher_goes_on():

@@ -330,6 +330,44 @@ def test_overload_is_refused_before_tokenising_with_retry_after(held):
     assert first.status_code == 200 and second.status_code == 200 and len(second.json()["predictions"]) == 1024
 
 
+def test_refused_clients_are_told_to_wait_longer_the_more_are_refused_per_admission(held):
+    """Issue 23 (3.): at 50x capacity every refused client was told "when the work ahead is done"
+    (~0.2 s), so ~45 gRPC clients came back together, all but one were refused again, and each
+    resent its 1.3 MB message: ~170 refusals a second. The pushback now grows with refusals per
+    admission (REST Retry-After too), up to max_retry_after_s (5 s), and admission itself is unchanged."""
+    held.backend.may_predict.clear()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=held.rest, timeout=30) as c, grpc.aio.insecure_channel(held.grpc) as ch:
+            calls = held.backend.calls
+            first = asyncio.create_task(c.post(PREDICT, json={"texts": texts(256)}))  # held in the model
+            await _until(lambda: held.backend.calls > calls)
+            second = asyncio.create_task(c.post(PREDICT, json={"texts": texts(1024)}))  # fills the queue
+            await _until(lambda: held.queue_rows() == 256 + 1024)
+            stub = pb_grpc.ClassifierStub(ch)
+            pushbacks_ms, retry_after = [], []
+            for i in range(30):
+                if i % 3:
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.ClassifySentiment(pb.SentimentRequest(texts=texts(8)))
+                    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    pushbacks_ms.append(int(dict(e.value.trailing_metadata())["grpc-retry-pushback-ms"]))
+                else:
+                    r = await c.post(PREDICT, json={"texts": texts(8)})
+                    assert r.status_code == 429
+                    retry_after.append(int(r.headers["retry-after"]))
+            held.backend.may_predict.set()
+            answered = [await first, await second]
+            after = await c.post(PREDICT, json={"texts": texts(8)})  # contention stretches waits, never refuses
+            return pushbacks_ms, retry_after, answered, after
+
+    pushbacks_ms, retry_after, answered, after = asyncio.run(scenario())
+    assert pushbacks_ms[-1] >= 4 * pushbacks_ms[0], pushbacks_ms  # ~14x: 29 refused per 2 admitted
+    assert all(p <= 5000 for p in pushbacks_ms), pushbacks_ms  # max_retry_after_s
+    assert retry_after[0] == 1 and retry_after[-1] >= 2, retry_after  # whole seconds, at least 1
+    assert [r.status_code for r in answered] == [200, 200] and after.status_code == 200
+
+
 def test_work_of_clients_that_left_is_dropped_not_computed(held):
     held.backend.may_predict.clear()
     rows_seen = []
