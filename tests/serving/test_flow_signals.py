@@ -72,7 +72,9 @@ def test_busy_fraction_crosses_its_target_before_the_first_refusal_and_refusals_
         prom.set_targets([gw.rest.removeprefix("http://")])
         prom.wait_for_scrape()
         start = time.time()
-        run = asyncio.run(_ramp(gw.rest + "/v1/sentiment:predict", bodies, step_s=1.5, max_clients=48,
+        # 2.5 s per step: under the full suite's load the gateway is slow enough that 3 clients are
+        # refused, and Prometheus (1 s scrapes, a 3 s rate) needs the steps before that to see it.
+        run = asyncio.run(_ramp(gw.rest + "/v1/sentiment:predict", bodies, step_s=2.5, max_clients=48,
                                 after_refusals_s=4))
         end = time.time()
         samples = metric_samples(gw)
