@@ -27,7 +27,7 @@ The time a refusal tells the client to wait (REST ``Retry-After``, gRPC pushback
 work ahead, stretched by how contended the model is (:class:`Contention`): when many
 clients are refused for each one admitted, telling all of them "when the work ahead is
 done" brings them back together, and all but one are refused again, each resending its
-whole request (at 50x capacity with 1,024-text requests over gRPC: ~170 refused 1.3 MB
+whole request (at 50x capacity with 1,024-text requests over gRPC: 135-170 refused 1.3 MB
 messages a second). The pushback is ``wait x (1 + refusals per admission)`` over the last
 few seconds, at most ``max_retry_after_s``; at equilibrium (N clients waiting, A
 admissions/s, W of work ahead) that is about sqrt(W x N / A), and the refused retries

@@ -273,6 +273,17 @@ async def _until(predicate, timeout: float = 10):
         await asyncio.sleep(0.01)
 
 
+async def _fill_queue(held, c: httpx.AsyncClient) -> tuple[asyncio.Task, asyncio.Task]:
+    """With the model held: a request of 256 texts held in the model, then one of 1,024 that fills
+    the queue (max_queue_items 1024); returns both, still running."""
+    calls = held.backend.calls
+    first = asyncio.create_task(c.post(PREDICT, json={"texts": texts(256)}))
+    await _until(lambda: held.backend.calls > calls)
+    second = asyncio.create_task(c.post(PREDICT, json={"texts": texts(1024)}))
+    await _until(lambda: held.queue_rows() == 256 + 1024)  # the first's rows in the model, the second's queued
+    return first, second
+
+
 def test_overload_is_refused_before_tokenising_with_retry_after(held):
     v = stable_version("sentiment_lstm")
     prep = held.backend.versions()["sentiment_lstm"][v].preprocessor
@@ -283,11 +294,7 @@ def test_overload_is_refused_before_tokenising_with_retry_after(held):
 
     async def scenario():
         async with httpx.AsyncClient(base_url=held.rest, timeout=30) as c, grpc.aio.insecure_channel(held.grpc) as ch:
-            calls = held.backend.calls
-            first = asyncio.create_task(c.post(PREDICT, json={"texts": texts(256)}))  # held in the model
-            await _until(lambda: held.backend.calls > calls)
-            second = asyncio.create_task(c.post(PREDICT, json={"texts": texts(1024)}))  # fills the queue
-            await _until(lambda: held.queue_rows() == 256 + 1024)  # the first's rows in the model, the second's queued
+            first, second = await _fill_queue(held, c)
             n = len(encoded)
             t0 = time.perf_counter()
             refused = await c.post(PREDICT, json={"texts": texts(1024)})
@@ -333,17 +340,13 @@ def test_overload_is_refused_before_tokenising_with_retry_after(held):
 def test_refused_clients_are_told_to_wait_longer_the_more_are_refused_per_admission(held):
     """Issue 23 (3.): at 50x capacity every refused client was told "when the work ahead is done"
     (~0.2 s), so ~45 gRPC clients came back together, all but one were refused again, and each
-    resent its 1.3 MB message: ~170 refusals a second. The pushback now grows with refusals per
+    resent its 1.3 MB message: 135-170 refusals a second. The pushback now grows with refusals per
     admission (REST Retry-After too), up to max_retry_after_s (5 s), and admission itself is unchanged."""
     held.backend.may_predict.clear()
 
     async def scenario():
         async with httpx.AsyncClient(base_url=held.rest, timeout=30) as c, grpc.aio.insecure_channel(held.grpc) as ch:
-            calls = held.backend.calls
-            first = asyncio.create_task(c.post(PREDICT, json={"texts": texts(256)}))  # held in the model
-            await _until(lambda: held.backend.calls > calls)
-            second = asyncio.create_task(c.post(PREDICT, json={"texts": texts(1024)}))  # fills the queue
-            await _until(lambda: held.queue_rows() == 256 + 1024)
+            first, second = await _fill_queue(held, c)
             stub = pb_grpc.ClassifierStub(ch)
             pushbacks_ms, retry_after = [], []
             for i in range(30):
