@@ -201,7 +201,7 @@ class Batcher:
         """Reserve room for ``n`` rows, or raise :class:`Overloaded` at once."""
         refused = self.refusal(n)
         if refused is not None:
-            self.contention.refused()
+            self.refused()
             try:
                 raise refused
             finally:  # this frame is in its traceback: no local may hold it (a reference cycle per refusal)
